@@ -1,0 +1,358 @@
+//! The command line: parse it (clap), run the role or client command it names, pick the exit
+//! code. Client commands talk to the running master over its control socket.
+//!
+//! Exit codes: 0 success; 1 the operation failed (a reload was rejected, a check failed, the
+//! master could not start); 2 bad usage or configuration; 3 no master is running.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    config::{Config, DEFAULT_WORKERS},
+    protocol::{ControlReply, ControlRequest, FromWorker, StatusReport, ToWorker},
+    state_dir::StateDir,
+};
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_NO_MASTER: u8 = 3;
+
+/// A server whose handlers are cdylib plugins, reloaded without dropping a request.
+#[derive(Parser)]
+#[command(name = "host", version)]
+struct Cli {
+    /// The state directory of the master: control socket, pid file, plugin copies.
+    #[arg(long, global = true, env = "HOST_STATE_DIR", default_value = ".host")]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the master in the foreground (Ctrl-C or `host stop` to stop it).
+    Start(ServiceArgs),
+    /// Replace the workers of the running master, one by one, with ones that load the rebuilt
+    /// plugin; waits for the outcome.
+    Reload {
+        /// Services to reload (default: every service with reloadable = true).
+        services: Vec<String>,
+    },
+    /// Show the master, its services and workers.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running master gracefully: drain every worker, then exit.
+    Stop,
+    /// Check the configuration and load each plugin in a throwaway worker (like `nginx -t`).
+    Check(ServiceArgs),
+    /// Internal: a worker process, started by the master.
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        slot: usize,
+        #[arg(long)]
+        master_pid: u32,
+    },
+}
+
+/// A config file, or the flags for one service.
+#[derive(Args)]
+struct ServiceArgs {
+    /// A TOML config file listing one or more services.
+    #[arg(long, conflicts_with_all = ["plugin", "listen", "workers", "name"])]
+    config: Option<PathBuf>,
+    /// The plugin library (e.g. target/debug/libhello.so).
+    #[arg(long, required_unless_present = "config")]
+    plugin: Option<PathBuf>,
+    /// An address to listen on, e.g. 127.0.0.1:8080; repeat for more.
+    #[arg(long, required_unless_present = "config")]
+    listen: Vec<String>,
+    /// Number of worker processes.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// The service's name (default: the plugin's file name without lib and .so).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+impl ServiceArgs {
+    fn config(self) -> Result<Config, String> {
+        if let Some(path) = self.config {
+            return Config::from_file(&path).map_err(|e| e.to_string());
+        }
+        let plugin = self
+            .plugin
+            .expect("clap requires --plugin without --config");
+        let name = self.name.unwrap_or_else(|| {
+            let stem = plugin
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            stem.strip_prefix("lib").unwrap_or(&stem).to_string()
+        });
+        Config::from_flags(
+            name,
+            plugin,
+            self.listen,
+            self.workers.unwrap_or(DEFAULT_WORKERS),
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::logging::init();
+    let state = StateDir::new(cli.state_dir);
+    match cli.command {
+        Command::Worker { master_pid, .. } => crate::worker::main(master_pid),
+        Command::Start(args) => match args.config() {
+            Ok(config) => crate::master::main(config, state),
+            Err(e) => usage_error(&e),
+        },
+        Command::Check(args) => match args.config() {
+            Ok(config) => check(config),
+            Err(e) => usage_error(&e),
+        },
+        Command::Reload { services } => {
+            finish(stream(&state, &ControlRequest::Reload { services }))
+        }
+        Command::Stop => finish(stream(&state, &ControlRequest::Stop)),
+        Command::Status { json } => finish(status(&state, json)),
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("host: {message}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn finish(result: Result<(), (u8, String)>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, message)) => {
+            eprintln!("host: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Sends `request` and yields the replies until the final one.
+fn converse(
+    state: &StateDir,
+    request: &ControlRequest,
+    mut on_reply: impl FnMut(ControlReply),
+) -> Result<(), (u8, String)> {
+    let socket = state.socket();
+    let mut stream = UnixStream::connect(&socket).map_err(|e| {
+        (
+            EXIT_NO_MASTER,
+            format!(
+                "no host master is running with state directory {} ({e}); start one with \
+                 `host start`, or pass the --state-dir (or HOST_STATE_DIR) it was started with",
+                state.root.display()
+            ),
+        )
+    })?;
+    let line = serde_json::to_string(request).unwrap() + "\n";
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| (EXIT_FAILED, format!("could not talk to the master: {e}")))?;
+    for line in BufReader::new(stream).lines() {
+        let line = line.map_err(|e| {
+            (
+                EXIT_FAILED,
+                format!("lost the connection to the master: {e}"),
+            )
+        })?;
+        let reply: ControlReply = serde_json::from_str(&line).map_err(|e| {
+            (
+                EXIT_FAILED,
+                format!(
+                    "unreadable answer from the master ({e}); is it the same version as this CLI?"
+                ),
+            )
+        })?;
+        let last = matches!(
+            reply,
+            ControlReply::Done { .. } | ControlReply::Error(_) | ControlReply::Status(_)
+        );
+        on_reply(reply);
+        if last {
+            return Ok(());
+        }
+    }
+    Err((
+        EXIT_FAILED,
+        "the master closed the connection before it answered".into(),
+    ))
+}
+
+/// Reload and stop: print progress lines as they come; fail if the master says it failed.
+fn stream(state: &StateDir, request: &ControlRequest) -> Result<(), (u8, String)> {
+    let mut outcome = Ok(());
+    converse(state, request, |reply| match reply {
+        ControlReply::Line(line) => println!("{line}"),
+        ControlReply::Done { ok: true, summary } => println!("{summary}"),
+        ControlReply::Done { ok: false, summary } => outcome = Err((EXIT_FAILED, summary)),
+        ControlReply::Error(e) => outcome = Err((EXIT_FAILED, e)),
+        ControlReply::Status(_) => {}
+    })?;
+    outcome
+}
+
+fn status(state: &StateDir, json: bool) -> Result<(), (u8, String)> {
+    let mut report = None;
+    converse(state, &ControlRequest::Status, |reply| {
+        if let ControlReply::Status(r) = reply {
+            report = Some(r);
+        }
+    })?;
+    let report = report.ok_or((EXIT_FAILED, "the master sent no status".to_string()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap());
+    } else {
+        print!("{}", render_status(&report));
+    }
+    Ok(())
+}
+
+fn ago(ms: u64) -> String {
+    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+}
+
+fn render_status(r: &StatusReport) -> String {
+    let mut out = format!(
+        "master pid {}, up {}, host {}\n",
+        r.master_pid,
+        ago(r.uptime_ms),
+        r.host_version
+    );
+    for s in &r.services {
+        out += &format!(
+            "\nservice {} on {}: plugin {} ({}){}\n",
+            s.name,
+            s.listen.join(", "),
+            s.version,
+            s.plugin.display(),
+            if s.reloadable {
+                ""
+            } else {
+                ", reloadable = false"
+            }
+        );
+        out += &format!(
+            "  {:<5} {:<8} {:<9} {:<8} {:<10} {}\n",
+            "SLOT", "PID", "STATE", "VERSION", "UPTIME", "REQUESTS"
+        );
+        for w in &s.workers {
+            let requests = w.requests.map_or("?".to_string(), |n| n.to_string());
+            out += &format!(
+                "  {:<5} {:<8} {:<9} {:<8} {:<10} {}\n",
+                w.slot,
+                w.pid,
+                w.state,
+                w.version,
+                ago(w.uptime_ms),
+                requests
+            );
+        }
+    }
+    out
+}
+
+/// `host check`: the config is valid (we got here), and each plugin loads and starts in a
+/// throwaway worker, from a throwaway shadow copy.
+fn check(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            return finish(Err((
+                EXIT_FAILED,
+                format!("could not start the async runtime: {e}"),
+            )))
+        }
+    };
+    let mut ok = true;
+    for svc in &config.services {
+        match runtime.block_on(check_service(svc)) {
+            Ok(line) => println!("ok    service {}: {line}", svc.name),
+            Err(e) => {
+                ok = false;
+                println!("FAIL  service {}: {e}", svc.name);
+            }
+        }
+    }
+    if ok {
+        println!("configuration ok: {} service(s)", config.services.len());
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+async fn check_service(svc: &crate::config::ServiceConfig) -> Result<String, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().map_err(|e| format!("could not create a temp dir: {e}"))?;
+    let version = crate::shadow::ShadowStore::new(dir.path().to_path_buf()).store(&svc.plugin)?;
+    let mut spec = crate::master::worker_spec(svc, 0, &version, Vec::new());
+    spec.check_only = true;
+    let spawned = crate::master::spawn_worker_process(&spec, &[])
+        .map_err(|e| format!("could not start a worker: {e}"))?;
+    let (mut child, channel) = (spawned.child, spawned.channel);
+    let (read, mut write) = channel.into_split();
+    let start = serde_json::to_string(&ToWorker::Start(Box::new(spec))).unwrap() + "\n";
+    write
+        .write_all(start.as_bytes())
+        .await
+        .map_err(|e| format!("could not talk to the worker: {e}"))?;
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    let answer = tokio::time::timeout(svc.ready_timeout, lines.next_line()).await;
+    let result = match answer {
+        Ok(Ok(Some(line))) => match serde_json::from_str::<FromWorker>(&line) {
+            Ok(FromWorker::Ready {
+                plugin_name,
+                plugin_crate_version,
+            }) => Ok(format!(
+                "plugin {plugin_name} {plugin_crate_version} ({version}) loads and starts"
+            )),
+            Ok(FromWorker::Failed { reason }) => Err(reason),
+            _ => Err(format!("unexpected answer from the worker: {line}")),
+        },
+        Ok(_) => Err(format!(
+            "the worker {} before it was ready",
+            exit_text(child.wait().await)
+        )),
+        Err(_) => Err(format!(
+            "the plugin did not start within ready_timeout ({}); its on_start is probably blocked",
+            humantime::format_duration(svc.ready_timeout)
+        )),
+    };
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    result
+}
+
+fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(s) => format!("ended ({s})"),
+        Err(e) => format!("could not be waited for ({e})"),
+    }
+}

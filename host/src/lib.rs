@@ -1,0 +1,21 @@
+//! The `host` library: one executable that is the master, its workers and the CLI.
+//!
+//! - [`cli`]: command-line parsing and the client commands (`reload`, `status`, `stop`, `check`).
+//! - [`config`]: the TOML config file and the flags, checked into [`config::Config`].
+//! - [`state_dir`]: where a running master is found (control socket, pid file, lock).
+//! - [`shadow`]: content-addressed copies of plugin libraries, the only paths workers load.
+//! - [`protocol`]: the messages between CLI and master, and between master and workers.
+//! - [`master`]: binds listeners, supervises workers, reloads them one by one.
+//! - [`worker`]: loads the plugin in its on-start hook and serves HTTP until told to drain.
+//!
+//! The master never loads a plugin: dlopen runs the library's constructors, and a broken build
+//! must only ever take down a disposable worker.
+
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod master;
+pub mod protocol;
+pub mod shadow;
+pub mod state_dir;
+pub mod worker;

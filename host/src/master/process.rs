@@ -1,0 +1,61 @@
+//! Starting one worker process: `/proc/self/exe worker ...` with its channel at fd 3 and the
+//! service's listeners at fds 4, 5, ...
+//!
+//! The master executes its own executable afresh (never fork without exec in a process that
+//! runs tokio), through `/proc/self/exe` so that workers run exactly the host code the master
+//! runs even if the file on disk was replaced. The fd mapping is done by the command-fds crate;
+//! every other fd of the master is close-on-exec, so a worker inherits nothing else.
+
+use std::{
+    io,
+    net::TcpListener,
+    os::{fd::OwnedFd, unix::net::UnixStream as StdUnixStream},
+    process::Stdio,
+};
+
+use command_fds::{CommandFdExt, FdMapping};
+use tokio::{net::UnixStream, process::Child};
+
+use crate::protocol::{WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD};
+
+/// A started worker process and the master's end of its channel.
+pub struct Spawned {
+    pub child: Child,
+    pub channel: UnixStream,
+}
+
+/// Starts `host worker` for `spec`, passing `listeners` (in the order of `spec.listen`).
+pub fn spawn(spec: &WorkerSpec, listeners: &[TcpListener]) -> io::Result<Spawned> {
+    let (master_end, worker_end) = StdUnixStream::pair()?;
+    let mut mappings = vec![FdMapping {
+        parent_fd: OwnedFd::from(worker_end),
+        child_fd: CHANNEL_FD,
+    }];
+    for (i, listener) in listeners.iter().enumerate() {
+        mappings.push(FdMapping {
+            parent_fd: OwnedFd::from(listener.try_clone()?),
+            child_fd: FIRST_LISTENER_FD + i as i32,
+        });
+    }
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    // argv[0] as the master's, so `ps` shows `host worker --service x --slot 0`.
+    if let Some(arg0) = std::env::args_os().next() {
+        command.arg0(arg0);
+    }
+    command
+        .arg("worker")
+        .args(["--service", &spec.service, "--slot", &spec.slot.to_string()])
+        .args(["--master-pid", &std::process::id().to_string()])
+        .stdin(Stdio::null())
+        .fd_mappings(mappings)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let child = command.spawn()?;
+    // Dropping `command` closes the master's copies of the worker's channel end and of the
+    // listener dups, so the channel reports EOF when the worker dies.
+    drop(command);
+    master_end.set_nonblocking(true)?;
+    Ok(Spawned {
+        child,
+        channel: UnixStream::from_std(master_end)?,
+    })
+}

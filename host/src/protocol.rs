@@ -1,0 +1,121 @@
+//! The vocabulary between processes, as JSON lines over Unix sockets.
+//!
+//! - CLI -> master, on the control socket: one [`ControlRequest`], then [`ControlReply`]s until
+//!   a final one (`Status`, `Done` or `Error`).
+//! - master -> worker, on the worker's channel (fd 3): [`ToWorker`].
+//! - worker -> master, on the same channel: [`FromWorker`].
+//!
+//! JSON lines keep every message readable with `socat` when something goes wrong, and serde
+//! keeps both ends in one definition.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A command from the CLI.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Status,
+    /// Reload these services (all reloadable ones when empty).
+    Reload {
+        services: Vec<String>,
+    },
+    Stop,
+}
+
+/// An answer from the master.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ControlReply {
+    Status(StatusReport),
+    /// A progress line for the user (reload and stop print these as they come).
+    Line(String),
+    /// The end of a reload or stop.
+    Done {
+        ok: bool,
+        summary: String,
+    },
+    Error(String),
+}
+
+/// What `host status` shows.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub master_pid: u32,
+    pub uptime_ms: u64,
+    pub host_version: String,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub listen: Vec<String>,
+    pub plugin: PathBuf,
+    pub reloadable: bool,
+    /// Short hash of the version new workers load.
+    pub version: String,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub slot: usize,
+    pub pid: u32,
+    pub state: String,
+    pub version: String,
+    pub uptime_ms: u64,
+    /// `None` when the worker did not answer in time.
+    pub requests: Option<u64>,
+}
+
+/// Everything a worker needs to start, sent as the first message on its channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub service: String,
+    pub slot: usize,
+    /// The shadow copy to load.
+    pub plugin_path: PathBuf,
+    /// The library the user built, for error messages.
+    pub plugin_source: PathBuf,
+    pub plugin_version: String,
+    /// Addresses of the inherited listeners, at fds 4, 5, ... in this order.
+    pub listen: Vec<String>,
+    pub config_toml: String,
+    pub config: Vec<(String, String)>,
+    pub max_body_bytes: usize,
+    pub idle_grace_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub master_pid: u32,
+    /// Load the plugin, start and stop it, report, exit: `host check`.
+    pub check_only: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToWorker {
+    Start(Box<WorkerSpec>),
+    /// Stop accepting, finish what is in flight, exit.
+    Drain,
+    /// Answer with [`FromWorker::Stats`].
+    Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// Plugin loaded and started, accepting connections.
+    Ready {
+        plugin_name: String,
+        plugin_crate_version: String,
+    },
+    /// The start failed; the worker exits after sending this.
+    Failed {
+        reason: String,
+    },
+    Stats {
+        requests: u64,
+    },
+}
+
+/// The fd a worker finds its channel to the master on.
+pub const CHANNEL_FD: i32 = 3;
+/// The fd of a worker's first inherited listener; the others follow.
+pub const FIRST_LISTENER_FD: i32 = 4;

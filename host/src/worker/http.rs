@@ -1,0 +1,308 @@
+//! The worker's HTTP/1.1 server: accept on the inherited listeners, call the plugin on the
+//! blocking pool, and drain without resetting a request.
+//!
+//! Draining, in order:
+//! 1. the accept loops stop and drop their listener fds; the master still holds the sockets, so
+//!    connections that arrive now wait in the shared accept queue for another worker;
+//! 2. a connection that is busy gets `Connection: close` on its next response, and hyper closes
+//!    it after that response: the client knows not to reuse it, nothing is cut;
+//! 3. a connection that is idle is closed only once it has been idle for the service's
+//!    `idle_grace`. Closing it at once (as hyper's `graceful_shutdown` alone does) resets a
+//!    request the client may have just sent on it;
+//! 4. [`serve`] returns when the last connection is gone.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use plugin_api::ffi::{FfiHeader, FfiRequest, FfiResponse};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use tracing::Instrument;
+
+use super::plugin::Plugin;
+use crate::protocol::WorkerSpec;
+
+type Response = hyper::Response<Full<Bytes>>;
+
+/// How long a client may take to send a request's headers (slowloris protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// State every connection of the worker shares.
+pub struct Shared {
+    pub plugin: Plugin,
+    pub spec: WorkerSpec,
+    pub requests: AtomicU64,
+    pub draining: watch::Sender<bool>,
+    pub started: Instant,
+}
+
+/// Serves until the worker drains and its last connection has closed.
+pub async fn serve(listeners: Vec<TcpListener>, shared: Arc<Shared>) {
+    // Every connection task holds a clone of `done_tx`; `recv` returns `None` once all are gone.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let mut accept_loops = Vec::new();
+    for listener in listeners {
+        accept_loops.push(tokio::spawn(
+            accept_loop(listener, shared.clone(), done_tx.clone()).in_current_span(),
+        ));
+    }
+    drop(done_tx);
+    for task in accept_loops {
+        let _ = task.await;
+    }
+    let _ = done_rx.recv().await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sender<()>) {
+    let mut draining = shared.draining.subscribe();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(stream, shared.clone(), done.clone()).in_current_span());
+                }
+                // Out of fds or a connection reset before accept: log, pause, go on.
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = until_draining(&mut draining) => return,
+        }
+    }
+}
+
+/// Resolves once the worker drains. (Wrapping `wait_for` drops its borrow guard here, which
+/// keeps the callers' futures `Send`.)
+pub async fn until_draining(draining: &mut watch::Receiver<bool>) {
+    let _ = draining.wait_for(|d| *d).await;
+}
+
+/// Per-connection activity, read by the drain logic.
+struct ConnState {
+    in_flight: AtomicUsize,
+    last_active: Mutex<Instant>,
+}
+
+impl ConnState {
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(self.last_active.lock().unwrap().elapsed())
+    }
+}
+
+/// Marks a request in flight on its connection for as long as it lives.
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn begin(conn: &Arc<ConnState>) -> InFlight {
+        conn.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(conn.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.last_active.lock().unwrap() = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn connection(stream: TcpStream, shared: Arc<Shared>, _done: mpsc::Sender<()>) {
+    let state = Arc::new(ConnState {
+        in_flight: AtomicUsize::new(0),
+        last_active: Mutex::new(Instant::now()),
+    });
+    let service = {
+        let (shared, state) = (shared.clone(), state.clone());
+        service_fn(move |req| {
+            let (shared, state) = (shared.clone(), state.clone());
+            async move {
+                let _in_flight = InFlight::begin(&state);
+                let mut resp = respond(req, &shared).await;
+                shared.requests.fetch_add(1, Ordering::Relaxed);
+                if *shared.draining.borrow() {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut draining = shared.draining.subscribe();
+    tokio::select! {
+        res = conn.as_mut() => return log_conn_end(res),
+        _ = until_draining(&mut draining) => {}
+    }
+    let grace = Duration::from_millis(shared.spec.idle_grace_ms);
+    loop {
+        let wait = match state.idle_for() {
+            Some(idle) if idle >= grace => {
+                conn.as_mut().graceful_shutdown();
+                break;
+            }
+            Some(idle) => grace - idle,
+            // Busy: its response will carry `Connection: close`; look again after the grace.
+            None => grace.max(Duration::from_millis(10)),
+        };
+        tokio::select! {
+            res = conn.as_mut() => return log_conn_end(res),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    log_conn_end(conn.await)
+}
+
+fn log_conn_end(res: Result<(), hyper::Error>) {
+    if let Err(e) = res {
+        tracing::debug!("connection ended: {e}");
+    }
+}
+
+async fn respond(req: hyper::Request<Incoming>, shared: &Shared) -> Response {
+    if let Some(path) = req.uri().path().strip_prefix("/__host/") {
+        return builtin(path, req.method(), shared);
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, shared.spec.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body is larger than this service's limit of {} bytes\n",
+                    shared.spec.max_body_bytes
+                ),
+            )
+        }
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request body: {e}\n"),
+            )
+        }
+    };
+    let request = FfiRequest {
+        method: parts.method.as_str().into(),
+        path: parts.uri.path().into(),
+        query: parts.uri.query().unwrap_or("").into(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(name, value)| FfiHeader {
+                name: name.as_str().into(),
+                value: value.as_bytes().into(),
+            })
+            .collect(),
+        body: body.to_vec().into(),
+    };
+    let plugin = shared.plugin;
+    // Handlers are synchronous and may block for seconds: run them on the blocking pool so that
+    // the worker's other connections keep being served.
+    let span = tracing::Span::current();
+    let result =
+        tokio::task::spawn_blocking(move || span.in_scope(|| plugin.handle(&request))).await;
+    let failure = match result {
+        Ok(Ok(response)) => match into_hyper(response) {
+            Ok(response) => return response,
+            Err(e) => format!("the plugin returned an invalid response: {e}"),
+        },
+        Ok(Err(panic)) => panic,
+        Err(join) => format!("the handler thread failed: {join}"),
+    };
+    tracing::error!("{} {} -> 500: {failure}", parts.method, parts.uri.path());
+    text(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the plugin failed on this request; the host's log has the details\n",
+    )
+}
+
+fn into_hyper(ffi: FfiResponse) -> Result<Response, String> {
+    let status = StatusCode::from_u16(ffi.status)
+        .map_err(|_| format!("status {} is not an HTTP status", ffi.status))?;
+    let mut response = hyper::Response::new(Full::new(Bytes::from(ffi.body.into_vec())));
+    *response.status_mut() = status;
+    for h in ffi.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("header name {:?} is not valid", h.name.as_str()))?;
+        let value = HeaderValue::from_bytes(&h.value)
+            .map_err(|_| format!("the value of header {name} is not valid"))?;
+        response.headers_mut().append(name, value);
+    }
+    Ok(response)
+}
+
+/// Routes the host answers from its own code, whatever the plugin. `/__host/info` comes from the
+/// host binary alone and stays the same across reloads (Workerman's start script);
+/// `/__host/worker` describes the worker process that answered, which a reload replaces.
+fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "host routes answer GET only\n",
+        );
+    }
+    let body = match path {
+        "info" => serde_json::json!({
+            "host_version": env!("CARGO_PKG_VERSION"),
+            "plugin_api_version": plugin_api::API_VERSION,
+            "master_pid": shared.spec.master_pid,
+            "service": shared.spec.service,
+        }),
+        "worker" => serde_json::json!({
+            "pid": std::process::id(),
+            "slot": shared.spec.slot,
+            "plugin": shared.plugin.name(),
+            "plugin_crate_version": shared.plugin.crate_version(),
+            "plugin_version": shared.spec.plugin_version,
+            "uptime_ms": shared.started.elapsed().as_millis() as u64,
+            "requests": shared.requests.load(Ordering::Relaxed),
+        }),
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "host routes: /__host/info, /__host/worker\n",
+            )
+        }
+    };
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body.into())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

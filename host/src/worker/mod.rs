@@ -1,0 +1,321 @@
+//! The worker role: `host worker`, started by the master from its own executable.
+//!
+//! In order: ask the kernel to signal us when the master dies (PR_SET_PDEATHSIG), read the
+//! [`WorkerSpec`] from the channel the master passed at fd 3, load and start the plugin (the
+//! on-start hook: this is the code a reload replaces), take the listeners inherited at fds 4..,
+//! report READY, serve. Drain on the master's `Drain`, on SIGTERM, or when the channel closes
+//! (the master is gone); then call the plugin's `on_stop` and exit 0.
+//!
+//! SIGINT is ignored: Ctrl-C in a terminal reaches the whole process group, and the master turns
+//! it into an orderly drain of every worker.
+
+mod http;
+mod plugin;
+
+use std::{
+    io::{Read, Write},
+    net::TcpListener as StdTcpListener,
+    os::{
+        fd::{BorrowedFd, FromRawFd, RawFd},
+        unix::net::UnixStream as StdUnixStream,
+    },
+    process::ExitCode,
+    sync::{atomic::AtomicU64, Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    fcntl::{fcntl, FcntlArg, FdFlag},
+    sys::{
+        signal::Signal,
+        stat::{fstat, SFlag},
+    },
+    unistd::getppid,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader},
+    net::UnixStream,
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
+use tracing::Instrument;
+
+use self::plugin::Plugin;
+use crate::protocol::{FromWorker, ToWorker, WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD};
+
+static WORKER_SPAN: OnceLock<tracing::Span> = OnceLock::new();
+
+/// Runs `f` inside the worker's span, so that the line it logs carries service, pid and plugin
+/// version (threads of the blocking pool and the plugin's log callback have no span of their own).
+pub(crate) fn in_worker_span<R>(f: impl FnOnce() -> R) -> R {
+    match WORKER_SPAN.get() {
+        Some(span) => span.in_scope(f),
+        None => f(),
+    }
+}
+
+/// The `host worker` entry point.
+pub fn main(master_pid: u32) -> ExitCode {
+    // First, before anything can block: die (drain, in fact) with the master. The check after it
+    // closes the race where the master died before the prctl.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
+        eprintln!("host worker: could not set the parent-death signal: {e}");
+        return ExitCode::FAILURE;
+    }
+    if getppid().as_raw() as u32 != master_pid {
+        eprintln!("host worker: the master (pid {master_pid}) is gone; exiting");
+        return ExitCode::FAILURE;
+    }
+    let mut channel = match inherited_channel() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("host worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let spec = match read_spec(&channel) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("host worker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let span = tracing::info_span!(
+        "worker",
+        service = %spec.service,
+        pid = std::process::id(),
+        plugin = %spec.plugin_version
+    );
+    let _ = WORKER_SPAN.set(span.clone());
+    let _entered = span.enter();
+
+    // The on-start hook: everything from here to READY is what a reload re-runs with new code.
+    let started = Instant::now();
+    let plugin = match Plugin::load_and_start(&spec) {
+        Ok(p) => p,
+        Err(reason) => {
+            tracing::error!("{reason}");
+            send(&mut channel, &FromWorker::Failed { reason });
+            return ExitCode::FAILURE;
+        }
+    };
+    let ready = FromWorker::Ready {
+        plugin_name: plugin.name().to_string(),
+        plugin_crate_version: plugin.crate_version().to_string(),
+    };
+    if spec.check_only {
+        plugin.stop();
+        send(&mut channel, &ready);
+        return ExitCode::SUCCESS;
+    }
+    tracing::debug!(
+        "plugin {} {} started in {:?}",
+        plugin.name(),
+        plugin.crate_version(),
+        started.elapsed()
+    );
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let reason = format!("could not start the async runtime: {e}");
+            send(&mut channel, &FromWorker::Failed { reason });
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(serve(spec, plugin, channel, ready).instrument(span.clone()));
+    // Do not wait for blocking threads a stuck handler may still hold past the drain.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+async fn serve(
+    spec: WorkerSpec,
+    plugin: Plugin,
+    channel: StdUnixStream,
+    ready: FromWorker,
+) -> ExitCode {
+    let drain_timeout = Duration::from_millis(spec.drain_timeout_ms);
+    let listeners = match inherited_listeners(&spec) {
+        Ok(l) => l,
+        Err(reason) => {
+            let mut channel = channel;
+            send(&mut channel, &FromWorker::Failed { reason });
+            return ExitCode::FAILURE;
+        }
+    };
+    let (draining, _) = watch::channel(false);
+    let shared = Arc::new(http::Shared {
+        plugin,
+        spec,
+        requests: AtomicU64::new(0),
+        draining,
+        started: Instant::now(),
+    });
+    let server = tokio::spawn(http::serve(listeners, shared.clone()).in_current_span());
+
+    let (mut sigterm, _sigint) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        _ => return ExitCode::FAILURE,
+    };
+    let mut channel = match channel
+        .set_nonblocking(true)
+        .and_then(|()| UnixStream::from_std(channel))
+    {
+        Ok(c) => c,
+        Err(_) => return ExitCode::FAILURE,
+    };
+    if write_message(&mut channel, &ready).await.is_err() {
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(
+        "ready: plugin {} {} on {}",
+        plugin.name(),
+        plugin.crate_version(),
+        shared.spec.listen.join(", ")
+    );
+
+    let channel_task = tokio::spawn(talk_to_master(channel, shared.clone()).in_current_span());
+    let mut drain_requested = shared.draining.subscribe();
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
+        _ = http::until_draining(&mut drain_requested) => {}
+    }
+    shared.draining.send_replace(true);
+    if tokio::time::timeout(drain_timeout, server).await.is_err() {
+        tracing::warn!("drain timeout ({drain_timeout:?}) reached with requests still in flight");
+    }
+    let stop = tokio::task::spawn_blocking(move || plugin.stop());
+    let _ = tokio::time::timeout(Duration::from_secs(5), stop).await;
+    tracing::info!(
+        "drained after {} requests, exiting",
+        shared.requests.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    channel_task.abort();
+    ExitCode::SUCCESS
+}
+
+/// Answers the master until it says `Drain` or goes away; either starts the drain.
+async fn talk_to_master(channel: UnixStream, shared: Arc<http::Shared>) {
+    let (read, mut write) = channel.into_split();
+    let mut lines = AsyncBufReader::new(read).lines();
+    loop {
+        let message = match lines.next_line().await {
+            Ok(Some(line)) => serde_json::from_str::<ToWorker>(&line),
+            Ok(None) | Err(_) => {
+                if !*shared.draining.borrow() {
+                    tracing::warn!("the master is gone: draining");
+                }
+                shared.draining.send_replace(true);
+                return;
+            }
+        };
+        match message {
+            Ok(ToWorker::Drain) => {
+                tracing::info!("draining on the master's request");
+                shared.draining.send_replace(true);
+            }
+            Ok(ToWorker::Stats) => {
+                let requests = shared.requests.load(std::sync::atomic::Ordering::Relaxed);
+                let line = serde_json::to_string(&FromWorker::Stats { requests }).unwrap() + "\n";
+                let _ = write.write_all(line.as_bytes()).await;
+            }
+            Ok(ToWorker::Start(_)) => tracing::warn!("ignoring a second start message"),
+            Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
+        }
+    }
+}
+
+fn inherited_channel() -> Result<StdUnixStream, String> {
+    if !take_inherited_socket(CHANNEL_FD) {
+        return Err(
+            "fd 3 is not the master's channel; `host worker` is started by `host start`, \
+                    not by hand"
+                .into(),
+        );
+    }
+    // SAFETY: fd 3 was checked above to be an open socket; the master maps the worker's end of
+    // its channel there (protocol::CHANNEL_FD) and nothing else in this process owns it.
+    Ok(unsafe { StdUnixStream::from_raw_fd(CHANNEL_FD) })
+}
+
+fn inherited_listeners(spec: &WorkerSpec) -> Result<Vec<tokio::net::TcpListener>, String> {
+    let mut listeners = Vec::new();
+    for (i, addr) in spec.listen.iter().enumerate() {
+        let fd = FIRST_LISTENER_FD + i as i32;
+        if !take_inherited_socket(fd) {
+            return Err(format!(
+                "fd {fd} (listener {addr}) was not inherited from the master"
+            ));
+        }
+        // SAFETY: the master maps the listener for `spec.listen[i]` at FIRST_LISTENER_FD + i, it
+        // was checked above to be an open socket, and this is the only place that takes it.
+        let std_listener = unsafe { StdTcpListener::from_raw_fd(fd) };
+        // tokio requires a non-blocking socket; the flag lives on the shared open file
+        // description, which is fine: nobody else accepts on it in blocking mode.
+        std_listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(std_listener))
+            .map(|l| listeners.push(l))
+            .map_err(|e| format!("could not use the inherited listener {addr}: {e}"))?;
+    }
+    Ok(listeners)
+}
+
+/// Whether `fd` is an open socket; if so, marks it close-on-exec, so that a process the plugin
+/// spawns does not inherit the master's channel or a listener (and keep the port open).
+fn take_inherited_socket(fd: RawFd) -> bool {
+    // SAFETY: the borrow lives only for the two calls below; on a closed fd they fail with
+    // EBADF, which means "not inherited", and nothing is closed through this handle.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let is_socket = fstat(borrowed)
+        .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK)
+        .unwrap_or(false);
+    is_socket && fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok()
+}
+
+/// Reads the first line byte by byte: a buffered reader could swallow the start of the next
+/// message (a `Drain` sent during start-up), which the async reader must see later.
+fn read_spec(mut channel: &StdUnixStream) -> Result<WorkerSpec, String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        match channel.read(&mut byte) {
+            Ok(0) => {
+                return Err("the master closed the channel before sending the start message".into())
+            }
+            Ok(_) => line.push(byte[0]),
+            Err(e) => {
+                return Err(format!(
+                    "could not read the start message from the master: {e}"
+                ))
+            }
+        }
+    }
+    match serde_json::from_slice(&line) {
+        Ok(ToWorker::Start(spec)) => Ok(*spec),
+        Ok(other) => Err(format!(
+            "expected a start message from the master, got {other:?}"
+        )),
+        Err(e) => Err(format!(
+            "could not read the start message from the master: {e}"
+        )),
+    }
+}
+
+/// Sends one message with blocking I/O (before the runtime exists, or instead of it).
+fn send(channel: &mut StdUnixStream, message: &FromWorker) {
+    let line = serde_json::to_string(message).unwrap() + "\n";
+    let _ = channel.write_all(line.as_bytes());
+}
+
+async fn write_message(channel: &mut UnixStream, message: &FromWorker) -> std::io::Result<()> {
+    let line = serde_json::to_string(message).unwrap() + "\n";
+    channel.write_all(line.as_bytes()).await
+}

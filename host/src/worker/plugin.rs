@@ -1,0 +1,146 @@
+//! Loading a plugin library inside a worker, and turning abi_stable's load errors into advice.
+//!
+//! Loading goes through `lib_header_from_path(..).init_root_module()`, not
+//! `RootModule::load_from_file`, because the latter caches one module per type per process.
+//! A library is never unloaded (unloading Rust dylibs is unsound); the worker process is the unit
+//! that is thrown away.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use abi_stable::{
+    library::{lib_header_from_path, LibraryError},
+    std_types::{RResult, RStr, RString, RVec, Tuple2},
+};
+use plugin_api::{
+    ffi::{FfiContext, FfiRequest, FfiResponse, PluginModRef},
+    Level,
+};
+
+use crate::protocol::WorkerSpec;
+
+/// A loaded and started plugin. `Copy`: it is a `'static` reference to the root module.
+#[derive(Clone, Copy)]
+pub struct Plugin {
+    module: PluginModRef,
+}
+
+impl Plugin {
+    /// Loads the shadow copy named in `spec` and calls the plugin's `on_start`.
+    pub fn load_and_start(spec: &WorkerSpec) -> Result<Plugin, String> {
+        let header = lib_header_from_path(&spec.plugin_path).map_err(|e| explain(e, spec))?;
+        let module = header
+            .init_root_module::<PluginModRef>()
+            .map_err(|e| explain(e, spec))?;
+        let plugin = Plugin { module };
+        let ctx = FfiContext {
+            service: spec.service.as_str().into(),
+            worker_id: spec.slot as u32,
+            plugin_version: spec.plugin_version.as_str().into(),
+            config: spec
+                .config
+                .iter()
+                .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
+                .collect::<RVec<_>>(),
+            config_toml: spec.config_toml.as_str().into(),
+            log: plugin_log,
+        };
+        match (module.start())(&ctx) {
+            RResult::ROk(()) => Ok(plugin),
+            RResult::RErr(reason) => Err(format!(
+                "plugin {} ({}) failed to start: {reason}. Fix the cause in the plugin's on_start \
+                 (or in the service's [service.config] section it reads) and reload.",
+                plugin.name(),
+                spec.plugin_source.display()
+            )),
+        }
+    }
+
+    /// The plugin crate's name.
+    pub fn name(&self) -> &'static str {
+        self.module.name().as_str()
+    }
+
+    /// The plugin crate's version (from its Cargo.toml).
+    pub fn crate_version(&self) -> &'static str {
+        self.module.version().as_str()
+    }
+
+    /// Calls the plugin's handler; `Err` carries a panic message.
+    pub fn handle(&self, req: &FfiRequest) -> Result<FfiResponse, String> {
+        (self.module.handle())(req)
+            .into_result()
+            .map_err(String::from)
+    }
+
+    /// Tells the plugin the worker stops.
+    pub fn stop(&self) {
+        (self.module.stop())()
+    }
+}
+
+/// Where the plugin's `plugin_api::info!` and friends end up: the worker's tracing output,
+/// inside the worker's span, so each line carries service, pid and plugin version.
+extern "C" fn plugin_log(level: u8, message: RStr<'_>) {
+    // A panic must not unwind into the plugin's frames (that aborts); logging should not panic,
+    // but this is a boundary.
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        super::in_worker_span(|| match Level::from_u8(level) {
+            Level::Error => tracing::error!(target: "plugin", "{message}"),
+            Level::Warn => tracing::warn!(target: "plugin", "{message}"),
+            Level::Info => tracing::info!(target: "plugin", "{message}"),
+            Level::Debug => tracing::debug!(target: "plugin", "{message}"),
+        })
+    }));
+}
+
+/// One paragraph: what was expected, what was found, how to fix it. The raw abi_stable message
+/// (for layout mismatches, a dump of every type) goes to the debug log.
+fn explain(err: LibraryError, spec: &WorkerSpec) -> String {
+    tracing::debug!(
+        "abi_stable load error for {}: {err}",
+        spec.plugin_path.display()
+    );
+    let source = spec.plugin_source.display();
+    let api = plugin_api::API_VERSION;
+    match err {
+        LibraryError::OpenError { err, .. } => format!(
+            "could not load plugin {source}: {err}. A plugin must be a shared library built by \
+             cargo from a crate with `crate-type = [\"cdylib\"]` for this platform; if it was \
+             being written, wait for the build to finish and reload."
+        ),
+        LibraryError::GetSymbolError { .. } => format!(
+            "{source} is a shared library but not a plugin: it exports no plugin root module. \
+             Add `plugin_api::export_plugin!(YourPlugin);` to the crate's lib.rs, build it with \
+             `crate-type = [\"cdylib\"]`, and reload."
+        ),
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => format!(
+            "plugin {source} was built against plugin-api {actual_version}, but this host uses \
+             plugin-api {expected_version}, which is not compatible with it. Rebuild the plugin \
+             against plugin-api {api} (set `plugin-api = \"{api}\"` in its Cargo.toml, then \
+             cargo build) and reload."
+        ),
+        LibraryError::ParseVersionError(e) => format!(
+            "plugin {source} declares a plugin-api version that cannot be read ({e}). Rebuild it \
+             against plugin-api {api} and reload."
+        ),
+        LibraryError::AbiInstability(_) => format!(
+            "plugin {source} declares plugin-api {api}, but the types it shares with the host \
+             have a different layout (it was built from a different plugin-api source with the \
+             same version number). Rebuild it against the plugin-api this host was built with \
+             and reload; run with HOST_LOG=debug to see every mismatch."
+        ),
+        LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => format!(
+            "plugin {source} was built with an abi_stable version (or a compiler ABI) that this \
+             host cannot load. Rebuild it against plugin-api {api} and reload."
+        ),
+        LibraryError::RootModule { err, .. } => format!(
+            "plugin {source} failed while its library was being initialized ({err}). This runs \
+             before on_start: look at static initializers in the plugin."
+        ),
+        other => format!("could not load plugin {source}: {other}"),
+    }
+}
