@@ -27,6 +27,7 @@ impl Plugin for Slow {
                 )
             }
         };
+        plugin_api::info!("sleeping {ms} ms");
         thread::sleep(Duration::from_millis(ms));
         Response::text(
             200,

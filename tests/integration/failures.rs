@@ -1,0 +1,149 @@
+//! A failed new build never takes the service down: each broken plugin makes the reload fail
+//! with a readable reason, and the old workers keep answering with the old code.
+
+use std::fs;
+
+use crate::{
+    harness::{copy_new_inode, dir_with_config, output_text, artifacts, Host},
+    http::{get, Conn},
+};
+
+const CONFIG: &str = r#"
+[[service]]
+name = "web"
+listen = ["127.0.0.1:0"]
+plugin = "plugin.so"
+workers = 2
+ready_timeout = "2s"
+"#;
+
+/// Starts hello v1, breaks the plugin with `break_it`, reloads, and checks nothing changed;
+/// then a good build reloads fine. Returns the failed reload's output.
+fn reload_is_rejected(break_it: impl FnOnce(&std::path::Path)) -> String {
+    let host = Host::start(dir_with_config(CONFIG, &[("plugin.so", "hello")]), &["--config", "host.toml"]);
+    let addr = host.addr("web");
+    let pids = host.ready_pids("web");
+    break_it(&host.dir.path().join("plugin.so"));
+
+    let out = host.cli(&["reload"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "the reload must fail:\n{text}");
+    assert!(text.contains("reload rejected"), "{text}");
+    assert!(text.contains("nothing changed; still serving"), "{text}");
+    assert!(get(&addr, "/").body.contains("hello v1"), "the old version keeps answering");
+    assert_eq!(host.ready_pids("web"), pids, "the old workers keep serving");
+
+    // The service is not stuck: the next good build goes live.
+    host.replace_plugin("hello-v2");
+    host.reload_ok();
+    assert!(get(&addr, "/").body.contains("hello v2"));
+    text
+}
+
+fn with_fixture(name: &'static str) -> impl FnOnce(&std::path::Path) {
+    move |path| copy_new_inode(&artifacts().plugin(name), path)
+}
+
+#[test]
+fn plugin_built_against_an_old_api_is_rejected() {
+    let text = reload_is_rejected(with_fixture("old-api"));
+    assert!(text.contains("built against plugin-api 0.0.3, but this host uses plugin-api 0.1.0"), "{text}");
+    assert!(text.contains("Rebuild the plugin"), "{text}");
+}
+
+#[test]
+fn library_that_is_not_a_plugin_is_rejected() {
+    let text = reload_is_rejected(with_fixture("not-a-plugin"));
+    assert!(text.contains("is a shared library but not a plugin"), "{text}");
+    assert!(text.contains("export_plugin!"), "{text}");
+}
+
+#[test]
+fn file_that_is_not_a_library_is_rejected() {
+    let text = reload_is_rejected(|path| {
+        let _ = fs::remove_file(path);
+        fs::write(path, "this is not a shared library\n").unwrap();
+    });
+    assert!(text.contains("could not load plugin"), "{text}");
+}
+
+#[test]
+fn half_written_library_is_rejected() {
+    let text = reload_is_rejected(|path| {
+        // Cut inside the loadable segments (the first few hundred KiB; the rest of a debug
+        // build is debug info, and a file cut there still loads and runs).
+        let bytes = fs::read(artifacts().plugin("hello-v2")).unwrap();
+        let _ = fs::remove_file(path);
+        fs::write(path, &bytes[..64 * 1024]).unwrap();
+    });
+    assert!(text.contains("the first new worker failed"), "{text}");
+}
+
+#[test]
+fn on_start_error_is_rejected_with_its_reason() {
+    let text = reload_is_rejected(with_fixture("bad-start"));
+    assert!(text.contains("failed to start: database url is not configured"), "{text}");
+}
+
+#[test]
+fn on_start_panic_is_rejected_with_the_panic_message() {
+    let text = reload_is_rejected(with_fixture("start-panic"));
+    assert!(text.contains("on_start panicked: fixture panics in on_start"), "{text}");
+}
+
+#[test]
+fn worker_crash_during_start_is_rejected() {
+    let text = reload_is_rejected(with_fixture("start-crash"));
+    assert!(text.contains("SIGABRT"), "{text}");
+}
+
+#[test]
+fn hanging_on_start_hits_the_ready_timeout() {
+    let text = reload_is_rejected(with_fixture("start-hang"));
+    assert!(text.contains("did not report ready within the ready timeout (2s)"), "{text}");
+}
+
+#[test]
+fn broken_plugin_at_start_fails_the_start_clearly() {
+    let dir = dir_with_config(CONFIG, &[("plugin.so", "bad-start")]);
+    let (mut host, why) = match Host::try_start(dir, &["--config", "host.toml"]) {
+        Ok(_) => panic!("a host with a broken plugin must not start"),
+        Err(failed) => failed,
+    };
+    assert!(why.contains("exited"), "{why}");
+    assert!(!host.wait_exit(), "exit status must be non-zero");
+    assert!(host.logs().contains("database url is not configured"), "{}", host.logs());
+}
+
+#[test]
+fn panic_in_a_handler_is_a_500_and_the_worker_keeps_serving() {
+    let host = Host::start(
+        Host::dir_with_plugin("panic"),
+        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+    );
+    let addr = host.addr("plugin");
+    let mut conn = Conn::new(&addr);
+    let pid_before = get(&addr, "/__host/worker").body;
+    let resp = conn.get("/panic").unwrap();
+    assert_eq!(resp.status, 500);
+    assert!(!resp.body.contains("asked to panic"), "panic details stay in the log, not the response");
+    let ok = conn.get("/").unwrap();
+    assert_eq!((ok.status, ok.body.as_str()), (200, "ok\n"));
+    assert_eq!(conn.connects, 1, "the same connection keeps working");
+    let pid_after = get(&addr, "/__host/worker").body;
+    let pid = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["pid"].clone();
+    assert_eq!(pid(&pid_before), pid(&pid_after), "the worker was not replaced");
+    let logs = host.logs();
+    assert!(logs.contains("handler panicked: asked to panic on /panic"), "{logs}");
+}
+
+#[test]
+fn missing_plugin_file_fails_the_reload_and_keeps_serving() {
+    let host = Host::start(dir_with_config(CONFIG, &[("plugin.so", "hello")]), &["--config", "host.toml"]);
+    fs::remove_file(host.dir.path().join("plugin.so")).unwrap();
+    let out = host.cli(&["reload"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("does not exist; build the plugin first"), "{text}");
+    assert!(get(&host.addr("web"), "/").body.contains("hello v1"));
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real `host` binary, plugins built by cargo, real sockets, a real HTTP
+//! client. One test binary, one module per area; `harness` and `http` are the shared parts.
+
+mod harness;
+mod http;
+
+mod cli;
+mod failures;
+mod lifecycle;
+mod plugins;
+mod reload;

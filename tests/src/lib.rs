@@ -1,0 +1,1 @@
+//! Integration tests for the host live in `integration/`; this crate has no library code.
