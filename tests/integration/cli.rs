@@ -27,12 +27,21 @@ fn check_loads_each_plugin_in_a_throwaway_worker() {
     let out = host_in(dir.path(), &["check", "--config", "host.toml"]);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("ok    service good: plugin hello 0.1.0"), "{text}");
-    assert!(text.contains("FAIL  service bad: plugin fixture-bad-start"), "{text}");
+    assert!(
+        text.contains("ok    service good: plugin hello 0.1.0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FAIL  service bad: plugin fixture-bad-start"),
+        "{text}"
+    );
     assert!(text.contains("database url is not configured"), "{text}");
 
     let dir = dir_with_config("", &[("p.so", "echo")]);
-    let out = host_in(dir.path(), &["check", "--plugin", "p.so", "--listen", "127.0.0.1:0"]);
+    let out = host_in(
+        dir.path(),
+        &["check", "--plugin", "p.so", "--listen", "127.0.0.1:0"],
+    );
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(output_text(&out).contains("configuration ok: 1 service(s)"));
 }
@@ -44,7 +53,10 @@ fn bad_config_is_a_usage_error_that_names_the_field() {
     let out = host_in(dir.path(), &["start", "--config", "host.toml"]);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(2), "{text}");
-    assert!(text.contains("service \"web\": listen \"127.0.0.1\""), "{text}");
+    assert!(
+        text.contains("service \"web\": listen \"127.0.0.1\""),
+        "{text}"
+    );
 
     let dir = dir_with_config("[[service]]\nname = \"web\"\nworkerz = 2\n", &[]);
     let text = output_text(&host_in(dir.path(), &["check", "--config", "host.toml"]));
@@ -67,14 +79,24 @@ fn client_commands_without_a_master_say_how_to_start_one() {
 fn status_table_shows_master_and_workers() {
     let host = Host::start(
         Host::dir_with_plugin("hello"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "2"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+        ],
     );
     crate::http::get(&host.addr("plugin"), "/");
     let out = host.cli(&["status"]);
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&format!("master pid {}", host.pid)), "{text}");
-    assert!(text.contains("SLOT  PID      STATE     VERSION  UPTIME     REQUESTS"), "{text}");
+    assert!(
+        text.contains("SLOT  PID      STATE     VERSION  UPTIME     REQUESTS"),
+        "{text}"
+    );
     assert_eq!(text.matches(" ready ").count(), 2, "{text}");
     let status = host.status();
     let total: u64 = status["services"][0]["workers"]
@@ -86,4 +108,24 @@ fn status_table_shows_master_and_workers() {
     assert_eq!(total, 1);
     let out = host.cli(&["reload", "nope"]);
     assert!(output_text(&out).contains("there is no service nope; the services are: plugin"));
+}
+
+#[test]
+fn example_config_checks_out() {
+    // examples/host.toml points at ../target/debug; the harness has built those plugins.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let built = artifacts().host.parent().unwrap().to_path_buf();
+    if built != root.join("target/debug") {
+        eprintln!(
+            "skipped: plugins are built in {}, not target/debug",
+            built.display()
+        );
+        return;
+    }
+    let out = host_in(root, &["check", "--config", "examples/host.toml"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("configuration ok: 3 service(s)"), "{text}");
 }

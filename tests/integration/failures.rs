@@ -4,7 +4,7 @@
 use std::fs;
 
 use crate::{
-    harness::{copy_new_inode, dir_with_config, output_text, artifacts, Host},
+    harness::{artifacts, copy_new_inode, dir_with_config, output_text, Host},
     http::{get, Conn},
 };
 
@@ -20,7 +20,10 @@ ready_timeout = "2s"
 /// Starts hello v1, breaks the plugin with `break_it`, reloads, and checks nothing changed;
 /// then a good build reloads fine. Returns the failed reload's output.
 fn reload_is_rejected(break_it: impl FnOnce(&std::path::Path)) -> String {
-    let host = Host::start(dir_with_config(CONFIG, &[("plugin.so", "hello")]), &["--config", "host.toml"]);
+    let host = Host::start(
+        dir_with_config(CONFIG, &[("plugin.so", "hello")]),
+        &["--config", "host.toml"],
+    );
     let addr = host.addr("web");
     let pids = host.ready_pids("web");
     break_it(&host.dir.path().join("plugin.so"));
@@ -30,7 +33,10 @@ fn reload_is_rejected(break_it: impl FnOnce(&std::path::Path)) -> String {
     assert_eq!(out.status.code(), Some(1), "the reload must fail:\n{text}");
     assert!(text.contains("reload rejected"), "{text}");
     assert!(text.contains("nothing changed; still serving"), "{text}");
-    assert!(get(&addr, "/").body.contains("hello v1"), "the old version keeps answering");
+    assert!(
+        get(&addr, "/").body.contains("hello v1"),
+        "the old version keeps answering"
+    );
     assert_eq!(host.ready_pids("web"), pids, "the old workers keep serving");
 
     // The service is not stuck: the next good build goes live.
@@ -47,14 +53,20 @@ fn with_fixture(name: &'static str) -> impl FnOnce(&std::path::Path) {
 #[test]
 fn plugin_built_against_an_old_api_is_rejected() {
     let text = reload_is_rejected(with_fixture("old-api"));
-    assert!(text.contains("built against plugin-api 0.0.3, but this host uses plugin-api 0.1.0"), "{text}");
+    assert!(
+        text.contains("built against plugin-api 0.0.3, but this host uses plugin-api 0.1.0"),
+        "{text}"
+    );
     assert!(text.contains("Rebuild the plugin"), "{text}");
 }
 
 #[test]
 fn library_that_is_not_a_plugin_is_rejected() {
     let text = reload_is_rejected(with_fixture("not-a-plugin"));
-    assert!(text.contains("is a shared library but not a plugin"), "{text}");
+    assert!(
+        text.contains("is a shared library but not a plugin"),
+        "{text}"
+    );
     assert!(text.contains("export_plugin!"), "{text}");
 }
 
@@ -82,13 +94,19 @@ fn half_written_library_is_rejected() {
 #[test]
 fn on_start_error_is_rejected_with_its_reason() {
     let text = reload_is_rejected(with_fixture("bad-start"));
-    assert!(text.contains("failed to start: database url is not configured"), "{text}");
+    assert!(
+        text.contains("failed to start: database url is not configured"),
+        "{text}"
+    );
 }
 
 #[test]
 fn on_start_panic_is_rejected_with_the_panic_message() {
     let text = reload_is_rejected(with_fixture("start-panic"));
-    assert!(text.contains("on_start panicked: fixture panics in on_start"), "{text}");
+    assert!(
+        text.contains("on_start panicked: fixture panics in on_start"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -100,7 +118,10 @@ fn worker_crash_during_start_is_rejected() {
 #[test]
 fn hanging_on_start_hits_the_ready_timeout() {
     let text = reload_is_rejected(with_fixture("start-hang"));
-    assert!(text.contains("did not report ready within the ready timeout (2s)"), "{text}");
+    assert!(
+        text.contains("did not report ready within the ready timeout (2s)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -112,38 +133,65 @@ fn broken_plugin_at_start_fails_the_start_clearly() {
     };
     assert!(why.contains("exited"), "{why}");
     assert!(!host.wait_exit(), "exit status must be non-zero");
-    assert!(host.logs().contains("database url is not configured"), "{}", host.logs());
+    assert!(
+        host.logs().contains("database url is not configured"),
+        "{}",
+        host.logs()
+    );
 }
 
 #[test]
 fn panic_in_a_handler_is_a_500_and_the_worker_keeps_serving() {
     let host = Host::start(
         Host::dir_with_plugin("panic"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
     );
     let addr = host.addr("plugin");
     let mut conn = Conn::new(&addr);
     let pid_before = get(&addr, "/__host/worker").body;
     let resp = conn.get("/panic").unwrap();
     assert_eq!(resp.status, 500);
-    assert!(!resp.body.contains("asked to panic"), "panic details stay in the log, not the response");
+    assert!(
+        !resp.body.contains("asked to panic"),
+        "panic details stay in the log, not the response"
+    );
     let ok = conn.get("/").unwrap();
     assert_eq!((ok.status, ok.body.as_str()), (200, "ok\n"));
     assert_eq!(conn.connects, 1, "the same connection keeps working");
     let pid_after = get(&addr, "/__host/worker").body;
     let pid = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["pid"].clone();
-    assert_eq!(pid(&pid_before), pid(&pid_after), "the worker was not replaced");
+    assert_eq!(
+        pid(&pid_before),
+        pid(&pid_after),
+        "the worker was not replaced"
+    );
     let logs = host.logs();
-    assert!(logs.contains("handler panicked: asked to panic on /panic"), "{logs}");
+    assert!(
+        logs.contains("handler panicked: asked to panic on /panic"),
+        "{logs}"
+    );
 }
 
 #[test]
 fn missing_plugin_file_fails_the_reload_and_keeps_serving() {
-    let host = Host::start(dir_with_config(CONFIG, &[("plugin.so", "hello")]), &["--config", "host.toml"]);
+    let host = Host::start(
+        dir_with_config(CONFIG, &[("plugin.so", "hello")]),
+        &["--config", "host.toml"],
+    );
     fs::remove_file(host.dir.path().join("plugin.so")).unwrap();
     let out = host.cli(&["reload"]);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("does not exist; build the plugin first"), "{text}");
+    assert!(
+        text.contains("does not exist; build the plugin first"),
+        "{text}"
+    );
     assert!(get(&host.addr("web"), "/").body.contains("hello v1"));
 }

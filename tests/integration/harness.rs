@@ -53,7 +53,11 @@ impl Artifacts {
     /// A built plugin, by name: one of `PACKAGES`, or `hello-v2`.
     pub fn plugin(&self, name: &str) -> PathBuf {
         let path = self.plugins.join(format!("{name}.so"));
-        assert!(path.exists(), "no built plugin {name} at {}", path.display());
+        assert!(
+            path.exists(),
+            "no built plugin {name} at {}",
+            path.display()
+        );
         path
     }
 }
@@ -68,10 +72,21 @@ pub fn artifacts() -> &'static Artifacts {
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
         let target_dir = profile_dir.parent().unwrap().to_path_buf();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-        let mut args = vec!["build".to_string(), "--target-dir".into(), target_dir.display().to_string()];
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let mut args = vec![
+            "build".to_string(),
+            "--target-dir".into(),
+            target_dir.display().to_string(),
+        ];
         for (name, lib) in PACKAGES {
-            let package = if lib.starts_with("fixture_") { format!("fixture-{name}") } else { name.to_string() };
+            let package = if lib.starts_with("fixture_") {
+                format!("fixture-{name}")
+            } else {
+                name.to_string()
+            };
             args.extend(["-p".to_string(), package]);
         }
         args.extend(["-p".to_string(), "host".to_string()]);
@@ -79,14 +94,29 @@ pub fn artifacts() -> &'static Artifacts {
         let plugins = target_dir.join("test-plugins");
         fs::create_dir_all(&plugins).unwrap();
         for (name, lib) in PACKAGES {
-            copy_new_inode(&profile_dir.join(format!("lib{lib}.so")), &plugins.join(format!("{name}.so")));
+            copy_new_inode(
+                &profile_dir.join(format!("lib{lib}.so")),
+                &plugins.join(format!("{name}.so")),
+            );
         }
-        let hello = ["build".to_string(), "--target-dir".into(), target_dir.display().to_string(), "-p".into(), "hello".into()];
+        let hello = [
+            "build".to_string(),
+            "--target-dir".into(),
+            target_dir.display().to_string(),
+            "-p".into(),
+            "hello".into(),
+        ];
         cargo(&root, &hello, Some("v2"));
-        copy_new_inode(&profile_dir.join("libhello.so"), &plugins.join("hello-v2.so"));
+        copy_new_inode(
+            &profile_dir.join("libhello.so"),
+            &plugins.join("hello-v2.so"),
+        );
         // Leave target/<profile>/libhello.so as a plain build would: v1.
         cargo(&root, &hello, None);
-        Artifacts { host: profile_dir.join("host"), plugins }
+        Artifacts {
+            host: profile_dir.join("host"),
+            plugins,
+        }
     })
 }
 
@@ -98,13 +128,18 @@ fn cargo(root: &Path, args: &[String], hello_version: Option<&str>) {
         cmd.env("HELLO_VERSION", v);
     }
     let out = cmd.output().expect("could not run cargo");
-    assert!(out.status.success(), "cargo {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Replaces `to` the way cargo does (remove, then a new file), never writing into the old inode.
 pub fn copy_new_inode(from: &Path, to: &Path) {
     let _ = fs::remove_file(to);
-    fs::copy(from, to).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", from.display(), to.display()));
+    fs::copy(from, to)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", from.display(), to.display()));
 }
 
 /// A running master, its temp dir (cwd and state dir) and its output.
@@ -126,7 +161,10 @@ impl Host {
     /// `host start <args>` in `dir`, waiting for its ready line.
     pub fn start(dir: TempDir, args: &[&str]) -> Host {
         Host::try_start(dir, args).unwrap_or_else(|(host, why)| {
-            panic!("host did not become ready: {why}\n--- host log ---\n{}", host.logs())
+            panic!(
+                "host did not become ready: {why}\n--- host log ---\n{}",
+                host.logs()
+            )
         })
     }
 
@@ -150,10 +188,17 @@ impl Host {
         drain_into(child.stderr.take().unwrap(), log.clone(), None);
         let (ready_tx, ready_rx) = mpsc::channel();
         drain_into(child.stdout.take().unwrap(), log.clone(), Some(ready_tx));
-        let host = Host { dir, child: Some(child), pid, log };
+        let host = Host {
+            dir,
+            child: Some(child),
+            pid,
+            log,
+        };
         match ready_rx.recv_timeout(DEADLINE) {
             Ok(_) => Ok(host),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err((host, "no ready line within the deadline".into())),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err((host, "no ready line within the deadline".into()))
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => Err((host, "the master exited".into())),
         }
     }
@@ -169,7 +214,10 @@ impl Host {
     /// Runs a client command (`reload`, `status`, ...) against this master.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(&artifacts().host);
-        cmd.args(args).arg("--state-dir").arg(self.state_dir()).current_dir(self.dir.path());
+        cmd.args(args)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .current_dir(self.dir.path());
         run(cmd)
     }
 
@@ -177,7 +225,11 @@ impl Host {
     pub fn reload_ok(&self) -> String {
         let out = self.cli(&["reload"]);
         let text = output_text(&out);
-        assert!(out.status.success(), "reload failed:\n{text}\n--- host log ---\n{}", self.logs());
+        assert!(
+            out.status.success(),
+            "reload failed:\n{text}\n--- host log ---\n{}",
+            self.logs()
+        );
         text
     }
 
@@ -200,7 +252,10 @@ impl Host {
 
     /// The first bound address of a service, as `127.0.0.1:PORT`.
     pub fn addr(&self, service: &str) -> String {
-        self.service(service)["listen"][0].as_str().unwrap().to_string()
+        self.service(service)["listen"][0]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// Pids of the service's ready workers.
@@ -219,7 +274,10 @@ impl Host {
 
     /// Puts plugin `name` where the service loads from, as a rebuild would.
     pub fn replace_plugin(&self, name: &str) {
-        copy_new_inode(&artifacts().plugin(name), &self.dir.path().join("plugin.so"));
+        copy_new_inode(
+            &artifacts().plugin(name),
+            &self.dir.path().join("plugin.so"),
+        );
     }
 
     /// Waits until the master process has exited; returns whether it exited with status 0.
@@ -234,7 +292,10 @@ impl Host {
             Ok(status) => status.map(|s| s.success()).unwrap_or(false),
             Err(_) => {
                 let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                panic!("master {pid} did not exit within the deadline\n{}", self.logs())
+                panic!(
+                    "master {pid} did not exit within the deadline\n{}",
+                    self.logs()
+                )
             }
         }
     }
@@ -258,13 +319,21 @@ impl Drop for Host {
             let _ = child.wait();
         }
         if thread::panicking() {
-            eprintln!("--- host log (master pid {}) ---\n{}", self.pid, self.logs());
+            eprintln!(
+                "--- host log (master pid {}) ---\n{}",
+                self.pid,
+                self.logs()
+            );
         }
     }
 }
 
 /// Copies a child's pipe into `log` on a thread; with `ready`, reports the `host: ready` line.
-fn drain_into(pipe: impl Read + Send + 'static, log: Arc<Mutex<String>>, ready: Option<mpsc::Sender<()>>) {
+fn drain_into(
+    pipe: impl Read + Send + 'static,
+    log: Arc<Mutex<String>>,
+    ready: Option<mpsc::Sender<()>>,
+) {
     thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
@@ -282,7 +351,9 @@ fn drain_into(pipe: impl Read + Send + 'static, log: Arc<Mutex<String>>, ready: 
 
 /// Runs a command to completion under the deadline (killed by pid if it overruns).
 pub fn run(mut cmd: Command) -> Output {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let child = cmd.spawn().expect("could not run command");
     let pid = child.id();
     let (tx, rx) = mpsc::channel();
@@ -299,13 +370,22 @@ pub fn run(mut cmd: Command) -> Output {
 }
 
 pub fn output_text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Whether a process exists (zombies count as gone: they run nothing).
 pub fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }

@@ -26,8 +26,16 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(addr: &str) -> Conn {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        Conn { rt, addr: addr.to_string(), sender: None, connects: 0 }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Conn {
+            rt,
+            addr: addr.to_string(),
+            sender: None,
+            connects: 0,
+        }
     }
 
     pub fn get(&mut self, path: &str) -> Result<Resp, String> {
@@ -43,7 +51,9 @@ impl Conn {
         }
         let result = self.rt.block_on(async {
             if self.sender.is_none() {
-                let stream = TcpStream::connect(&addr).await.map_err(|e| format!("connect: {e}"))?;
+                let stream = TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
                 let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                     .await
                     .map_err(|e| format!("handshake: {e}"))?;
@@ -58,14 +68,26 @@ impl Conn {
                 .header("host", &addr)
                 .body(Full::new(Bytes::from(body)))
                 .unwrap();
-            let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
             let status = resp.status().as_u16();
             let closes = resp
                 .headers()
                 .get("connection")
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-            let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-            Ok(Resp { status, body: String::from_utf8_lossy(&body).into_owned(), closes })
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            Ok(Resp {
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+                closes,
+            })
         });
         match &result {
             Ok(r) if !r.closes => {}
@@ -77,5 +99,7 @@ impl Conn {
 
 /// One request on a new connection; panics on a transport error.
 pub fn get(addr: &str, path: &str) -> Resp {
-    Conn::new(addr).get(path).unwrap_or_else(|e| panic!("GET http://{addr}{path} failed: {e}"))
+    Conn::new(addr)
+        .get(path)
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path} failed: {e}"))
 }

@@ -14,7 +14,17 @@ use crate::{
 };
 
 fn hello(workers: &str) -> Host {
-    Host::start(Host::dir_with_plugin("hello"), &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", workers])
+    Host::start(
+        Host::dir_with_plugin("hello"),
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            workers,
+        ],
+    )
 }
 
 #[test]
@@ -35,7 +45,9 @@ fn master_killed_with_sigkill_leaves_no_worker_behind() {
     let host = hello("3");
     let pids = host.ready_pids("plugin");
     host.signal(Signal::SIGKILL);
-    wait_until("every worker has exited", || pids.iter().all(|p| !alive(*p)));
+    wait_until("every worker has exited", || {
+        pids.iter().all(|p| !alive(*p))
+    });
 }
 
 #[test]
@@ -57,11 +69,20 @@ fn stop_drains_leaves_no_process_and_frees_the_port() {
 fn sigterm_stops_gracefully_after_in_flight_requests() {
     let mut host = Host::start(
         Host::dir_with_plugin("slow"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
     );
     let addr = host.addr("plugin");
     let slow = thread::spawn(move || Conn::new(&addr).get("/?ms=1500"));
-    wait_until("the request is in the handler", || host.logs().contains("sleeping 1500 ms"));
+    wait_until("the request is in the handler", || {
+        host.logs().contains("sleeping 1500 ms")
+    });
     host.signal(Signal::SIGTERM);
     let resp = slow.join().unwrap().expect("the in-flight request failed");
     assert_eq!(resp.status, 200);
@@ -74,7 +95,13 @@ fn second_master_on_the_same_state_dir_is_refused() {
     let out = host.cli(&["start", "--plugin", "plugin.so", "--listen", "127.0.0.1:0"]);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains(&format!("another host master (pid {}) is already running", host.pid)), "{text}");
+    assert!(
+        text.contains(&format!(
+            "another host master (pid {}) is already running",
+            host.pid
+        )),
+        "{text}"
+    );
 }
 
 #[test]
@@ -82,10 +109,23 @@ fn stale_state_from_a_killed_master_does_not_block_a_new_start() {
     let first = hello("1");
     killpg(Pid::from_raw(first.pid as i32), Signal::SIGKILL).unwrap();
     wait_until("the master is gone", || !alive(first.pid));
-    assert!(first.state_dir().join("host.sock").exists(), "a killed master leaves its socket");
+    assert!(
+        first.state_dir().join("host.sock").exists(),
+        "a killed master leaves its socket"
+    );
     // Start again in the same directory, with the same state dir.
     let dir = first.into_dir();
-    let second = Host::start(dir, &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"]);
+    let second = Host::start(
+        dir,
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
+    );
     assert!(get(&second.addr("plugin"), "/").body.contains("hello v1"));
 }
 
@@ -114,22 +154,53 @@ fn services_reload_together_and_reloadable_false_keeps_its_workers() {
         reloadable = false
     "#;
     let host = Host::start(
-        dir_with_config(config, &[("greet.so", "hello"), ("echo.so", "echo"), ("counter.so", "counter")]),
+        dir_with_config(
+            config,
+            &[
+                ("greet.so", "hello"),
+                ("echo.so", "echo"),
+                ("counter.so", "counter"),
+            ],
+        ),
         &["--config", "host.toml"],
     );
     assert_eq!(get(&host.addr("greet"), "/").body, "Howdy from hello v1\n");
-    let before: Vec<_> = ["greet", "echo", "sessions"].iter().map(|s| host.ready_pids(s)).collect();
-    crate::harness::copy_new_inode(&crate::harness::artifacts().plugin("hello-v2"), &host.dir.path().join("greet.so"));
+    let before: Vec<_> = ["greet", "echo", "sessions"]
+        .iter()
+        .map(|s| host.ready_pids(s))
+        .collect();
+    crate::harness::copy_new_inode(
+        &crate::harness::artifacts().plugin("hello-v2"),
+        &host.dir.path().join("greet.so"),
+    );
     let out = host.reload_ok();
-    assert!(out.contains("sessions: kept as it is (reloadable = false)"), "{out}");
-    let after: Vec<_> = ["greet", "echo", "sessions"].iter().map(|s| host.ready_pids(s)).collect();
-    assert!(after[0].iter().all(|p| !before[0].contains(p)), "greet was reloaded");
-    assert!(after[1].iter().all(|p| !before[1].contains(p)), "echo was reloaded");
+    assert!(
+        out.contains("sessions: kept as it is (reloadable = false)"),
+        "{out}"
+    );
+    let after: Vec<_> = ["greet", "echo", "sessions"]
+        .iter()
+        .map(|s| host.ready_pids(s))
+        .collect();
+    assert!(
+        after[0].iter().all(|p| !before[0].contains(p)),
+        "greet was reloaded"
+    );
+    assert!(
+        after[1].iter().all(|p| !before[1].contains(p)),
+        "echo was reloaded"
+    );
     assert_eq!(after[2], before[2], "sessions kept its workers");
     assert_eq!(get(&host.addr("greet"), "/").body, "Howdy from hello v2\n");
     // The echo service listens on IPv6 too.
     let status = host.status();
-    let echo = status["services"].as_array().unwrap().iter().find(|s| s["name"] == "echo").unwrap().clone();
+    let echo = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "echo")
+        .unwrap()
+        .clone();
     let v6 = echo["listen"][1].as_str().unwrap();
     assert!(get(v6, "/v6").body.contains("\"path\":\"/v6\""));
     // Reloading a reloadable = false service by name is refused with a reason.

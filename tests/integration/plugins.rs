@@ -12,9 +12,18 @@ use crate::{
 fn echo_round_trips_method_path_query_headers_body() {
     let host = Host::start(
         Host::dir_with_plugin("echo"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
     );
-    let resp = Conn::new(&host.addr("plugin")).send("POST", "/a/b?x=1", b"payload".to_vec()).unwrap();
+    let resp = Conn::new(&host.addr("plugin"))
+        .send("POST", "/a/b?x=1", b"payload".to_vec())
+        .unwrap();
     assert_eq!(resp.status, 200);
     let v: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
     assert_eq!(v["method"], "POST");
@@ -34,7 +43,10 @@ fn body_over_the_limit_is_a_413() {
         workers = 1
         max_body_bytes = 16
     "#;
-    let host = Host::start(dir_with_config(config, &[("plugin.so", "echo")]), &["--config", "host.toml"]);
+    let host = Host::start(
+        dir_with_config(config, &[("plugin.so", "echo")]),
+        &["--config", "host.toml"],
+    );
     let mut conn = Conn::new(&host.addr("echo"));
     assert_eq!(conn.send("POST", "/", vec![b'x'; 16]).unwrap().status, 200);
     let resp = conn.send("POST", "/", vec![b'x'; 17]).unwrap();
@@ -46,12 +58,25 @@ fn body_over_the_limit_is_a_413() {
 fn plugin_logs_carry_service_pid_and_version() {
     let host = Host::start(
         Host::dir_with_plugin("hello"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
     );
     let pid = host.ready_pids("plugin")[0];
-    let version = host.status()["services"][0]["version"].as_str().unwrap().to_string();
+    let version = host.status()["services"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let logs = host.logs();
-    let line = logs.lines().find(|l| l.contains("hello v1 started as worker 0")).expect(&logs);
+    let line = logs
+        .lines()
+        .find(|l| l.contains("hello v1 started as worker 0"))
+        .expect(&logs);
     assert!(line.contains("service=plugin"), "{line}");
     assert!(line.contains(&format!("pid={pid}")), "{line}");
     assert!(line.contains(&format!("plugin={version}")), "{line}");
@@ -61,18 +86,30 @@ fn plugin_logs_carry_service_pid_and_version() {
 fn blocking_handler_does_not_stall_other_requests_on_the_worker() {
     let host = Host::start(
         Host::dir_with_plugin("slow"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
     );
     let addr = host.addr("plugin");
     let slow = {
         let addr = addr.clone();
         thread::spawn(move || Conn::new(&addr).get("/?ms=3000"))
     };
-    wait_until("the slow request is in the handler", || host.logs().contains("sleeping 3000 ms"));
+    wait_until("the slow request is in the handler", || {
+        host.logs().contains("sleeping 3000 ms")
+    });
     for _ in 0..5 {
         assert_eq!(get(&addr, "/?ms=0").status, 200);
     }
-    assert!(!slow.is_finished(), "fast requests were answered while the slow one still ran");
+    assert!(
+        !slow.is_finished(),
+        "fast requests were answered while the slow one still ran"
+    );
     assert_eq!(slow.join().unwrap().unwrap().status, 200);
     assert_eq!(get(&addr, "/?ms=abc").status, 400);
 }
@@ -81,17 +118,35 @@ fn blocking_handler_does_not_stall_other_requests_on_the_worker() {
 fn host_route_stays_the_same_across_a_reload_while_the_plugin_changes() {
     let host = Host::start(
         Host::dir_with_plugin("hello"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "2"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+        ],
     );
     let addr = host.addr("plugin");
     let info_before = get(&addr, "/__host/info").body;
     let worker_before = get(&addr, "/__host/worker").body;
     host.replace_plugin("hello-v2");
     host.reload_ok();
-    assert_eq!(get(&addr, "/__host/info").body, info_before, "static code: unchanged");
-    assert!(get(&addr, "/").body.contains("hello v2"), "plugin code: changed");
-    let worker_after: serde_json::Value = serde_json::from_str(&get(&addr, "/__host/worker").body).unwrap();
+    assert_eq!(
+        get(&addr, "/__host/info").body,
+        info_before,
+        "static code: unchanged"
+    );
+    assert!(
+        get(&addr, "/").body.contains("hello v2"),
+        "plugin code: changed"
+    );
+    let worker_after: serde_json::Value =
+        serde_json::from_str(&get(&addr, "/__host/worker").body).unwrap();
     let worker_before: serde_json::Value = serde_json::from_str(&worker_before).unwrap();
     assert_ne!(worker_after["pid"], worker_before["pid"]);
-    assert_ne!(worker_after["plugin_version"], worker_before["plugin_version"]);
+    assert_ne!(
+        worker_after["plugin_version"],
+        worker_before["plugin_version"]
+    );
 }

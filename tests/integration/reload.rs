@@ -27,7 +27,14 @@ struct ClientStats {
 fn reload_under_keep_alive_load_fails_no_request() {
     let host = Host::start(
         Host::dir_with_plugin("hello"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "3"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "3",
+        ],
     );
     let addr = host.addr("plugin");
     let before = host.ready_pids("plugin");
@@ -38,7 +45,8 @@ fn reload_under_keep_alive_load_fails_no_request() {
     let served = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..4)
         .map(|_| {
-            let (addr, stop, v2_seen, served) = (addr.clone(), stop.clone(), v2_seen.clone(), served.clone());
+            let (addr, stop, v2_seen, served) =
+                (addr.clone(), stop.clone(), v2_seen.clone(), served.clone());
             thread::spawn(move || {
                 let mut conn = Conn::new(&addr);
                 let mut stats = ClientStats::default();
@@ -52,7 +60,9 @@ fn reload_under_keep_alive_load_fails_no_request() {
                             }
                             stats.bodies.insert(r.body);
                         }
-                        Ok(r) => stats.errors.push(format!("status {}: {}", r.status, r.body)),
+                        Ok(r) => stats
+                            .errors
+                            .push(format!("status {}: {}", r.status, r.body)),
                         Err(e) => stats.errors.push(e),
                     }
                 }
@@ -61,35 +71,65 @@ fn reload_under_keep_alive_load_fails_no_request() {
             })
         })
         .collect();
-    wait_until("the clients are busy", || served.load(Ordering::SeqCst) > 200);
+    wait_until("the clients are busy", || {
+        served.load(Ordering::SeqCst) > 200
+    });
 
     host.replace_plugin("hello-v2");
     let out = host.reload_ok();
-    assert_eq!(out.matches(" -> ").count(), 4, "one line per worker plus the plugin line:\n{out}");
+    assert_eq!(
+        out.matches(" -> ").count(),
+        4,
+        "one line per worker plus the plugin line:\n{out}"
+    );
     // Keep the load on until every client has been served by the new code.
-    wait_until("every client sees v2", || v2_seen.load(Ordering::SeqCst) > 400);
+    wait_until("every client sees v2", || {
+        v2_seen.load(Ordering::SeqCst) > 400
+    });
     stop.store(true, Ordering::SeqCst);
 
     let stats: Vec<ClientStats> = clients.into_iter().map(|c| c.join().unwrap()).collect();
     for (i, s) in stats.iter().enumerate() {
-        assert!(s.errors.is_empty(), "client {i} had failed requests: {:?}", s.errors);
-        assert!(s.bodies.iter().any(|b| b.contains("hello v1")), "client {i} never saw v1");
-        assert!(s.bodies.iter().any(|b| b.contains("hello v2")), "client {i} never saw v2");
+        assert!(
+            s.errors.is_empty(),
+            "client {i} had failed requests: {:?}",
+            s.errors
+        );
+        assert!(
+            s.bodies.iter().any(|b| b.contains("hello v1")),
+            "client {i} never saw v1"
+        );
+        assert!(
+            s.bodies.iter().any(|b| b.contains("hello v2")),
+            "client {i} never saw v2"
+        );
         // Its keep-alive connection was to an old worker, which closed it cleanly.
         assert!(s.connects >= 2, "client {i} never reconnected");
     }
     let after = host.ready_pids("plugin");
     assert_eq!(after.len(), 3);
-    assert!(after.iter().all(|p| !before.contains(p)), "every worker pid changes: {before:?} -> {after:?}");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "every worker pid changes: {before:?} -> {after:?}"
+    );
     assert!(get(&addr, "/").body.contains("hello v2"));
-    wait_until("the old workers have exited", || before.iter().all(|p| !alive(*p)));
+    wait_until("the old workers have exited", || {
+        before.iter().all(|p| !alive(*p))
+    });
 }
 
 #[test]
 fn request_in_flight_across_a_reload_gets_its_full_answer() {
     let host = Host::start(
         Host::dir_with_plugin("slow"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
     );
     let addr = host.addr("plugin");
     let old = host.ready_pids("plugin");
@@ -97,20 +137,32 @@ fn request_in_flight_across_a_reload_gets_its_full_answer() {
         let addr = addr.clone();
         thread::spawn(move || Conn::new(&addr).get("/?ms=5000"))
     };
-    wait_until("the slow request is in the handler", || host.logs().contains("sleeping 5000 ms"));
+    wait_until("the slow request is in the handler", || {
+        host.logs().contains("sleeping 5000 ms")
+    });
 
     host.reload_ok();
     let new = host.ready_pids("plugin");
     assert_ne!(new, old);
     // The new worker serves while the old one still finishes its request.
     let fast = get(&addr, "/?ms=0");
-    assert!(fast.body.contains(&format!("pid {}", new[0])), "{}", fast.body);
-    assert!(!slow.is_finished(), "the slow request should still be running");
+    assert!(
+        fast.body.contains(&format!("pid {}", new[0])),
+        "{}",
+        fast.body
+    );
+    assert!(
+        !slow.is_finished(),
+        "the slow request should still be running"
+    );
 
     let resp = slow.join().unwrap().expect("the in-flight request failed");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, format!("slept 5000 ms in pid {}\n", old[0]));
-    assert!(resp.closes, "a draining worker answers with Connection: close");
+    assert!(
+        resp.closes,
+        "a draining worker answers with Connection: close"
+    );
     wait_until("the old worker has exited", || !alive(old[0]));
 }
 
@@ -118,13 +170,23 @@ fn request_in_flight_across_a_reload_gets_its_full_answer() {
 fn counter_state_is_per_worker_and_lost_on_reload() {
     let host = Host::start(
         Host::dir_with_plugin("counter"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
     );
     let addr = host.addr("plugin");
     get(&addr, "/");
     assert!(get(&addr, "/").body.starts_with("request 2 "));
     host.reload_ok();
-    assert!(get(&addr, "/").body.starts_with("request 1 "), "a new worker starts from zero");
+    assert!(
+        get(&addr, "/").body.starts_with("request 1 "),
+        "a new worker starts from zero"
+    );
 }
 
 #[test]
@@ -132,12 +194,21 @@ fn signals_hup_and_usr1_reload() {
     use nix::sys::signal::Signal;
     let host = Host::start(
         Host::dir_with_plugin("hello"),
-        &["--plugin", "plugin.so", "--listen", "127.0.0.1:0", "--workers", "1"],
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
     );
     let addr = host.addr("plugin");
     host.replace_plugin("hello-v2");
     host.signal(Signal::SIGHUP);
-    wait_until("SIGHUP reloaded v2", || get(&addr, "/").body.contains("hello v2"));
+    wait_until("SIGHUP reloaded v2", || {
+        get(&addr, "/").body.contains("hello v2")
+    });
     let pids = host.ready_pids("plugin");
     host.signal(Signal::SIGUSR1);
     wait_until("SIGUSR1 replaced the worker", || {

@@ -80,6 +80,9 @@ impl Master {
         slot: usize,
         version: &PluginVersion,
     ) -> Result<u32, String> {
+        if *self.stopping.borrow() {
+            return Err("the host is stopping".into());
+        }
         let svc = &self.services[service];
         let spec = worker_spec(&svc.config, slot, version, svc.listen_addrs());
         let spawned = process::spawn(&spec, &svc.listeners)
@@ -116,7 +119,14 @@ impl Master {
         match tokio::time::timeout(timeout, ready_rx).await {
             Ok(Ok(Ok(()))) => {
                 if let Some(w) = self.registry.lock().unwrap().workers.get_mut(&pid) {
-                    w.state = WorkerState::Ready;
+                    // A stop may have told it to drain while it was starting: keep that.
+                    if w.state == WorkerState::Starting {
+                        w.state = WorkerState::Ready;
+                    }
+                }
+                if *self.stopping.borrow() {
+                    self.drain_worker(pid);
+                    return Err("the host is stopping".into());
                 }
                 Ok(pid)
             }
