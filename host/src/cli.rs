@@ -38,12 +38,39 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the master in the foreground (Ctrl-C or `host stop` to stop it).
-    Start(ServiceArgs),
+    Start {
+        #[command(flatten)]
+        service: ServiceArgs,
+        /// Reload by itself when a plugin file is rebuilt (every service).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Build a plugin crate, serve it with the watcher on, and rebuild it on every source change.
+    Dev {
+        /// The plugin crate's directory.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// An address to listen on; repeat for more.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: Vec<String>,
+        /// Number of worker processes.
+        #[arg(long, default_value_t = DEFAULT_WORKERS)]
+        workers: usize,
+    },
     /// Replace the workers of the running master, one by one, with ones that load the rebuilt
     /// plugin; waits for the outcome.
     Reload {
         /// Services to reload (default: every service with reloadable = true).
         services: Vec<String>,
+    },
+    /// Go back to the previous plugin version of a service (or to `--to HASH`), with the same
+    /// rolling replacement and canary as reload.
+    Rollback {
+        /// The service (may be left out when there is only one).
+        service: Option<String>,
+        /// A kept version's hash (or its first characters), as `host status` shows it.
+        #[arg(long)]
+        to: Option<String>,
     },
     /// Show the master, its services and workers.
     Status {
@@ -119,10 +146,20 @@ pub fn main() -> ExitCode {
     let state = StateDir::new(cli.state_dir);
     match cli.command {
         Command::Worker { master_pid, .. } => crate::worker::main(master_pid),
-        Command::Start(args) => match args.config() {
-            Ok(config) => crate::master::main(config, state),
+        Command::Start { service, watch } => match service.config() {
+            Ok(mut config) => {
+                for svc in &mut config.services {
+                    svc.watch |= watch;
+                }
+                crate::master::main(config, state, None)
+            }
             Err(e) => usage_error(&e),
         },
+        Command::Dev {
+            path,
+            listen,
+            workers,
+        } => crate::dev::main(&path, listen, workers, state),
         Command::Check(args) => match args.config() {
             Ok(config) => check(config),
             Err(e) => usage_error(&e),
@@ -131,11 +168,14 @@ pub fn main() -> ExitCode {
             finish(stream(&state, &ControlRequest::Reload { services }))
         }
         Command::Stop => finish(stream(&state, &ControlRequest::Stop)),
+        Command::Rollback { service, to } => {
+            finish(stream(&state, &ControlRequest::Rollback { service, to }))
+        }
         Command::Status { json } => finish(status(&state, json)),
     }
 }
 
-fn usage_error(message: &str) -> ExitCode {
+pub(crate) fn usage_error(message: &str) -> ExitCode {
     eprintln!("host: {message}");
     ExitCode::from(EXIT_USAGE)
 }
@@ -254,6 +294,23 @@ fn render_status(r: &StatusReport) -> String {
                 ", reloadable = false"
             }
         );
+        if !s.previous.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let previous: Vec<_> = s
+                .previous
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{} (first loaded {} ago)",
+                        v.version,
+                        ago(now.saturating_sub(v.first_loaded) * 1000)
+                    )
+                })
+                .collect();
+            out += &format!("  previous versions: {}\n", previous.join(", "));
+        }
         out += &format!(
             "  {:<5} {:<8} {:<9} {:<8} {:<10} {}\n",
             "SLOT", "PID", "STATE", "VERSION", "UPTIME", "REQUESTS"

@@ -21,6 +21,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+pub const DEFAULT_KEEP_VERSIONS: usize = 5;
+pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// The config file as written.
 #[derive(Debug, Deserialize)]
@@ -46,6 +48,10 @@ pub struct RawService {
     #[serde(default, with = "humantime_serde")]
     pub idle_grace: Option<Duration>,
     pub max_body_bytes: Option<usize>,
+    pub keep_versions: Option<usize>,
+    pub watch: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub watch_debounce: Option<Duration>,
     pub config: Option<toml::Table>,
 }
 
@@ -72,6 +78,12 @@ pub struct ServiceConfig {
     /// How long a draining worker keeps an idle keep-alive connection open (see `worker::http`).
     pub idle_grace: Duration,
     pub max_body_bytes: usize,
+    /// How many versions the shadow store keeps for rollback, the live one included.
+    pub keep_versions: usize,
+    /// Reload by itself when the plugin file is rebuilt (`master::watcher`).
+    pub watch: bool,
+    /// How long the plugin file must stay quiet before the watcher looks at it.
+    pub watch_debounce: Duration,
     /// The `[service.config]` table handed to the plugin.
     pub plugin_config: toml::Table,
 }
@@ -121,6 +133,9 @@ impl Config {
             ready_timeout: None,
             idle_grace: None,
             max_body_bytes: None,
+            keep_versions: None,
+            watch: None,
+            watch_debounce: None,
             config: None,
         };
         Config::check(
@@ -198,6 +213,12 @@ impl Config {
                 Some(d) => Ok(d),
                 None => Ok(default),
             };
+            let keep_versions = s.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
+            if !(1..=100).contains(&keep_versions) {
+                return Err(ConfigError(format!(
+                    "{at}: keep_versions must be from 1 to 100, not {keep_versions}"
+                )));
+            }
             services.push(ServiceConfig {
                 drain_timeout: positive(s.drain_timeout, DEFAULT_DRAIN_TIMEOUT, "drain_timeout")?,
                 ready_timeout: positive(s.ready_timeout, DEFAULT_READY_TIMEOUT, "ready_timeout")?,
@@ -208,6 +229,9 @@ impl Config {
                 workers,
                 reloadable: s.reloadable.unwrap_or(true),
                 max_body_bytes,
+                keep_versions,
+                watch: s.watch.unwrap_or(false),
+                watch_debounce: s.watch_debounce.unwrap_or(DEFAULT_WATCH_DEBOUNCE),
                 plugin_config: s.config.unwrap_or_default(),
             });
         }

@@ -2,6 +2,7 @@
 //!
 //! - [`cli`]: command-line parsing and the client commands (`reload`, `status`, `stop`, `check`).
 //! - [`config`]: the TOML config file and the flags, checked into [`config::Config`].
+//! - [`dev`]: `host dev`, the build-serve-rebuild loop for one plugin crate.
 //! - [`state_dir`]: where a running master is found (control socket, pid file, lock).
 //! - [`shadow`]: content-addressed copies of plugin libraries, the only paths workers load.
 //! - [`protocol`]: the messages between CLI and master, and between master and workers.
@@ -13,6 +14,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dev;
 pub mod logging;
 pub mod master;
 pub mod protocol;

@@ -20,6 +20,11 @@ pub enum ControlRequest {
     Reload {
         services: Vec<String>,
     },
+    /// Roll a service back to its previous version, or to the kept one whose hash starts `to`.
+    Rollback {
+        service: Option<String>,
+        to: Option<String>,
+    },
     Stop,
 }
 
@@ -54,7 +59,18 @@ pub struct ServiceStatus {
     pub reloadable: bool,
     /// Short hash of the version new workers load.
     pub version: String,
+    /// Versions that were live before, newest first (what `host rollback` can return to).
+    pub previous: Vec<VersionInfo>,
     pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: String,
+    pub size: u64,
+    /// Seconds since the Unix epoch.
+    pub first_loaded: u64,
+    pub source: PathBuf,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -27,7 +27,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 /// Longest a test waits for anything (a build excepted).
-pub const DEADLINE: Duration = Duration::from_secs(60);
+pub const DEADLINE: Duration = Duration::from_secs(120);
 
 /// The plugins and fixtures the tests use, by the name `plugin()` takes.
 const PACKAGES: &[(&str, &str)] = &[
@@ -170,8 +170,19 @@ impl Host {
 
     /// Like `start`, but a master that exits or stays silent is an `Err` (with the host, for its log).
     pub fn try_start(dir: TempDir, args: &[&str]) -> Result<Host, (Host, String)> {
+        Host::launch("start", dir, args, &[])
+    }
+
+    /// `host <subcommand> <args>` (`start` or `dev`) in `dir`, until its ready line.
+    pub fn launch(
+        subcommand: &str,
+        dir: TempDir,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Result<Host, (Host, String)> {
         let mut cmd = Command::new(&artifacts().host);
-        cmd.arg("start")
+        cmd.envs(env.iter().copied());
+        cmd.arg(subcommand)
             .args(args)
             .arg("--state-dir")
             .arg(dir.path().join(".host"))

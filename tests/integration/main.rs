@@ -9,3 +9,4 @@ mod failures;
 mod lifecycle;
 mod plugins;
 mod reload;
+mod watch;

@@ -60,15 +60,14 @@ async fn handle(
             let report = master.status().await;
             let _ = send(&mut write, &ControlReply::Status(report)).await;
         }
-        ControlRequest::Reload { services } => {
+        ControlRequest::Reload { .. } | ControlRequest::Rollback { .. } => {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let reloading = master.clone();
             // The reload runs in its own task, so it completes even if this client disconnects.
             tokio::spawn(
                 async move {
-                    let (ok, summary) = reloading
-                        .reload(&services, &Progress(Some(tx.clone())))
-                        .await;
+                    let progress = Progress(Some(tx.clone()));
+                    let (ok, summary) = roll(&reloading, request, &progress).await;
                     let _ = tx.send(ControlReply::Done { ok, summary });
                 }
                 .in_current_span(),
@@ -93,6 +92,22 @@ async fn handle(
                 let _ = stops.send(write);
             }
         }
+    }
+}
+
+async fn roll(
+    master: &Arc<Master>,
+    request: ControlRequest,
+    progress: &Progress,
+) -> (bool, String) {
+    match request {
+        ControlRequest::Reload { services } => master.reload(&services, progress).await,
+        ControlRequest::Rollback { service, to } => {
+            master
+                .rollback(service.as_deref(), to.as_deref(), progress)
+                .await
+        }
+        ControlRequest::Status | ControlRequest::Stop => (false, "not a reload".into()),
     }
 }
 

@@ -13,6 +13,7 @@ mod control;
 mod pool;
 mod process;
 mod reload;
+mod watcher;
 
 use std::{
     collections::HashSet,
@@ -35,7 +36,7 @@ pub use self::process::{spawn as spawn_worker_process, Spawned};
 use self::{pool::Registry, reload::Progress};
 use crate::{
     config::{Config, ServiceConfig},
-    protocol::{ControlReply, ServiceStatus, StatusReport, WorkerStatus},
+    protocol::{ControlReply, ServiceStatus, StatusReport, VersionInfo, WorkerStatus},
     shadow::{PluginVersion, ShadowStore},
     state_dir::StateDir,
 };
@@ -48,10 +49,48 @@ pub struct Service {
     pub config: ServiceConfig,
     pub listeners: Vec<TcpListener>,
     /// The plugin version new workers of this service load.
-    pub current: Mutex<PluginVersion>,
+    current: Mutex<PluginVersion>,
+    /// Versions that were live before, oldest first, at most `keep_versions - 1`; their shadow
+    /// copies are kept for `host rollback`.
+    pub previous: Mutex<Vec<PluginVersion>>,
 }
 
 impl Service {
+    fn new(config: ServiceConfig, listeners: Vec<TcpListener>, version: PluginVersion) -> Service {
+        Service {
+            config,
+            listeners,
+            current: Mutex::new(version),
+            previous: Mutex::default(),
+        }
+    }
+
+    /// The version new workers load.
+    pub fn current(&self) -> PluginVersion {
+        self.current.lock().unwrap().clone()
+    }
+
+    /// Makes `version` the live one; the one it replaces heads the history.
+    pub fn went_live(&self, version: PluginVersion) {
+        let mut current = self.current.lock().unwrap();
+        if current.hash == version.hash {
+            return;
+        }
+        let mut previous = self.previous.lock().unwrap();
+        // A version that comes back (a rollback, or a rebuild to identical bytes) keeps the time
+        // it was first loaded, and moves to the end of the history.
+        let version = match previous.iter().position(|v| v.hash == version.hash) {
+            Some(i) => PluginVersion {
+                stored_at: previous.remove(i).stored_at,
+                ..version
+            },
+            None => version,
+        };
+        previous.push(std::mem::replace(&mut *current, version));
+        let excess = (previous.len() + 1).saturating_sub(self.config.keep_versions);
+        previous.drain(..excess);
+    }
+
     /// The bound addresses (with the real port when the config said port 0).
     pub fn listen_addrs(&self) -> Vec<String> {
         self.listeners
@@ -74,8 +113,11 @@ pub struct Master {
     pub reload_lock: tokio::sync::Mutex<()>,
 }
 
+/// Work that runs beside the master once it serves (`host dev`'s rebuild loop).
+pub type Sidecar = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The `host start` entry point.
-pub fn main(config: Config, state: StateDir) -> ExitCode {
+pub fn main(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
     let _lock = match state.lock_for_master() {
         Ok(lock) => lock,
         Err(e) => return fail(&e),
@@ -87,7 +129,7 @@ pub fn main(config: Config, state: StateDir) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("could not start the async runtime: {e}")),
     };
-    let code = runtime.block_on(run(config, state.clone()));
+    let code = runtime.block_on(run(config, state.clone(), sidecar));
     let _ = std::fs::remove_file(state.socket());
     code
 }
@@ -98,7 +140,7 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn run(config: Config, state: StateDir) -> ExitCode {
+async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
     let store = ShadowStore::new(state.plugins());
     let mut services = Vec::new();
     for svc in config.services {
@@ -119,11 +161,7 @@ async fn run(config: Config, state: StateDir) -> ExitCode {
             Ok(v) => v,
             Err(e) => return fail(&format!("service {}: {e}", svc.name)),
         };
-        services.push(Service {
-            config: svc,
-            listeners,
-            current: Mutex::new(version),
-        });
+        services.push(Service::new(svc, listeners, version));
     }
     let control = match UnixListener::bind(state.socket()) {
         Ok(l) => l,
@@ -160,6 +198,16 @@ async fn run(config: Config, state: StateDir) -> ExitCode {
     if let Err(e) = master.start_all().await {
         master.stop(false).await;
         return fail(&e);
+    }
+    for (i, svc) in master.services.iter().enumerate() {
+        if svc.config.watch {
+            if let Err(e) = watcher::spawn(master.clone(), i) {
+                tracing::error!(service = %svc.config.name, "{e}; reload it by hand");
+            }
+        }
+    }
+    if let Some(sidecar) = sidecar {
+        tokio::spawn(sidecar);
     }
     println!(
         "host: ready (master pid {}): {}",
@@ -199,6 +247,19 @@ async fn run(config: Config, state: StateDir) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn version_info(v: &PluginVersion) -> VersionInfo {
+    VersionInfo {
+        version: v.short().to_string(),
+        size: v.size,
+        first_loaded: v
+            .stored_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        source: v.source.clone(),
+    }
+}
+
 /// Binds a listener the way every worker will share it: no SO_REUSEPORT (with one socket per
 /// worker, connections queued on a closing worker's socket would be reset), a deep backlog.
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -217,7 +278,7 @@ impl Master {
     async fn start_all(self: &Arc<Self>) -> Result<(), String> {
         let mut starting = JoinSet::new();
         for (service, svc) in self.services.iter().enumerate() {
-            let version = svc.current.lock().unwrap().clone();
+            let version = svc.current();
             for slot in 0..svc.config.workers {
                 let (master, version) = (self.clone(), version.clone());
                 starting.spawn(async move {
@@ -322,11 +383,11 @@ impl Master {
 
     /// Removes shadow copies no live worker and no service uses any more.
     fn prune_store(&self) {
-        let mut keep: HashSet<_> = self
-            .services
-            .iter()
-            .map(|s| s.current.lock().unwrap().path.clone())
-            .collect();
+        let mut keep: HashSet<_> = HashSet::new();
+        for svc in &self.services {
+            keep.insert(svc.current().path);
+            keep.extend(svc.previous.lock().unwrap().iter().map(|v| v.path.clone()));
+        }
         keep.extend(
             self.registry
                 .lock()
@@ -374,7 +435,15 @@ impl Master {
                     listen: svc.listen_addrs(),
                     plugin: svc.config.plugin.clone(),
                     reloadable: svc.config.reloadable,
-                    version: svc.current.lock().unwrap().short().to_string(),
+                    version: svc.current().short().to_string(),
+                    previous: svc
+                        .previous
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .rev()
+                        .map(version_info)
+                        .collect(),
                     workers,
                 }
             })

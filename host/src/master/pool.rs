@@ -339,7 +339,7 @@ impl Master {
             if *self.stopping.borrow() {
                 return;
             }
-            let version = self.services[service].current.lock().unwrap().clone();
+            let version = self.services[service].current();
             match self.start_worker(service, slot, &version).await {
                 Ok(pid) => {
                     let mut reg = self.registry.lock().unwrap();

@@ -6,13 +6,17 @@
 //! canary: if it fails (not loadable, ABI mismatch, on_start error or panic, crash, ready
 //! timeout), the reload stops there and every old worker keeps serving. Reloads run one at a
 //! time; one asked for while another runs waits its turn.
+//!
+//! `host reload` rolls to the plugin file as it is now; `host rollback` rolls to a version kept
+//! in the service's history; the watcher (`master::watcher`) rolls to a rebuilt file. All three
+//! end in [`Master::replace_workers`].
 
 use std::{sync::Arc, time::Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, MutexGuard};
 
 use super::Master;
-use crate::protocol::ControlReply;
+use crate::{protocol::ControlReply, shadow::PluginVersion};
 
 /// Where progress lines go: the CLI that asked (if any), and always the master's log.
 pub struct Progress(pub Option<mpsc::UnboundedSender<ControlReply>>);
@@ -27,23 +31,25 @@ impl Progress {
 }
 
 impl Master {
-    /// Reloads the named services (every reloadable one when `names` is empty).
-    /// Returns whether all succeeded, and a one-line summary.
-    pub async fn reload(self: &Arc<Self>, names: &[String], progress: &Progress) -> (bool, String) {
-        let targets = match self.reload_targets(names) {
-            Ok(t) => t,
-            Err(e) => return (false, e),
-        };
-        let _turn = match self.reload_lock.try_lock() {
+    /// Waits for this reload's turn: reloads, rollbacks and watcher reloads run one at a time.
+    pub async fn reload_turn(&self, progress: &Progress) -> MutexGuard<'_, ()> {
+        match self.reload_lock.try_lock() {
             Ok(guard) => guard,
             Err(_) => {
                 progress.line("another reload is running; this one waits for it to finish".into());
                 self.reload_lock.lock().await
             }
-        };
-        if *self.stopping.borrow() {
-            return (false, "the host is stopping; nothing was reloaded".into());
         }
+    }
+
+    /// Reloads the named services (every reloadable one when `names` is empty) from their
+    /// plugin files. Returns whether all succeeded, and a one-line summary.
+    pub async fn reload(self: &Arc<Self>, names: &[String], progress: &Progress) -> (bool, String) {
+        let targets = match self.reload_targets(names) {
+            Ok(t) => t,
+            Err(e) => return (false, e),
+        };
+        let _turn = self.reload_turn(progress).await;
         let started = Instant::now();
         let mut failed = Vec::new();
         for (i, svc) in self.services.iter().enumerate() {
@@ -56,24 +62,81 @@ impl Master {
                 }
                 continue;
             }
-            if let Err(e) = self.reload_service(i, progress).await {
+            let name = &svc.config.name;
+            let rolled = match self.store.store(&svc.config.plugin) {
+                Ok(new) => self.replace_workers(i, new, progress).await,
+                Err(e) => Err(format!(
+                    "{name}: reload failed: {e}; still serving {}",
+                    svc.current()
+                )),
+            };
+            if let Err(e) = rolled {
                 progress.line(e);
-                failed.push(svc.config.name.clone());
+                failed.push(name.clone());
             }
         }
         self.prune_store();
-        let ms = started.elapsed().as_millis();
-        if failed.is_empty() {
-            (true, format!("reload done in {ms} ms"))
-        } else {
-            (
-                false,
-                format!(
-                    "reload failed for {} (after {ms} ms); see above",
-                    failed.join(", ")
-                ),
-            )
-        }
+        summary("reload", started, &failed)
+    }
+
+    /// Rolls a service back to its previous version, or to the kept version whose hash starts
+    /// with `to`.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        name: Option<&str>,
+        to: Option<&str>,
+        progress: &Progress,
+    ) -> (bool, String) {
+        let started = Instant::now();
+        let service = match self.rollback_target(name) {
+            Ok(s) => s,
+            Err(e) => return (false, e),
+        };
+        let _turn = self.reload_turn(progress).await;
+        let svc = &self.services[service];
+        let target = {
+            let previous = svc.previous.lock().unwrap();
+            match to {
+                Some(prefix) => previous
+                    .iter()
+                    .rev()
+                    .find(|v| v.hash.starts_with(prefix))
+                    .cloned()
+                    .ok_or_else(|| {
+                        let kept: Vec<_> = previous.iter().map(|v| v.short().to_string()).collect();
+                        format!(
+                        "{}: no kept version starts with {prefix:?}; the previous versions are: {}",
+                        svc.config.name,
+                        if kept.is_empty() { "(none)".to_string() } else { kept.join(", ") }
+                    )
+                    }),
+                None => previous.last().cloned().ok_or_else(|| {
+                    format!(
+                        "{}: there is no previous version to roll back to (only {} has been live)",
+                        svc.config.name,
+                        svc.current()
+                    )
+                }),
+            }
+        };
+        let failed = match target {
+            Ok(version) if version.hash == svc.current().hash => {
+                return (
+                    false,
+                    format!("{}: {version} is already live", svc.config.name),
+                )
+            }
+            Ok(version) => match self.replace_workers(service, version, progress).await {
+                Ok(()) => vec![],
+                Err(e) => {
+                    progress.line(e);
+                    vec![svc.config.name.clone()]
+                }
+            },
+            Err(e) => return (false, e),
+        };
+        self.prune_store();
+        summary("rollback", started, &failed)
     }
 
     fn reload_targets(&self, names: &[String]) -> Result<Vec<usize>, String> {
@@ -82,44 +145,61 @@ impl Master {
                 .filter(|&i| self.services[i].config.reloadable)
                 .collect());
         }
-        let mut targets = Vec::new();
-        for name in names {
-            match self.services.iter().position(|s| &s.config.name == name) {
-                Some(i) if self.services[i].config.reloadable => targets.push(i),
-                Some(_) => {
-                    return Err(format!(
-                        "service {name} has reloadable = false, so reload leaves it alone; \
-                         restart the host to change its code"
-                    ))
-                }
-                None => {
-                    let known: Vec<_> = self
-                        .services
-                        .iter()
-                        .map(|s| s.config.name.as_str())
-                        .collect();
-                    return Err(format!(
-                        "there is no service {name}; the services are: {}",
-                        known.join(", ")
-                    ));
-                }
-            }
-        }
-        Ok(targets)
+        names
+            .iter()
+            .map(|name| self.reloadable_service(name))
+            .collect()
     }
 
-    async fn reload_service(
+    fn rollback_target(&self, name: Option<&str>) -> Result<usize, String> {
+        match name {
+            Some(name) => self.reloadable_service(name),
+            None if self.services.len() == 1 => {
+                self.reloadable_service(&self.services[0].config.name)
+            }
+            None => Err(format!(
+                "there are several services; name the one to roll back: {}",
+                self.service_names()
+            )),
+        }
+    }
+
+    fn reloadable_service(&self, name: &str) -> Result<usize, String> {
+        match self.services.iter().position(|s| s.config.name == name) {
+            Some(i) if self.services[i].config.reloadable => Ok(i),
+            Some(_) => Err(format!(
+                "service {name} has reloadable = false, so reload leaves it alone; restart the \
+                 host to change its code"
+            )),
+            None => Err(format!(
+                "there is no service {name}; the services are: {}",
+                self.service_names()
+            )),
+        }
+    }
+
+    fn service_names(&self) -> String {
+        self.services
+            .iter()
+            .map(|s| s.config.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Replaces the service's workers, one slot at a time, with workers on `new`. The caller
+    /// holds the reload turn.
+    pub async fn replace_workers(
         self: &Arc<Self>,
         service: usize,
+        new: PluginVersion,
         progress: &Progress,
     ) -> Result<(), String> {
+        if *self.stopping.borrow() {
+            return Err("the host is stopping; nothing was reloaded".into());
+        }
         let svc = &self.services[service];
         let name = &svc.config.name;
-        let old = svc.current.lock().unwrap().clone();
-        let new = self
-            .store
-            .store(&svc.config.plugin)
-            .map_err(|e| format!("{name}: reload failed: {e}; still serving {old}"))?;
+        let old = svc.current();
         let started = Instant::now();
         let workers = svc.config.workers;
         progress.line(format!(
@@ -144,7 +224,7 @@ impl Master {
             };
             if slot == 0 {
                 // The canary passed: from now on, a crashed worker is replaced by the new version.
-                *svc.current.lock().unwrap() = new.clone();
+                svc.went_live(new.clone());
             }
             let old_pid = self
                 .registry
@@ -166,5 +246,20 @@ impl Master {
             started.elapsed().as_millis()
         ));
         Ok(())
+    }
+}
+
+fn summary(what: &str, started: Instant, failed: &[String]) -> (bool, String) {
+    let ms = started.elapsed().as_millis();
+    if failed.is_empty() {
+        (true, format!("{what} done in {ms} ms"))
+    } else {
+        (
+            false,
+            format!(
+                "{what} failed for {} (after {ms} ms); see above",
+                failed.join(", ")
+            ),
+        )
     }
 }

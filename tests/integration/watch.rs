@@ -1,0 +1,187 @@
+//! Reload on rebuild (`--watch`), version history and rollback, and the `host dev` loop.
+
+use std::fs;
+
+use crate::{
+    harness::{artifacts, copy_new_inode, output_text, wait_until, Host},
+    http::get,
+};
+
+fn watched(plugin: &str, workers: &str) -> Host {
+    Host::start(
+        Host::dir_with_plugin(plugin),
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            workers,
+            "--watch",
+        ],
+    )
+}
+
+#[test]
+fn a_rebuild_is_served_without_any_command() {
+    let host = watched("hello", "2");
+    let addr = host.addr("plugin");
+    let before = host.ready_pids("plugin");
+    host.replace_plugin("hello-v2");
+    wait_until("v2 is served", || get(&addr, "/").body.contains("hello v2"));
+    wait_until("both workers are replaced", || {
+        let now = host.ready_pids("plugin");
+        now.len() == 2 && now.iter().all(|p| !before.contains(p))
+    });
+    let logs = host.logs();
+    assert!(logs.contains("plugin plugin rebuilt ("), "{logs}");
+    assert!(logs.contains("reloading 2 workers"), "{logs}");
+}
+
+#[test]
+fn a_broken_build_is_rejected_and_the_next_good_one_goes_live() {
+    let host = watched("hello", "2");
+    let addr = host.addr("plugin");
+    let pids = host.ready_pids("plugin");
+    let path = host.dir.path().join("plugin.so");
+    let bytes = fs::read(artifacts().plugin("hello-v2")).unwrap();
+    fs::remove_file(&path).unwrap();
+    fs::write(&path, &bytes[..64 * 1024]).unwrap();
+    wait_until("the watcher rejects the build", || {
+        host.logs().contains(") rejected: ")
+    });
+    assert!(
+        get(&addr, "/").body.contains("hello v1"),
+        "the old version keeps answering"
+    );
+    assert_eq!(host.ready_pids("plugin"), pids);
+    assert!(host.logs().contains("still serving"));
+
+    host.replace_plugin("hello-v2");
+    wait_until("the good build goes live", || {
+        get(&addr, "/").body.contains("hello v2")
+    });
+}
+
+#[test]
+fn a_touch_or_an_identical_rebuild_does_not_reload() {
+    let host = watched("hello", "1");
+    let pids = host.ready_pids("plugin");
+    let path = host.dir.path().join("plugin.so");
+    // Identical bytes in a new file, as `cargo build` with nothing to do... or a touch.
+    host.replace_plugin("hello");
+    wait_until("the watcher looked", || {
+        host.logs().contains("content the same")
+    });
+    let file = fs::OpenOptions::new().append(true).open(&path).unwrap();
+    file.set_modified(std::time::SystemTime::now()).unwrap();
+    drop(file);
+    wait_until("the watcher looked again", || {
+        host.logs().matches("content the same").count() >= 2
+    });
+    assert_eq!(host.ready_pids("plugin"), pids);
+    assert!(!host.logs().contains("rebuilt ("));
+}
+
+#[test]
+fn a_burst_of_rebuilds_ends_in_one_or_two_reloads_of_the_newest() {
+    let host = watched("hello", "2");
+    let addr = host.addr("plugin");
+    let path = host.dir.path().join("plugin.so");
+    for name in ["hello-v2", "hello", "hello-v2", "hello", "hello-v2"] {
+        copy_new_inode(&artifacts().plugin(name), &path);
+    }
+    wait_until("the newest build is served", || {
+        get(&addr, "/").body.contains("hello v2")
+    });
+    let logs = host.logs();
+    let reloads = logs.matches("plugin plugin rebuilt (").count();
+    assert!((1..=2).contains(&reloads), "{reloads} reloads:\n{logs}");
+}
+
+#[test]
+fn rollback_goes_back_and_to_a_named_version() {
+    let host = watched("hello", "2");
+    let addr = host.addr("plugin");
+    let v1 = host.status()["services"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    host.replace_plugin("hello-v2");
+    wait_until("v2 is served", || get(&addr, "/").body.contains("hello v2"));
+    let status = host.status();
+    let v2 = status["services"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(status["services"][0]["previous"][0]["version"], v1.as_str());
+    assert!(output_text(&host.cli(&["status"])).contains(&format!("previous versions: {v1}")));
+
+    let out = host.cli(&["rollback"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("plugin {v2} -> {v1}")), "{text}");
+    assert_eq!(
+        text.matches(" ready in ").count(),
+        2,
+        "one line per worker:\n{text}"
+    );
+    assert!(get(&addr, "/").body.contains("hello v1"));
+
+    let out = host.cli(&["rollback", "plugin", "--to", &v2[..5]]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(get(&addr, "/").body.contains("hello v2"));
+
+    let out = host.cli(&["rollback", "--to", "0000000"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(output_text(&out).contains("no kept version starts with"));
+}
+
+#[test]
+fn dev_builds_serves_and_picks_up_a_source_edit() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let krate = dir.path().join("devhello");
+    fs::create_dir_all(krate.join("src")).unwrap();
+    fs::copy(
+        root.join("plugins/hello/src/lib.rs"),
+        krate.join("src/lib.rs"),
+    )
+    .unwrap();
+    // The workspace's lock file: the same dependency versions, no registry lookup.
+    fs::copy(root.join("Cargo.lock"), krate.join("Cargo.lock")).unwrap();
+    fs::write(
+        krate.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"devhello\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\nplugin-api = {{ path = {:?} }}\n\n\
+             [workspace]\n",
+            root.join("plugin-api")
+        ),
+    )
+    .unwrap();
+    // Share the test's target dir: the dependencies are compiled already.
+    let target_dir = artifacts().host.parent().unwrap().parent().unwrap();
+    let args = ["devhello", "--listen", "127.0.0.1:0", "--workers", "1"];
+    let host = Host::launch("dev", dir, &args, &[("CARGO_TARGET_DIR", target_dir)])
+        .unwrap_or_else(|(host, why)| panic!("host dev did not start: {why}\n{}", host.logs()));
+    let addr = host.addr("devhello");
+    assert!(get(&addr, "/").body.contains("hello v1"));
+
+    let lib = krate.join("src/lib.rs");
+    let source = fs::read_to_string(&lib).unwrap();
+    fs::write(&lib, source.replace("None => \"v1\"", "None => \"v3\"")).unwrap();
+    wait_until("the edit is served", || {
+        get(&addr, "/").body.contains("hello v3")
+    });
+
+    let broken = fs::read_to_string(&lib).unwrap() + "\nfn broken( {\n";
+    fs::write(&lib, broken).unwrap();
+    wait_until("the build fails", || host.logs().contains("build failed"));
+    assert!(
+        get(&addr, "/").body.contains("hello v3"),
+        "the running version keeps serving"
+    );
+}
