@@ -395,7 +395,7 @@ async fn check_service(svc: &crate::config::ServiceConfig) -> Result<String, Str
         },
         Ok(_) => Err(format!(
             "the worker {} before it was ready",
-            exit_text(child.wait().await)
+            crate::master::describe_exit(child.wait().await)
         )),
         Err(_) => Err(format!(
             "the plugin did not start within ready_timeout ({}); its on_start is probably blocked",
@@ -405,11 +405,4 @@ async fn check_service(svc: &crate::config::ServiceConfig) -> Result<String, Str
     let _ = child.start_kill();
     let _ = child.wait().await;
     result
-}
-
-fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
-    match status {
-        Ok(s) => format!("ended ({s})"),
-        Err(e) => format!("could not be waited for ({e})"),
-    }
 }

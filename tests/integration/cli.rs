@@ -77,17 +77,7 @@ fn client_commands_without_a_master_say_how_to_start_one() {
 
 #[test]
 fn status_table_shows_master_and_workers() {
-    let host = Host::start(
-        Host::dir_with_plugin("hello"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-        ],
-    );
+    let host = Host::serving("hello", 2, &[]);
     crate::http::get(&host.addr("plugin"), "/");
     let out = host.cli(&["status"]);
     let text = output_text(&out);

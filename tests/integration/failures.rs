@@ -142,17 +142,7 @@ fn broken_plugin_at_start_fails_the_start_clearly() {
 
 #[test]
 fn panic_in_a_handler_is_a_500_and_the_worker_keeps_serving() {
-    let host = Host::start(
-        Host::dir_with_plugin("panic"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let host = Host::serving("panic", 1, &[]);
     let addr = host.addr("plugin");
     let mut conn = Conn::new(&addr);
     let pid_before = get(&addr, "/__host/worker").body;

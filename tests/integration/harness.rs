@@ -158,6 +158,38 @@ impl Host {
         dir
     }
 
+    /// One service, `plugin`, on 127.0.0.1 port 0 with `workers` workers (plus `extra` flags),
+    /// from a fresh temp dir: the service is named `plugin` (after `plugin.so`).
+    pub fn serving(plugin: &str, workers: usize, extra: &[&str]) -> Host {
+        let workers = workers.to_string();
+        let mut args = vec![
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &workers,
+        ];
+        args.extend_from_slice(extra);
+        Host::start(Host::dir_with_plugin(plugin), &args)
+    }
+
+    /// Sends `GET /?ms=N` to a `slow` service on its own connection and returns once the handler
+    /// is running (the plugin logs "sleeping N ms"); join the handle for the response.
+    pub fn slow_request_in_flight(
+        &self,
+        ms: u64,
+    ) -> thread::JoinHandle<Result<crate::http::Resp, String>> {
+        let addr = self.addr("plugin");
+        let request =
+            thread::spawn(move || crate::http::Conn::new(&addr).get(&format!("/?ms={ms}")));
+        let marker = format!("sleeping {ms} ms");
+        wait_until("the slow request is in the handler", || {
+            self.logs().contains(&marker)
+        });
+        request
+    }
+
     /// `host start <args>` in `dir`, waiting for its ready line.
     pub fn start(dir: TempDir, args: &[&str]) -> Host {
         Host::try_start(dir, args).unwrap_or_else(|(host, why)| {

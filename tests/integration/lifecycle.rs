@@ -1,7 +1,7 @@
 //! Processes: crashed workers are replaced, a dead master leaves no worker behind, stop leaves
 //! nothing running and frees the port, one master per state directory, several services.
 
-use std::{net::TcpListener, thread};
+use std::net::TcpListener;
 
 use nix::{
     sys::signal::{kill, killpg, Signal},
@@ -10,26 +10,16 @@ use nix::{
 
 use crate::{
     harness::{alive, dir_with_config, output_text, wait_until, Host},
-    http::{get, Conn},
+    http::get,
 };
 
-fn hello(workers: &str) -> Host {
-    Host::start(
-        Host::dir_with_plugin("hello"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            workers,
-        ],
-    )
+fn hello(workers: usize) -> Host {
+    Host::serving("hello", workers, &[])
 }
 
 #[test]
 fn worker_killed_with_sigkill_is_replaced() {
-    let host = hello("2");
+    let host = hello(2);
     let pids = host.ready_pids("plugin");
     kill(Pid::from_raw(pids[0] as i32), Signal::SIGKILL).unwrap();
     wait_until("the slot is refilled", || {
@@ -42,7 +32,7 @@ fn worker_killed_with_sigkill_is_replaced() {
 
 #[test]
 fn master_killed_with_sigkill_leaves_no_worker_behind() {
-    let host = hello("3");
+    let host = hello(3);
     let pids = host.ready_pids("plugin");
     host.signal(Signal::SIGKILL);
     wait_until("every worker has exited", || {
@@ -52,7 +42,7 @@ fn master_killed_with_sigkill_leaves_no_worker_behind() {
 
 #[test]
 fn stop_drains_leaves_no_process_and_frees_the_port() {
-    let mut host = hello("2");
+    let mut host = hello(2);
     let addr = host.addr("plugin");
     let pids = host.ready_pids("plugin");
     let out = host.cli(&["stop"]);
@@ -67,22 +57,8 @@ fn stop_drains_leaves_no_process_and_frees_the_port() {
 
 #[test]
 fn sigterm_stops_gracefully_after_in_flight_requests() {
-    let mut host = Host::start(
-        Host::dir_with_plugin("slow"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
-    let addr = host.addr("plugin");
-    let slow = thread::spawn(move || Conn::new(&addr).get("/?ms=1500"));
-    wait_until("the request is in the handler", || {
-        host.logs().contains("sleeping 1500 ms")
-    });
+    let mut host = Host::serving("slow", 1, &[]);
+    let slow = host.slow_request_in_flight(1500);
     host.signal(Signal::SIGTERM);
     let resp = slow.join().unwrap().expect("the in-flight request failed");
     assert_eq!(resp.status, 200);
@@ -91,7 +67,7 @@ fn sigterm_stops_gracefully_after_in_flight_requests() {
 
 #[test]
 fn second_master_on_the_same_state_dir_is_refused() {
-    let host = hello("1");
+    let host = hello(1);
     let out = host.cli(&["start", "--plugin", "plugin.so", "--listen", "127.0.0.1:0"]);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -106,7 +82,7 @@ fn second_master_on_the_same_state_dir_is_refused() {
 
 #[test]
 fn stale_state_from_a_killed_master_does_not_block_a_new_start() {
-    let first = hello("1");
+    let first = hello(1);
     killpg(Pid::from_raw(first.pid as i32), Signal::SIGKILL).unwrap();
     wait_until("the master is gone", || !alive(first.pid));
     assert!(

@@ -1,26 +1,14 @@
 //! What plugins see and do: requests in and responses out, logging through the host, blocking
 //! handlers, body limits, and the host's own routes that a reload does not change.
 
-use std::thread;
-
 use crate::{
-    harness::{dir_with_config, wait_until, Host},
+    harness::{dir_with_config, Host},
     http::{get, Conn},
 };
 
 #[test]
 fn echo_round_trips_method_path_query_headers_body() {
-    let host = Host::start(
-        Host::dir_with_plugin("echo"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let host = Host::serving("echo", 1, &[]);
     let resp = Conn::new(&host.addr("plugin"))
         .send("POST", "/a/b?x=1", b"payload".to_vec())
         .unwrap();
@@ -56,17 +44,7 @@ fn body_over_the_limit_is_a_413() {
 
 #[test]
 fn plugin_logs_carry_service_pid_and_version() {
-    let host = Host::start(
-        Host::dir_with_plugin("hello"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let host = Host::serving("hello", 1, &[]);
     let pid = host.ready_pids("plugin")[0];
     let version = host.status()["services"][0]["version"]
         .as_str()
@@ -84,25 +62,9 @@ fn plugin_logs_carry_service_pid_and_version() {
 
 #[test]
 fn blocking_handler_does_not_stall_other_requests_on_the_worker() {
-    let host = Host::start(
-        Host::dir_with_plugin("slow"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let host = Host::serving("slow", 1, &[]);
     let addr = host.addr("plugin");
-    let slow = {
-        let addr = addr.clone();
-        thread::spawn(move || Conn::new(&addr).get("/?ms=3000"))
-    };
-    wait_until("the slow request is in the handler", || {
-        host.logs().contains("sleeping 3000 ms")
-    });
+    let slow = host.slow_request_in_flight(3000);
     for _ in 0..5 {
         assert_eq!(get(&addr, "/?ms=0").status, 200);
     }
@@ -116,17 +78,7 @@ fn blocking_handler_does_not_stall_other_requests_on_the_worker() {
 
 #[test]
 fn host_route_stays_the_same_across_a_reload_while_the_plugin_changes() {
-    let host = Host::start(
-        Host::dir_with_plugin("hello"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-        ],
-    );
+    let host = Host::serving("hello", 2, &[]);
     let addr = host.addr("plugin");
     let info_before = get(&addr, "/__host/info").body;
     let worker_before = get(&addr, "/__host/worker").body;

@@ -25,17 +25,7 @@ struct ClientStats {
 
 #[test]
 fn reload_under_keep_alive_load_fails_no_request() {
-    let host = Host::start(
-        Host::dir_with_plugin("hello"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "3",
-        ],
-    );
+    let host = Host::serving("hello", 3, &[]);
     let addr = host.addr("plugin");
     let before = host.ready_pids("plugin");
     assert_eq!(before.len(), 3);
@@ -120,26 +110,10 @@ fn reload_under_keep_alive_load_fails_no_request() {
 
 #[test]
 fn request_in_flight_across_a_reload_gets_its_full_answer() {
-    let host = Host::start(
-        Host::dir_with_plugin("slow"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let host = Host::serving("slow", 1, &[]);
     let addr = host.addr("plugin");
     let old = host.ready_pids("plugin");
-    let slow = {
-        let addr = addr.clone();
-        thread::spawn(move || Conn::new(&addr).get("/?ms=5000"))
-    };
-    wait_until("the slow request is in the handler", || {
-        host.logs().contains("sleeping 5000 ms")
-    });
+    let slow = host.slow_request_in_flight(5000);
 
     host.reload_ok();
     let new = host.ready_pids("plugin");
@@ -168,17 +142,7 @@ fn request_in_flight_across_a_reload_gets_its_full_answer() {
 
 #[test]
 fn counter_state_is_per_worker_and_lost_on_reload() {
-    let host = Host::start(
-        Host::dir_with_plugin("counter"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let host = Host::serving("counter", 1, &[]);
     let addr = host.addr("plugin");
     get(&addr, "/");
     assert!(get(&addr, "/").body.starts_with("request 2 "));
@@ -192,17 +156,7 @@ fn counter_state_is_per_worker_and_lost_on_reload() {
 #[test]
 fn signals_hup_and_usr1_reload() {
     use nix::sys::signal::Signal;
-    let host = Host::start(
-        Host::dir_with_plugin("hello"),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let host = Host::serving("hello", 1, &[]);
     let addr = host.addr("plugin");
     host.replace_plugin("hello-v2");
     host.signal(Signal::SIGHUP);

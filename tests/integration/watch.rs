@@ -7,24 +7,13 @@ use crate::{
     http::get,
 };
 
-fn watched(plugin: &str, workers: &str) -> Host {
-    Host::start(
-        Host::dir_with_plugin(plugin),
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            workers,
-            "--watch",
-        ],
-    )
+fn watched(plugin: &str, workers: usize) -> Host {
+    Host::serving(plugin, workers, &["--watch"])
 }
 
 #[test]
 fn a_rebuild_is_served_without_any_command() {
-    let host = watched("hello", "2");
+    let host = watched("hello", 2);
     let addr = host.addr("plugin");
     let before = host.ready_pids("plugin");
     host.replace_plugin("hello-v2");
@@ -40,7 +29,7 @@ fn a_rebuild_is_served_without_any_command() {
 
 #[test]
 fn a_broken_build_is_rejected_and_the_next_good_one_goes_live() {
-    let host = watched("hello", "2");
+    let host = watched("hello", 2);
     let addr = host.addr("plugin");
     let pids = host.ready_pids("plugin");
     let path = host.dir.path().join("plugin.so");
@@ -65,7 +54,7 @@ fn a_broken_build_is_rejected_and_the_next_good_one_goes_live() {
 
 #[test]
 fn a_touch_or_an_identical_rebuild_does_not_reload() {
-    let host = watched("hello", "1");
+    let host = watched("hello", 1);
     let pids = host.ready_pids("plugin");
     let path = host.dir.path().join("plugin.so");
     // Identical bytes in a new file, as `cargo build` with nothing to do... or a touch.
@@ -85,7 +74,7 @@ fn a_touch_or_an_identical_rebuild_does_not_reload() {
 
 #[test]
 fn a_burst_of_rebuilds_ends_in_one_or_two_reloads_of_the_newest() {
-    let host = watched("hello", "2");
+    let host = watched("hello", 2);
     let addr = host.addr("plugin");
     let path = host.dir.path().join("plugin.so");
     for name in ["hello-v2", "hello", "hello-v2", "hello", "hello-v2"] {
@@ -101,7 +90,7 @@ fn a_burst_of_rebuilds_ends_in_one_or_two_reloads_of_the_newest() {
 
 #[test]
 fn rollback_goes_back_and_to_a_named_version() {
-    let host = watched("hello", "2");
+    let host = watched("hello", 2);
     let addr = host.addr("plugin");
     let v1 = host.status()["services"][0]["version"]
         .as_str()

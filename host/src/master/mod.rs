@@ -31,7 +31,7 @@ use tokio::{
     task::JoinSet,
 };
 
-pub use self::pool::{worker_spec, WorkerState};
+pub use self::pool::{describe_exit, worker_spec, WorkerState};
 pub use self::process::{spawn as spawn_worker_process, Spawned};
 use self::{pool::Registry, reload::Progress};
 use crate::{

@@ -373,7 +373,8 @@ fn backoff(crashes: u32) -> Duration {
     (Duration::from_millis(100) * 2u32.pow(exp)).min(MAX_BACKOFF)
 }
 
-fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
+/// How a process ended, in words: "exited with status 1", "was killed by signal 6 (SIGABRT)".
+pub fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(s) => match (s.code(), s.signal()) {
