@@ -387,6 +387,7 @@ async fn check_service(svc: &crate::config::ServiceConfig) -> Result<String, Str
             Ok(FromWorker::Ready {
                 plugin_name,
                 plugin_crate_version,
+                ..
             }) => Ok(format!(
                 "plugin {plugin_name} {plugin_crate_version} ({version}) loads and starts"
             )),

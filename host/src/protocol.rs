@@ -121,6 +121,7 @@ pub enum FromWorker {
     Ready {
         plugin_name: String,
         plugin_crate_version: String,
+        timings: StartTimings,
     },
     /// The start failed; the worker exits after sending this.
     Failed {
@@ -129,6 +130,27 @@ pub enum FromWorker {
     Stats {
         requests: u64,
     },
+}
+
+/// When a worker passed each step of its start, in CLOCK_MONOTONIC nanoseconds: the clock is
+/// the same in every process, so the master can subtract its own spawn time.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StartTimings {
+    /// `main` was entered (exec and dynamic linking are done).
+    pub entered: u64,
+    /// The plugin library was loaded and checked.
+    pub loaded: u64,
+    /// The plugin's `on_start` returned.
+    pub started: u64,
+    /// Listeners and runtime are up; READY is being sent.
+    pub serving: u64,
+}
+
+/// Now, on the clock [`StartTimings`] uses.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// The fd a worker finds its channel to the master on.

@@ -23,7 +23,7 @@ use tokio::{
 use super::{process, Master};
 use crate::{
     config::ServiceConfig,
-    protocol::{FromWorker, ToWorker, WorkerSpec},
+    protocol::{monotonic_ns, FromWorker, ToWorker, WorkerSpec},
     shadow::PluginVersion,
 };
 
@@ -56,6 +56,9 @@ pub struct WorkerEntry {
     pub state: WorkerState,
     pub version: PluginVersion,
     pub started: Instant,
+    /// When the master spawned it, on the clock of [`StartTimings`].
+    spawned_ns: u64,
+    drain_started: Option<Instant>,
     to_worker: mpsc::UnboundedSender<ToWorker>,
     kill: Arc<Notify>,
     stats_waiters: Vec<oneshot::Sender<u64>>,
@@ -85,6 +88,7 @@ impl Master {
         }
         let svc = &self.services[service];
         let spec = worker_spec(&svc.config, slot, version, svc.listen_addrs());
+        let spawned_ns = monotonic_ns();
         let spawned = process::spawn(&spec, &svc.listeners)
             .map_err(|e| format!("could not start a worker process: {e}"))?;
         let pid = spawned.child.id().unwrap_or(0);
@@ -100,6 +104,8 @@ impl Master {
                 state: WorkerState::Starting,
                 version: version.clone(),
                 started: Instant::now(),
+                spawned_ns,
+                drain_started: None,
                 to_worker,
                 kill: kill.clone(),
                 stats_waiters: Vec::new(),
@@ -155,6 +161,7 @@ impl Master {
             return;
         }
         w.state = WorkerState::Draining;
+        w.drain_started = Some(Instant::now());
         let _ = w.to_worker.send(ToWorker::Drain);
         let (key, kill) = ((w.service, w.slot), w.kill.clone());
         let timeout = self.services[w.service].config.drain_timeout;
@@ -262,7 +269,25 @@ impl Master {
         failure: &mut Option<String>,
     ) {
         match serde_json::from_str::<FromWorker>(line) {
-            Ok(FromWorker::Ready { .. }) => {
+            Ok(FromWorker::Ready { timings: t, .. }) => {
+                let spawned = self
+                    .registry
+                    .lock()
+                    .unwrap()
+                    .workers
+                    .get(&pid)
+                    .map_or(0, |w| w.spawned_ns);
+                let ms = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e6;
+                // Where a start's time goes; `bench/` reads this line (HOST_LOG=host=debug).
+                tracing::debug!(
+                    "worker {pid} start phases (ms): exec {:.2}, plugin load {:.2}, on_start {:.2}, serve setup {:.2}, ready report {:.2}, total {:.2}",
+                    ms(spawned, t.entered),
+                    ms(t.entered, t.loaded),
+                    ms(t.loaded, t.started),
+                    ms(t.started, t.serving),
+                    ms(t.serving, monotonic_ns()),
+                    ms(spawned, monotonic_ns()),
+                );
                 if let Some(tx) = ready_tx.take() {
                     let _ = tx.send(Ok(()));
                 }
@@ -294,7 +319,7 @@ impl Master {
             let stopping = *self.stopping.borrow();
             match (w.state, held_slot, stopping) {
                 (WorkerState::Draining, _, _) => {
-                    tracing::info!(service = %self.services[w.service].config.name, "worker {pid} {exit} after draining");
+                    tracing::info!(service = %self.services[w.service].config.name, "worker {pid} {exit} after draining for {} ms", w.drain_started.map_or(0, |t| t.elapsed().as_millis()));
                     None
                 }
                 (_, true, false) => {

@@ -41,7 +41,9 @@ use tokio::{
 use tracing::Instrument;
 
 use self::plugin::Plugin;
-use crate::protocol::{FromWorker, ToWorker, WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD};
+use crate::protocol::{
+    monotonic_ns, FromWorker, StartTimings, ToWorker, WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD,
+};
 
 static WORKER_SPAN: OnceLock<tracing::Span> = OnceLock::new();
 
@@ -56,6 +58,10 @@ pub(crate) fn in_worker_span<R>(f: impl FnOnce() -> R) -> R {
 
 /// The `host worker` entry point.
 pub fn main(master_pid: u32) -> ExitCode {
+    let mut timings = StartTimings {
+        entered: monotonic_ns(),
+        ..StartTimings::default()
+    };
     // First, before anything can block: die (drain, in fact) with the master. The check after it
     // closes the race where the master died before the prctl.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
@@ -91,7 +97,7 @@ pub fn main(master_pid: u32) -> ExitCode {
 
     // The on-start hook: everything from here to READY is what a reload re-runs with new code.
     let started = Instant::now();
-    let plugin = match Plugin::load_and_start(&spec) {
+    let plugin = match Plugin::load_and_start(&spec, || timings.loaded = monotonic_ns()) {
         Ok(p) => p,
         Err(reason) => {
             tracing::error!("{reason}");
@@ -99,13 +105,10 @@ pub fn main(master_pid: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ready = FromWorker::Ready {
-        plugin_name: plugin.name().to_string(),
-        plugin_crate_version: plugin.crate_version().to_string(),
-    };
+    timings.started = monotonic_ns();
     if spec.check_only {
         plugin.stop();
-        send(&mut channel, &ready);
+        send(&mut channel, &ready(&plugin, timings));
         return ExitCode::SUCCESS;
     }
     tracing::debug!(
@@ -126,17 +129,25 @@ pub fn main(master_pid: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(serve(spec, plugin, channel, ready).instrument(span.clone()));
+    let code = runtime.block_on(serve(spec, plugin, channel, timings).instrument(span.clone()));
     // Do not wait for blocking threads a stuck handler may still hold past the drain.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
+}
+
+fn ready(plugin: &Plugin, timings: StartTimings) -> FromWorker {
+    FromWorker::Ready {
+        plugin_name: plugin.name().to_string(),
+        plugin_crate_version: plugin.crate_version().to_string(),
+        timings,
+    }
 }
 
 async fn serve(
     spec: WorkerSpec,
     plugin: Plugin,
     channel: StdUnixStream,
-    ready: FromWorker,
+    mut timings: StartTimings,
 ) -> ExitCode {
     let drain_timeout = Duration::from_millis(spec.drain_timeout_ms);
     let listeners = match inherited_listeners(&spec) {
@@ -171,7 +182,11 @@ async fn serve(
         Ok(c) => c,
         Err(_) => return ExitCode::FAILURE,
     };
-    if write_message(&mut channel, &ready).await.is_err() {
+    timings.serving = monotonic_ns();
+    if write_message(&mut channel, &ready(&plugin, timings))
+        .await
+        .is_err()
+    {
         return ExitCode::FAILURE;
     }
     tracing::info!(

@@ -25,13 +25,15 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    /// Loads the shadow copy named in `spec` and calls the plugin's `on_start`.
-    pub fn load_and_start(spec: &WorkerSpec) -> Result<Plugin, String> {
+    /// Loads the shadow copy named in `spec` and calls the plugin's `on_start`; `loaded` runs
+    /// between the two (for the start-up timings).
+    pub fn load_and_start(spec: &WorkerSpec, loaded: impl FnOnce()) -> Result<Plugin, String> {
         let header = lib_header_from_path(&spec.plugin_path).map_err(|e| explain(e, spec))?;
         let module = header
             .init_root_module::<PluginModRef>()
             .map_err(|e| explain(e, spec))?;
         let plugin = Plugin { module };
+        loaded();
         let ctx = FfiContext {
             service: spec.service.as_str().into(),
             worker_id: spec.slot as u32,
