@@ -1,6 +1,11 @@
 //! Shared parts of the benchmarks: release builds of the host and plugins, a master started in
 //! its own process group (killed as a group when dropped), and timing summaries.
 
+pub mod chart;
+pub mod nginx;
+pub mod procs;
+pub mod wrk;
+
 use std::{
     fs,
     io::{BufRead, BufReader},
@@ -28,6 +33,7 @@ pub fn root() -> PathBuf {
 /// Release builds: `host`, and `hello` as v1 and v2, copied to `target/bench-plugins`.
 pub struct Build {
     pub host: PathBuf,
+    pub baseline: PathBuf,
     pub hello_v1: PathBuf,
     pub hello_v2: PathBuf,
 }
@@ -37,7 +43,21 @@ pub fn build() -> Build {
     let release = root.join("target/release");
     let out = root.join("target/bench-plugins");
     fs::create_dir_all(&out).unwrap();
-    cargo(&["build", "--release", "-p", "host", "-p", "hello"], None);
+    cargo(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "host",
+            "-p",
+            "hello",
+            "-p",
+            "bench",
+            "--bin",
+            "baseline",
+        ],
+        None,
+    );
     let hello_v1 = out.join("hello-v1.so");
     replace(&release.join("libhello.so"), &hello_v1);
     cargo(&["build", "--release", "-p", "hello"], Some("v2"));
@@ -46,6 +66,7 @@ pub fn build() -> Build {
     cargo(&["build", "--release", "-p", "hello"], None);
     Build {
         host: release.join("host"),
+        baseline: release.join("baseline"),
         hello_v1,
         hello_v2,
     }
@@ -79,6 +100,11 @@ pub struct Master {
 impl Master {
     /// `host start <args>` in a new temp dir holding `plugin.so` (a copy of `plugin`).
     pub fn start(host: &Path, plugin: &Path, args: &[&str]) -> Master {
+        Master::start_logging(host, plugin, args, "warn")
+    }
+
+    /// Like `start`, with `HOST_LOG=log` and the master's log (stderr) in `<dir>/host.log`.
+    pub fn start_logging(host: &Path, plugin: &Path, args: &[&str], log: &str) -> Master {
         let dir = tempfile::tempdir().unwrap();
         replace(plugin, &dir.path().join("plugin.so"));
         let mut child = Command::new(host)
@@ -87,8 +113,9 @@ impl Master {
             .arg("--state-dir")
             .arg(dir.path().join(".host"))
             .current_dir(dir.path())
-            .env("HOST_LOG", "warn")
+            .env("HOST_LOG", log)
             .stdout(Stdio::piped())
+            .stderr(fs::File::create(dir.path().join("host.log")).unwrap())
             .process_group(0)
             .spawn()
             .unwrap();
@@ -129,6 +156,15 @@ impl Master {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("host.log")).unwrap_or_default()
+    }
+
+    /// Pids of the master and its workers.
+    pub fn pids(&self) -> Vec<u32> {
+        procs::tree(self.pid)
     }
 
     pub fn plugin_path(&self) -> PathBuf {

@@ -1,7 +1,8 @@
 //! The FFI-safe types that cross the library boundary, and the root module a plugin exports.
 //!
 //! Append-only: new fields go at the end of [`PluginMod`] (a prefix type, so older plugins keep
-//! loading and a missing field is detected at run time). Every other type here is checked
+//! loading), each with `#[sabi(missing_field(option))]`, so that its accessor gives `None` for a
+//! plugin built before the field existed. Every other type here is checked
 //! field by field by abi_stable when a plugin is loaded; changing one means plugins must be
 //! rebuilt, and the host says so in its load error.
 
@@ -92,6 +93,10 @@ pub struct PluginMod {
     /// Tells the plugin that the worker stops.
     #[sabi(last_prefix_field)]
     pub stop: extern "C" fn(),
+    /// [`crate::Plugin::BLOCKING`]. Added after the prefix: a plugin built before it existed
+    /// reads as `None`, which the host treats as `true`.
+    #[sabi(missing_field(option))]
+    pub blocking: bool,
 }
 
 impl RootModule for PluginModRef {

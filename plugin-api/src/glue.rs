@@ -44,6 +44,7 @@ pub fn root_module<P: Plugin>(name: &'static str, version: &'static str) -> Plug
         start: start::<P>,
         handle,
         stop,
+        blocking: P::BLOCKING,
     }
     .leak_into_prefix()
 }

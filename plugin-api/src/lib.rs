@@ -61,8 +61,16 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// keep serving.
     fn on_start(ctx: &Context) -> Result<Self, Error>;
 
-    /// Handles one request. It may block (the host calls it on a blocking thread pool), but a
-    /// blocked call holds one thread of the worker while it lasts.
+    /// Whether `handle` may block: wait on I/O, sleep, take a contended lock, or compute for
+    /// long. `true` (the default): the host calls it on a blocking thread pool, so a blocked
+    /// call holds one pool thread and the worker's other requests go on. `false`: the host
+    /// calls it directly on its async threads, which saves a thread handoff per request (on the
+    /// benchmark machine, two thirds of the host's CPU time per request; see docs/benchmarks.md),
+    /// but a call that does block stalls other requests of the worker while it lasts. Declare
+    /// `false` only for handlers that compute a response from the request and memory alone.
+    const BLOCKING: bool = true;
+
+    /// Handles one request, from several threads at once; see [`Plugin::BLOCKING`] for which.
     fn handle(&self, req: &Request) -> Response;
 
     /// Called once when the worker stops, after the last in-flight request finished.
@@ -140,6 +148,41 @@ pub mod __private {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    struct Inline;
+    impl Plugin for Inline {
+        const BLOCKING: bool = false;
+        fn on_start(_: &Context) -> Result<Self, Error> {
+            Ok(Inline)
+        }
+        fn handle(&self, _: &Request) -> Response {
+            Response::new(204)
+        }
+    }
+
+    struct MayBlock;
+    impl Plugin for MayBlock {
+        fn on_start(_: &Context) -> Result<Self, Error> {
+            Ok(MayBlock)
+        }
+        fn handle(&self, _: &Request) -> Response {
+            Response::new(204)
+        }
+    }
+
+    #[test]
+    fn root_module_carries_the_blocking_declaration() {
+        let inline = glue::root_module::<Inline>("inline", "0.0.0");
+        assert_eq!(inline.blocking(), Some(false));
+        let may_block = glue::root_module::<MayBlock>("may-block", "0.0.0");
+        assert_eq!(
+            may_block.blocking(),
+            Some(true),
+            "handlers may block unless they say so"
+        );
+    }
+
     #[test]
     fn export_name_matches_abi_stable() {
         assert_eq!(

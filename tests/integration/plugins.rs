@@ -64,6 +64,12 @@ fn plugin_logs_carry_service_pid_and_version() {
 fn blocking_handler_does_not_stall_other_requests_on_the_worker() {
     let host = Host::serving("slow", 1, &[]);
     let addr = host.addr("plugin");
+    let worker: serde_json::Value =
+        serde_json::from_str(&get(&addr, "/__host/worker").body).unwrap();
+    assert_eq!(
+        worker["blocking_handlers"], true,
+        "slow keeps the default: BLOCKING = true"
+    );
     let slow = host.slow_request_in_flight(3000);
     for _ in 0..5 {
         assert_eq!(get(&addr, "/?ms=0").status, 200);
@@ -100,5 +106,9 @@ fn host_route_stays_the_same_across_a_reload_while_the_plugin_changes() {
     assert_ne!(
         worker_after["plugin_version"],
         worker_before["plugin_version"]
+    );
+    assert_eq!(
+        worker_after["blocking_handlers"], false,
+        "hello declares BLOCKING = false"
     );
 }

@@ -14,7 +14,7 @@
 use std::{
     convert::Infallible,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -32,7 +32,7 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use super::plugin::Plugin;
+use super::{in_worker_span, plugin::Plugin};
 use crate::protocol::WorkerSpec;
 
 type Response = hyper::Response<Full<Bytes>>;
@@ -47,6 +47,8 @@ pub struct Shared {
     pub requests: AtomicU64,
     pub draining: watch::Sender<bool>,
     pub started: Instant,
+    /// The slow-inline-call warning was logged (see `call_plugin`).
+    pub warned_inline: AtomicBool,
 }
 
 /// Serves until the worker drains and its last connection has closed.
@@ -73,7 +75,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sen
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, shared.clone(), done.clone()).in_current_span());
+                    // Not instrumented with the worker span: entering a span on every poll of
+                    // every connection costs ~1 µs per request; the few lines logged from a
+                    // connection enter it themselves (`in_worker_span`).
+                    tokio::spawn(connection(stream, shared.clone(), done.clone()));
                 }
                 // Out of fds or a connection reset before accept: log, pause, go on.
                 Err(e) => {
@@ -176,7 +181,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _done: mpsc::Sender<
 
 fn log_conn_end(res: Result<(), hyper::Error>) {
     if let Err(e) = res {
-        tracing::debug!("connection ended: {e}");
+        in_worker_span(|| tracing::debug!("connection ended: {e}"));
     }
 }
 
@@ -220,25 +225,56 @@ async fn respond(req: hyper::Request<Incoming>, shared: &Shared) -> Response {
             .collect(),
         body: body.to_vec().into(),
     };
-    let plugin = shared.plugin;
-    // Handlers are synchronous and may block for seconds: run them on the blocking pool so that
-    // the worker's other connections keep being served.
-    let span = tracing::Span::current();
-    let result =
-        tokio::task::spawn_blocking(move || span.in_scope(|| plugin.handle(&request))).await;
+    let result = call_plugin(shared, request, &parts).await;
     let failure = match result {
-        Ok(Ok(response)) => match into_hyper(response) {
+        Ok(response) => match into_hyper(response) {
             Ok(response) => return response,
             Err(e) => format!("the plugin returned an invalid response: {e}"),
         },
-        Ok(Err(panic)) => panic,
-        Err(join) => format!("the handler thread failed: {join}"),
+        Err(e) => e,
     };
-    tracing::error!("{} {} -> 500: {failure}", parts.method, parts.uri.path());
+    in_worker_span(|| tracing::error!("{} {} -> 500: {failure}", parts.method, parts.uri.path()));
     text(
         StatusCode::INTERNAL_SERVER_ERROR,
         "the plugin failed on this request; the host's log has the details\n",
     )
+}
+
+/// An inline call that takes longer than this is reported: the plugin said it never blocks.
+const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
+
+/// Calls the handler where the plugin says it belongs. A handler that may block runs on the
+/// blocking pool, so the worker's other connections keep being served; one that never blocks
+/// runs right here, on the async thread, which saves the handoff to the pool and back (about
+/// two thirds of the host's CPU time per request for a small handler: docs/benchmarks.md).
+async fn call_plugin(
+    shared: &Shared,
+    request: FfiRequest,
+    parts: &http::request::Parts,
+) -> Result<FfiResponse, String> {
+    let plugin = shared.plugin;
+    if plugin.blocking() {
+        return tokio::task::spawn_blocking(move || in_worker_span(|| plugin.handle(&request)))
+            .await
+            .unwrap_or_else(|join| Err(format!("the handler thread failed: {join}")));
+    }
+    let started = Instant::now();
+    let result = plugin.handle(&request);
+    let took = started.elapsed();
+    if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
+        in_worker_span(|| {
+            tracing::warn!(
+            "{} {} took {} ms in plugin {}, which declares BLOCKING = false, so it held one of \
+             the worker's async threads (and other requests) for that long. If its handler can \
+             block, remove `const BLOCKING: bool = false` from the plugin. (Said once per worker.)",
+            parts.method,
+            parts.uri.path(),
+            took.as_millis(),
+            plugin.name()
+        )
+        });
+    }
+    result
 }
 
 fn into_hyper(ffi: FfiResponse) -> Result<Response, String> {
@@ -279,6 +315,7 @@ fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
             "plugin": shared.plugin.name(),
             "plugin_crate_version": shared.plugin.crate_version(),
             "plugin_version": shared.spec.plugin_version,
+            "blocking_handlers": shared.plugin.blocking(),
             "uptime_ms": shared.started.elapsed().as_millis() as u64,
             "requests": shared.requests.load(Ordering::Relaxed),
         }),

@@ -10,7 +10,7 @@
 //! it into an orderly drain of every worker.
 
 mod http;
-mod plugin;
+pub mod plugin;
 
 use std::{
     io::{Read, Write},
@@ -20,7 +20,10 @@ use std::{
         unix::net::UnixStream as StdUnixStream,
     },
     process::ExitCode,
-    sync::{atomic::AtomicU64, Arc, OnceLock},
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Arc, OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -165,6 +168,7 @@ async fn serve(
         requests: AtomicU64::new(0),
         draining,
         started: Instant::now(),
+        warned_inline: AtomicBool::new(false),
     });
     let server = tokio::spawn(http::serve(listeners, shared.clone()).in_current_span());
 

@@ -1,4 +1,5 @@
 //! Loading a plugin library inside a worker, and turning abi_stable's load errors into advice.
+//! Public for `bench/`, which measures the boundary with it.
 //!
 //! Loading goes through `lib_header_from_path(..).init_root_module()`, not
 //! `RootModule::load_from_file`, because the latter caches one module per type per process.
@@ -65,6 +66,12 @@ impl Plugin {
     /// The plugin crate's version (from its Cargo.toml).
     pub fn crate_version(&self) -> &'static str {
         self.module.version().as_str()
+    }
+
+    /// Whether the handler may block ([`plugin_api::Plugin::BLOCKING`]); plugins built before
+    /// the field existed may block.
+    pub fn blocking(&self) -> bool {
+        self.module.blocking().unwrap_or(true)
     }
 
     /// Calls the plugin's handler; `Err` carries a panic message.

@@ -13,6 +13,9 @@ pub struct Counter {
 }
 
 impl Plugin for Counter {
+    // Computes its answer from the request and memory alone: the host may call it inline.
+    const BLOCKING: bool = false;
+
     fn on_start(ctx: &Context) -> Result<Self, plugin_api::Error> {
         Ok(Counter {
             count: AtomicU64::new(0),

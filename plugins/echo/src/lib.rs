@@ -8,6 +8,9 @@ use serde_json::{json, Map, Value};
 pub struct Echo;
 
 impl Plugin for Echo {
+    // Computes its answer from the request and memory alone: the host may call it inline.
+    const BLOCKING: bool = false;
+
     fn on_start(_ctx: &Context) -> Result<Self, plugin_api::Error> {
         Ok(Echo)
     }

@@ -18,6 +18,9 @@ pub struct Hello {
 }
 
 impl Plugin for Hello {
+    // Computes its answer from the request and memory alone: the host may call it inline.
+    const BLOCKING: bool = false;
+
     fn on_start(ctx: &Context) -> Result<Self, plugin_api::Error> {
         let greeting = ctx.config("greeting").unwrap_or("Hello").to_string();
         plugin_api::info!("hello {VERSION} started as worker {}", ctx.worker_id());

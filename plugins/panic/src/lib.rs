@@ -7,6 +7,9 @@ use plugin_api::{Context, Plugin, Request, Response};
 pub struct Panicky;
 
 impl Plugin for Panicky {
+    // Computes its answer from the request and memory alone: the host may call it inline.
+    const BLOCKING: bool = false;
+
     fn on_start(_ctx: &Context) -> Result<Self, plugin_api::Error> {
         Ok(Panicky)
     }
