@@ -100,7 +100,7 @@ pub struct Master {
 impl Master {
     /// `host start <args>` in a new temp dir holding `plugin.so` (a copy of `plugin`).
     pub fn start(host: &Path, plugin: &Path, args: &[&str]) -> Master {
-        Master::start_logging(host, plugin, args, "warn")
+        Master::start_logging(host, plugin, args, "info")
     }
 
     /// Like `start`, with `HOST_LOG=log` and the master's log (stderr) in `<dir>/host.log`.

@@ -141,7 +141,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Figure 1 (throughput, latency, CPU per request) and figure 4 (memory).
 fn steady(b: &Build) {
-    let host = start_host(b, "warn");
+    let host = start_host(b, "info");
     let baseline = Baseline::start(b);
     let host_url = format!("http://{}/", host.addr());
     let base_url = format!("http://{}/", baseline.addr);
@@ -248,7 +248,7 @@ fn reload_under_load(b: &Build) {
     let script = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(script.path(), wrk::BUCKET_SCRIPT).unwrap();
 
-    let host = start_host(b, "warn");
+    let host = start_host(b, "info");
     let url = format!("http://{}/", host.addr());
     wrk::run(&url, CONNS, 2, None);
     let (host_calm, _) = under_load(&url, script.path(), false, |_| {});
