@@ -26,7 +26,7 @@ const WORKERS: usize = 2;
 /// wrk's keep-alive connections.
 const CONNS: u32 = 32;
 const STEADY_SECONDS: u32 = 10;
-const STEADY_ROUNDS: usize = 3;
+const STEADY_ROUNDS: usize = 5;
 const RELOAD_RUN_SECONDS: u32 = 30;
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
