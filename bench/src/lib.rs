@@ -98,13 +98,30 @@ pub struct Master {
 }
 
 impl Master {
-    /// `host start <args>` in a new temp dir holding `plugin.so` (a copy of `plugin`).
-    pub fn start(host: &Path, plugin: &Path, args: &[&str]) -> Master {
-        Master::start_logging(host, plugin, args, "info")
+    /// One service of `plugin` with `workers` workers on 127.0.0.1 (port 0), plus `extra`
+    /// flags, with `HOST_LOG=log`; the master's log (stderr) goes to `<dir>/host.log`.
+    pub fn serving(
+        host: &Path,
+        plugin: &Path,
+        workers: usize,
+        extra: &[&str],
+        log: &str,
+    ) -> Master {
+        let workers = workers.to_string();
+        let mut args = vec![
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &workers,
+        ];
+        args.extend_from_slice(extra);
+        Master::start(host, plugin, &args, log)
     }
 
-    /// Like `start`, with `HOST_LOG=log` and the master's log (stderr) in `<dir>/host.log`.
-    pub fn start_logging(host: &Path, plugin: &Path, args: &[&str], log: &str) -> Master {
+    /// `host start <args>` in a new temp dir holding `plugin.so` (a copy of `plugin`).
+    pub fn start(host: &Path, plugin: &Path, args: &[&str], log: &str) -> Master {
         let dir = tempfile::tempdir().unwrap();
         replace(plugin, &dir.path().join("plugin.so"));
         let mut child = Command::new(host)

@@ -18,16 +18,8 @@ fn main() {
         .map(|n| n.parse().expect("ROUNDS must be a number"))
         .unwrap_or(20);
     let b = build();
-    let args = [
-        "--plugin",
-        "plugin.so",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "4",
-    ];
-    let watched = Master::start(&b.host, &b.hello_v1, &[&args[..], &["--watch"]].concat());
-    let manual = Master::start(&b.host, &b.hello_v1, &args);
+    let watched = Master::serving(&b.host, &b.hello_v1, 4, &["--watch"], "info");
+    let manual = Master::serving(&b.host, &b.hello_v1, 4, &[], "info");
     let agent = ureq::AgentBuilder::new().max_idle_connections(0).build();
 
     let (mut watch_first, mut watch_all, mut manual_first, mut manual_all) =

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use bench::{build, chart, nginx::Nginx, procs, replace, root, wrk, Build, Master};
+use bench::{build, chart, nginx::Nginx, procs, replace, root, summary, wrk, Build, Master};
 use nix::{
     sys::signal::{killpg, Signal},
     unistd::Pid,
@@ -89,25 +89,6 @@ impl Drop for Baseline {
     }
 }
 
-fn host_args() -> Vec<String> {
-    [
-        "--plugin",
-        "plugin.so",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        &WORKERS.to_string(),
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-fn start_host(b: &Build, log: &str) -> Master {
-    let args = host_args();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Master::start_logging(&b.host, &b.hello_v1, &args, log)
-}
-
 /// One measured steady run: wrk's report, server CPU seconds, and RSS (MiB) per process
 /// sampled half-way through.
 struct Steady {
@@ -135,13 +116,12 @@ fn measure(url: &str, pids: &[u32]) -> Steady {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    summary(&mut v).0
 }
 
 /// Figure 1 (throughput, latency, CPU per request) and figure 4 (memory).
 fn steady(b: &Build) {
-    let host = start_host(b, "info");
+    let host = Master::serving(&b.host, &b.hello_v1, WORKERS, &[], "info");
     let baseline = Baseline::start(b);
     let host_url = format!("http://{}/", host.addr());
     let base_url = format!("http://{}/", baseline.addr);
@@ -248,7 +228,7 @@ fn reload_under_load(b: &Build) {
     let script = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(script.path(), wrk::BUCKET_SCRIPT).unwrap();
 
-    let host = start_host(b, "info");
+    let host = Master::serving(&b.host, &b.hello_v1, WORKERS, &[], "info");
     let url = format!("http://{}/", host.addr());
     wrk::run(&url, CONNS, 2, None);
     let (host_calm, _) = under_load(&url, script.path(), false, |_| {});
@@ -369,15 +349,7 @@ fn reload_time(b: &Build) {
     println!("| workers | `host reload` p50 (ms) | exec | plugin load | on_start | serve setup | READY report | start total | drain |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for workers in [1usize, 2, 4, 8] {
-        let args = [
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &workers.to_string(),
-        ];
-        let host = Master::start_logging(&b.host, &b.hello_v1, &args, "host=debug");
+        let host = Master::serving(&b.host, &b.hello_v1, workers, &[], "host=debug");
         let mut walls = Vec::new();
         for n in 0..5 {
             replace(
