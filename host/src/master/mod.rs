@@ -134,8 +134,8 @@ pub fn main(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCo
     code
 }
 
+/// Prints why the master cannot run, once, with the program's name (as the CLI's errors are).
 fn fail(message: &str) -> ExitCode {
-    tracing::error!("{message}");
     eprintln!("host: {message}");
     ExitCode::FAILURE
 }
