@@ -5,9 +5,12 @@
 //! master copies the plugin into `<state>/plugins/<name>-<hash>.so` (written to a temp file, then
 //! renamed, so a reader sees all of it or nothing) and workers load that copy. The same content
 //! always gets the same name, which is also the plugin's version as `host status` shows it.
+//!
+//! `history.json` beside the copies remembers, per service, the versions that were live before
+//! (oldest first), so that `host rollback` still has somewhere to go after a master restart.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fmt, fs,
     io::{self, Write},
     os::unix::fs::PermissionsExt,
@@ -15,10 +18,11 @@ use std::{
     time::SystemTime,
 };
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// One stored version of a plugin.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginVersion {
     /// The full SHA-256 of the library, in hex.
     pub hash: String,
@@ -93,7 +97,39 @@ impl ShadowStore {
         Ok(())
     }
 
-    /// Removes every stored library not in `keep`. A worker that still has a removed file mapped
+    fn history_file(&self) -> PathBuf {
+        self.dir.join("history.json")
+    }
+
+    /// The previous versions of each service, as last saved; entries whose copy is gone are
+    /// dropped. A missing or unreadable file is an empty history (it is a convenience, not
+    /// state the host needs to run).
+    pub fn load_history(&self) -> HashMap<String, Vec<PluginVersion>> {
+        let Ok(text) = fs::read_to_string(self.history_file()) else {
+            return HashMap::new();
+        };
+        let mut history: HashMap<String, Vec<PluginVersion>> = match serde_json::from_str(&text) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("ignoring unreadable {}: {e}", self.history_file().display());
+                return HashMap::new();
+            }
+        };
+        for versions in history.values_mut() {
+            versions.retain(|v| v.path.exists());
+        }
+        history
+    }
+
+    /// Saves the previous versions of each service (temp file, then rename).
+    pub fn save_history(&self, history: &HashMap<String, Vec<PluginVersion>>) {
+        let json = serde_json::to_vec_pretty(history).expect("versions serialize");
+        if let Err(e) = self.write_atomically(&self.history_file(), &json) {
+            tracing::warn!("could not save {}: {e}", self.history_file().display());
+        }
+    }
+
+    /// Removes every stored library not in `keep` (the history file stays). A worker that still has a removed file mapped
     /// keeps running: unlinking does not touch the mapping.
     pub fn prune(&self, keep: &HashSet<PathBuf>) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
@@ -101,7 +137,7 @@ impl ShadowStore {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            if !keep.contains(&path) {
+            if !keep.contains(&path) && path != self.history_file() {
                 if let Err(e) = fs::remove_file(&path) {
                     tracing::warn!("could not remove old plugin copy {}: {e}", path.display());
                 }
@@ -132,6 +168,27 @@ mod tests {
         assert_eq!(fs::read(&a.path).unwrap(), b"one");
         store.prune(&HashSet::from([b.path.clone()]));
         assert!(!a.path.exists() && b.path.exists());
+    }
+
+    #[test]
+    fn history_survives_and_forgets_pruned_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShadowStore::new(dir.path().join("store"));
+        let src = dir.path().join("libp.so");
+        fs::write(&src, b"one").unwrap();
+        let one = store.store(&src).unwrap();
+        fs::write(&src, b"two").unwrap();
+        let two = store.store(&src).unwrap();
+        store.save_history(&HashMap::from([(
+            "svc".to_string(),
+            vec![one.clone(), two.clone()],
+        )]));
+        store.prune(&HashSet::from([two.path.clone()]));
+        assert_eq!(
+            store.load_history()["svc"],
+            vec![two],
+            "the pruned copy left the history"
+        );
     }
 
     #[test]

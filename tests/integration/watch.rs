@@ -174,3 +174,38 @@ fn dev_builds_serves_and_picks_up_a_source_edit() {
         "the running version keeps serving"
     );
 }
+
+#[test]
+fn the_version_history_survives_a_master_restart() {
+    let mut host = Host::serving("hello", 1, &[]);
+    let v1 = host.status()["services"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    host.replace_plugin("hello-v2");
+    host.reload_ok();
+    assert!(host.cli(&["stop"]).status.success());
+    assert!(host.wait_exit());
+
+    let dir = host.into_dir();
+    let host = Host::start(
+        dir,
+        &[
+            "--plugin",
+            "plugin.so",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+        ],
+    );
+    let addr = host.addr("plugin");
+    assert!(get(&addr, "/").body.contains("hello v2"));
+    assert_eq!(
+        host.status()["services"][0]["previous"][0]["version"],
+        v1.as_str()
+    );
+    let out = host.cli(&["rollback"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(get(&addr, "/").body.contains("hello v1"));
+}

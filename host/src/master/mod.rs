@@ -56,12 +56,21 @@ pub struct Service {
 }
 
 impl Service {
-    fn new(config: ServiceConfig, listeners: Vec<TcpListener>, version: PluginVersion) -> Service {
+    /// A service serving `version`, with the `previous` versions a saved history remembers.
+    fn new(
+        config: ServiceConfig,
+        listeners: Vec<TcpListener>,
+        version: PluginVersion,
+        mut previous: Vec<PluginVersion>,
+    ) -> Service {
+        previous.retain(|v| v.hash != version.hash);
+        let excess = (previous.len() + 1).saturating_sub(config.keep_versions);
+        previous.drain(..excess);
         Service {
             config,
             listeners,
             current: Mutex::new(version),
-            previous: Mutex::default(),
+            previous: Mutex::new(previous),
         }
     }
 
@@ -142,6 +151,7 @@ fn fail(message: &str) -> ExitCode {
 
 async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
     let store = ShadowStore::new(state.plugins());
+    let mut history = store.load_history();
     let mut services = Vec::new();
     for svc in config.services {
         let mut listeners = Vec::new();
@@ -161,7 +171,8 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
             Ok(v) => v,
             Err(e) => return fail(&format!("service {}: {e}", svc.name)),
         };
-        services.push(Service::new(svc, listeners, version));
+        let previous = history.remove(&svc.name).unwrap_or_default();
+        services.push(Service::new(svc, listeners, version, previous));
     }
     let control = match UnixListener::bind(state.socket()) {
         Ok(l) => l,
@@ -379,6 +390,16 @@ impl Master {
         for pid in pids {
             self.kill_worker(pid);
         }
+    }
+
+    /// Writes every service's previous versions to the store's history file.
+    fn save_history(&self) {
+        let history = self
+            .services
+            .iter()
+            .map(|s| (s.config.name.clone(), s.previous.lock().unwrap().clone()))
+            .collect();
+        self.store.save_history(&history);
     }
 
     /// Removes shadow copies no live worker and no service uses any more.

@@ -225,6 +225,7 @@ impl Master {
             if slot == 0 {
                 // The canary passed: from now on, a crashed worker is replaced by the new version.
                 svc.went_live(new.clone());
+                self.save_history();
             }
             let old_pid = self
                 .registry
