@@ -185,3 +185,38 @@ fn missing_plugin_file_fails_the_reload_and_keeps_serving() {
     );
     assert!(get(&host.addr("web"), "/").body.contains("hello v1"));
 }
+
+#[test]
+fn a_reload_asked_for_during_another_waits_its_turn() {
+    let host = Host::start(
+        dir_with_config(CONFIG, &[("plugin.so", "hello")]),
+        &["--config", "host.toml"],
+    );
+    let addr = host.addr("web");
+    // The first reload hangs on its canary until the 2 s ready timeout.
+    host.replace_plugin("start-hang");
+    let state_dir = host.state_dir();
+    let first = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new(&artifacts().host);
+        cmd.args(["reload", "--state-dir"]).arg(state_dir);
+        crate::harness::run(cmd)
+    });
+    crate::harness::wait_until("the first reload runs", || {
+        host.logs().contains("reloading 2 workers")
+    });
+    // It has read the plugin file already; the second reload will read this one.
+    host.replace_plugin("hello-v2");
+    let second = host.cli(&["reload"]);
+    let first = first.join().unwrap();
+    let (first, second) = (output_text(&first), output_text(&second));
+    assert!(
+        first.contains("did not report ready within the ready timeout"),
+        "{first}"
+    );
+    assert!(
+        second.contains("another reload is running; this one waits for it to finish"),
+        "{second}"
+    );
+    assert!(second.contains("reload done"), "{second}");
+    assert!(get(&addr, "/").body.contains("hello v2"));
+}

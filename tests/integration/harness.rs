@@ -42,6 +42,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("start-crash", "fixture_start_crash"),
     ("old-api", "fixture_old_api"),
     ("not-a-plugin", "fixture_not_a_plugin"),
+    ("inline-sleep", "fixture_inline_sleep"),
 ];
 
 pub struct Artifacts {

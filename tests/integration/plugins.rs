@@ -112,3 +112,19 @@ fn host_route_stays_the_same_across_a_reload_while_the_plugin_changes() {
         "hello declares BLOCKING = false"
     );
 }
+
+#[test]
+fn a_plugin_that_blocks_after_declaring_it_never_does_is_named_in_the_log() {
+    let host = Host::serving("inline-sleep", 1, &[]);
+    let addr = host.addr("plugin");
+    for _ in 0..2 {
+        assert_eq!(get(&addr, "/").body, "slept inline\n");
+    }
+    let logs = host.logs();
+    assert!(logs.contains("which declares BLOCKING = false"), "{logs}");
+    assert_eq!(
+        logs.matches("which declares BLOCKING = false").count(),
+        1,
+        "said once per worker"
+    );
+}
