@@ -43,6 +43,14 @@ fn master_killed_with_sigkill_leaves_no_worker_behind() {
 #[test]
 fn stop_drains_leaves_no_process_and_frees_the_port() {
     let mut host = hello(2);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: std::path::PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(host.state_dir()), 0o700, "state dir");
+    assert_eq!(
+        mode(host.state_dir().join("host.sock")),
+        0o600,
+        "control socket"
+    );
     let addr = host.addr("plugin");
     let pids = host.ready_pids("plugin");
     let out = host.cli(&["stop"]);

@@ -18,6 +18,7 @@ mod watcher;
 use std::{
     collections::HashSet,
     net::{SocketAddr, TcpListener},
+    os::unix::fs::PermissionsExt,
     process::ExitCode,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -174,7 +175,12 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
         let previous = history.remove(&svc.name).unwrap_or_default();
         services.push(Service::new(svc, listeners, version, previous));
     }
-    let control = match UnixListener::bind(state.socket()) {
+    // Only the user who runs the master may reload or stop it: 0600 on the socket, inside the
+    // state directory's 0700.
+    let control = match UnixListener::bind(state.socket()).and_then(|l| {
+        std::fs::set_permissions(state.socket(), std::fs::Permissions::from_mode(0o600))?;
+        Ok(l)
+    }) {
         Ok(l) => l,
         Err(e) => {
             return fail(&format!(
