@@ -130,6 +130,8 @@ pub enum FromWorker {
     Stats {
         requests: u64,
     },
+    /// Draining, and its listener fds are closed: it accepts no more connections.
+    StoppedAccepting,
 }
 
 /// When a worker passed each step of its start, in CLOCK_MONOTONIC nanoseconds: the clock is

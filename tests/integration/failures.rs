@@ -162,11 +162,7 @@ fn panic_in_a_handler_is_a_500_and_the_worker_keeps_serving() {
         pid(&pid_after),
         "the worker was not replaced"
     );
-    let logs = host.logs();
-    assert!(
-        logs.contains("handler panicked: asked to panic on /panic"),
-        "{logs}"
-    );
+    host.wait_for_log("handler panicked: asked to panic on /panic");
 }
 
 #[test]

@@ -149,6 +149,8 @@ pub struct Host {
     child: Option<Child>,
     pub pid: u32,
     log: Arc<Mutex<String>>,
+    /// The threads copying the master's stdout and stderr into `log`.
+    readers: Vec<thread::JoinHandle<()>>,
 }
 
 impl Host {
@@ -229,14 +231,17 @@ impl Host {
         let mut child = cmd.spawn().expect("could not start host");
         let pid = child.id();
         let log = Arc::new(Mutex::new(String::new()));
-        drain_into(child.stderr.take().unwrap(), log.clone(), None);
         let (ready_tx, ready_rx) = mpsc::channel();
-        drain_into(child.stdout.take().unwrap(), log.clone(), Some(ready_tx));
+        let readers = vec![
+            drain_into(child.stderr.take().unwrap(), log.clone(), None),
+            drain_into(child.stdout.take().unwrap(), log.clone(), Some(ready_tx)),
+        ];
         let host = Host {
             dir,
             child: Some(child),
             pid,
             log,
+            readers,
         };
         match ready_rx.recv_timeout(DEADLINE) {
             Ok(_) => Ok(host),
@@ -247,8 +252,23 @@ impl Host {
         }
     }
 
+    /// The master's output so far. Lines arrive through a pipe and a thread, so a line the
+    /// host just wrote may not be here yet: use `wait_for_log` to expect one.
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the master's output contains `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        let start = Instant::now();
+        while !self.logs().contains(text) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for {text:?} in the host log:\n{}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -333,7 +353,13 @@ impl Host {
             let _ = tx.send(child.wait());
         });
         match rx.recv_timeout(DEADLINE) {
-            Ok(status) => status.map(|s| s.success()).unwrap_or(false),
+            Ok(status) => {
+                // Every process that held the pipes is gone: read the output to its end.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                status.map(|s| s.success()).unwrap_or(false)
+            }
             Err(_) => {
                 let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 panic!(
@@ -377,7 +403,7 @@ fn drain_into(
     pipe: impl Read + Send + 'static,
     log: Arc<Mutex<String>>,
     ready: Option<mpsc::Sender<()>>,
-) {
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
@@ -390,7 +416,7 @@ fn drain_into(
             log.push_str(&line);
             log.push('\n');
         }
-    });
+    })
 }
 
 /// Runs a command to completion under the deadline (killed by pid if it overruns).

@@ -27,7 +27,7 @@ fn worker_killed_with_sigkill_is_replaced() {
         now.len() == 2 && !now.contains(&pids[0]) && now.contains(&pids[1])
     });
     assert!(get(&host.addr("plugin"), "/").body.contains("hello v1"));
-    assert!(host.logs().contains("unexpectedly; starting a replacement"));
+    host.wait_for_log("unexpectedly; starting a replacement");
 }
 
 #[test]

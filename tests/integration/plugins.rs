@@ -50,6 +50,7 @@ fn plugin_logs_carry_service_pid_and_version() {
         .as_str()
         .unwrap()
         .to_string();
+    host.wait_for_log("hello v1 started as worker 0");
     let logs = host.logs();
     let line = logs
         .lines()
@@ -120,8 +121,8 @@ fn a_plugin_that_blocks_after_declaring_it_never_does_is_named_in_the_log() {
     for _ in 0..2 {
         assert_eq!(get(&addr, "/").body, "slept inline\n");
     }
+    host.wait_for_log("which declares BLOCKING = false");
     let logs = host.logs();
-    assert!(logs.contains("which declares BLOCKING = false"), "{logs}");
     assert_eq!(
         logs.matches("which declares BLOCKING = false").count(),
         1,

@@ -62,6 +62,8 @@ pub struct WorkerEntry {
     to_worker: mpsc::UnboundedSender<ToWorker>,
     kill: Arc<Notify>,
     stats_waiters: Vec<oneshot::Sender<u64>>,
+    /// Fired when the worker reports it stopped accepting (see [`Master::drain_worker`]).
+    stopped_accepting: Option<oneshot::Sender<()>>,
 }
 
 /// Live workers by pid, and which pid serves each (service, slot).
@@ -109,6 +111,7 @@ impl Master {
                 to_worker,
                 kill: kill.clone(),
                 stats_waiters: Vec::new(),
+                stopped_accepting: None,
             },
         );
         self.worker_count.send_modify(|n| *n += 1);
@@ -151,15 +154,19 @@ impl Master {
     }
 
     /// Tells a worker to drain: it leaves its slot at once and is killed if it is still running
-    /// after the service's drain timeout.
-    pub fn drain_worker(self: &Arc<Self>, pid: u32) {
+    /// after the service's drain timeout. The receiver resolves once the worker has closed its
+    /// listeners (with an error if it exits first, or was draining already): from then on no
+    /// new connection reaches the old code.
+    pub fn drain_worker(self: &Arc<Self>, pid: u32) -> oneshot::Receiver<()> {
+        let (stopped_tx, stopped_rx) = oneshot::channel();
         let mut reg = self.registry.lock().unwrap();
         let Some(w) = reg.workers.get_mut(&pid) else {
-            return;
+            return stopped_rx;
         };
         if w.state == WorkerState::Draining {
-            return;
+            return stopped_rx;
         }
+        w.stopped_accepting = Some(stopped_tx);
         w.state = WorkerState::Draining;
         w.drain_started = Some(Instant::now());
         let _ = w.to_worker.send(ToWorker::Drain);
@@ -174,6 +181,7 @@ impl Master {
             // pid to reuse by mistake here.
             kill.notify_one();
         });
+        stopped_rx
     }
 
     /// Kills a worker at once (fast stop, or a second Ctrl-C).
@@ -293,6 +301,16 @@ impl Master {
                 }
             }
             Ok(FromWorker::Failed { reason }) => *failure = Some(reason),
+            Ok(FromWorker::StoppedAccepting) => {
+                let mut reg = self.registry.lock().unwrap();
+                if let Some(tx) = reg
+                    .workers
+                    .get_mut(&pid)
+                    .and_then(|w| w.stopped_accepting.take())
+                {
+                    let _ = tx.send(());
+                }
+            }
             Ok(FromWorker::Stats { requests }) => {
                 let mut reg = self.registry.lock().unwrap();
                 if let Some(w) = reg.workers.get_mut(&pid) {

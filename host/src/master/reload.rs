@@ -30,6 +30,9 @@ impl Progress {
     }
 }
 
+/// How long a reload waits for an old worker to confirm it stopped accepting.
+const STOP_ACCEPTING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Master {
     /// Waits for this reload's turn: reloads, rollbacks and watcher reloads run one at a time.
     pub async fn reload_turn(&self, progress: &Progress) -> MutexGuard<'_, ()> {
@@ -234,7 +237,18 @@ impl Master {
                 .slots
                 .insert((service, slot), pid);
             if let Some(old_pid) = old_pid {
-                self.drain_worker(old_pid);
+                // The slot counts as replaced once the old worker takes no new connections, so
+                // that "done" means every new connection reaches the new code.
+                let stopped = self.drain_worker(old_pid);
+                if tokio::time::timeout(STOP_ACCEPTING_WAIT, stopped)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "{name}: worker {old_pid} did not confirm within {STOP_ACCEPTING_WAIT:?} \
+                         that it stopped accepting; going on"
+                    );
+                }
             }
             let old_pid = old_pid.map_or_else(|| "(empty)".to_string(), |p| p.to_string());
             progress.line(format!(

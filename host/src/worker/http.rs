@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use plugin_api::ffi::{FfiHeader, FfiRequest, FfiResponse};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
 };
 use tracing::Instrument;
 
@@ -51,8 +51,13 @@ pub struct Shared {
     pub warned_inline: AtomicBool,
 }
 
-/// Serves until the worker drains and its last connection has closed.
-pub async fn serve(listeners: Vec<TcpListener>, shared: Arc<Shared>) {
+/// Serves until the worker drains and its last connection has closed. `stopped_accepting` fires
+/// once every accept loop has ended and closed its listener fd.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    shared: Arc<Shared>,
+    stopped_accepting: oneshot::Sender<()>,
+) {
     // Every connection task holds a clone of `done_tx`; `recv` returns `None` once all are gone.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let mut accept_loops = Vec::new();
@@ -65,6 +70,7 @@ pub async fn serve(listeners: Vec<TcpListener>, shared: Arc<Shared>) {
     for task in accept_loops {
         let _ = task.await;
     }
+    let _ = stopped_accepting.send(());
     let _ = done_rx.recv().await;
 }
 

@@ -39,7 +39,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader},
     net::UnixStream,
     signal::unix::{signal, SignalKind},
-    sync::watch,
+    sync::{oneshot, watch},
 };
 use tracing::Instrument;
 
@@ -170,7 +170,8 @@ async fn serve(
         started: Instant::now(),
         warned_inline: AtomicBool::new(false),
     });
-    let server = tokio::spawn(http::serve(listeners, shared.clone()).in_current_span());
+    let (stopped_tx, stopped_rx) = oneshot::channel();
+    let server = tokio::spawn(http::serve(listeners, shared.clone(), stopped_tx).in_current_span());
 
     let (mut sigterm, _sigint) = match (
         signal(SignalKind::terminate()),
@@ -200,7 +201,8 @@ async fn serve(
         shared.spec.listen.join(", ")
     );
 
-    let channel_task = tokio::spawn(talk_to_master(channel, shared.clone()).in_current_span());
+    let channel_task =
+        tokio::spawn(talk_to_master(channel, shared.clone(), stopped_rx).in_current_span());
     let mut drain_requested = shared.draining.subscribe();
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
@@ -221,11 +223,31 @@ async fn serve(
 }
 
 /// Answers the master until it says `Drain` or goes away; either starts the drain.
-async fn talk_to_master(channel: UnixStream, shared: Arc<http::Shared>) {
+/// Also tells the master when the worker has stopped accepting (`stopped_accepting`), which a
+/// reload waits for before it calls a slot replaced.
+async fn talk_to_master(
+    channel: UnixStream,
+    shared: Arc<http::Shared>,
+    stopped_accepting: oneshot::Receiver<()>,
+) {
     let (read, mut write) = channel.into_split();
     let mut lines = AsyncBufReader::new(read).lines();
+    let mut stopped_accepting = Some(stopped_accepting);
     loop {
-        let message = match lines.next_line().await {
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            stopped = async { stopped_accepting.as_mut().expect("guarded").await },
+                if stopped_accepting.is_some() =>
+            {
+                stopped_accepting = None;
+                if stopped.is_ok() {
+                    let line = serde_json::to_string(&FromWorker::StoppedAccepting).unwrap() + "\n";
+                    let _ = write.write_all(line.as_bytes()).await;
+                }
+                continue;
+            }
+        };
+        let message = match line {
             Ok(Some(line)) => serde_json::from_str::<ToWorker>(&line),
             Ok(None) | Err(_) => {
                 if !*shared.draining.borrow() {
