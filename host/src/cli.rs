@@ -207,9 +207,8 @@ fn converse(
             ),
         )
     })?;
-    let line = serde_json::to_string(request).unwrap() + "\n";
     stream
-        .write_all(line.as_bytes())
+        .write_all(&crate::protocol::encode(request))
         .map_err(|e| (EXIT_FAILED, format!("could not talk to the master: {e}")))?;
     for line in BufReader::new(stream).lines() {
         let line = line.map_err(|e| {
@@ -375,9 +374,9 @@ async fn check_service(svc: &crate::config::ServiceConfig) -> Result<String, Str
         .map_err(|e| format!("could not start a worker: {e}"))?;
     let (mut child, channel) = (spawned.child, spawned.channel);
     let (read, mut write) = channel.into_split();
-    let start = serde_json::to_string(&ToWorker::Start(Box::new(spec))).unwrap() + "\n";
+    let start = crate::protocol::encode(&ToWorker::Start(Box::new(spec)));
     write
-        .write_all(start.as_bytes())
+        .write_all(&start)
         .await
         .map_err(|e| format!("could not talk to the worker: {e}"))?;
     let mut lines = tokio::io::BufReader::new(read).lines();

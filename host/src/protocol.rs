@@ -134,6 +134,13 @@ pub enum FromWorker {
     StoppedAccepting,
 }
 
+/// One message as it goes on the wire: JSON, then a newline.
+pub fn encode(message: &impl Serialize) -> Vec<u8> {
+    let mut line = serde_json::to_vec(message).expect("protocol messages serialize");
+    line.push(b'\n');
+    line
+}
+
 /// When a worker passed each step of its start, in CLOCK_MONOTONIC nanoseconds: the clock is
 /// the same in every process, so the master can subtract its own spawn time.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]

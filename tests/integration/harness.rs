@@ -164,6 +164,11 @@ impl Host {
     /// One service, `plugin`, on 127.0.0.1 port 0 with `workers` workers (plus `extra` flags),
     /// from a fresh temp dir: the service is named `plugin` (after `plugin.so`).
     pub fn serving(plugin: &str, workers: usize, extra: &[&str]) -> Host {
+        Host::serving_in(Host::dir_with_plugin(plugin), workers, extra)
+    }
+
+    /// Like `serving`, in a directory that already holds `plugin.so` (a restart in place).
+    pub fn serving_in(dir: TempDir, workers: usize, extra: &[&str]) -> Host {
         let workers = workers.to_string();
         let mut args = vec![
             "--plugin",
@@ -174,7 +179,7 @@ impl Host {
             &workers,
         ];
         args.extend_from_slice(extra);
-        Host::start(Host::dir_with_plugin(plugin), &args)
+        Host::start(dir, &args)
     }
 
     /// Sends `GET /?ms=N` to a `slow` service on its own connection and returns once the handler

@@ -99,17 +99,7 @@ fn stale_state_from_a_killed_master_does_not_block_a_new_start() {
     );
     // Start again in the same directory, with the same state dir.
     let dir = first.into_dir();
-    let second = Host::start(
-        dir,
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let second = Host::serving_in(dir, 1, &[]);
     assert!(get(&second.addr("plugin"), "/").body.contains("hello v1"));
 }
 

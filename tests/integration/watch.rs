@@ -189,17 +189,7 @@ fn the_version_history_survives_a_master_restart() {
     assert!(host.wait_exit());
 
     let dir = host.into_dir();
-    let host = Host::start(
-        dir,
-        &[
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ],
-    );
+    let host = Host::serving_in(dir, 1, &[]);
     let addr = host.addr("plugin");
     assert!(get(&addr, "/").body.contains("hello v2"));
     assert_eq!(

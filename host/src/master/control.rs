@@ -112,6 +112,5 @@ async fn roll(
 }
 
 pub async fn send(write: &mut OwnedWriteHalf, reply: &ControlReply) -> std::io::Result<()> {
-    let line = serde_json::to_string(reply).unwrap() + "\n";
-    write.write_all(line.as_bytes()).await
+    write.write_all(&crate::protocol::encode(reply)).await
 }

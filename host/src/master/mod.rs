@@ -364,35 +364,31 @@ impl Master {
     /// Drains every worker (`graceful`) or kills them, and waits until none is left.
     async fn stop(self: &Arc<Self>, graceful: bool) {
         self.stopping.send_replace(true);
-        let pids: Vec<u32> = self
-            .registry
-            .lock()
-            .unwrap()
-            .workers
-            .keys()
-            .copied()
-            .collect();
-        for pid in pids {
-            if graceful {
+        if graceful {
+            for pid in self.live_pids() {
                 self.drain_worker(pid);
-            } else {
-                self.kill_worker(pid);
             }
+        } else {
+            self.kill_all("stopping without a drain");
         }
         let mut count = self.worker_count.subscribe();
         let _ = count.wait_for(|n| *n == 0).await;
     }
 
-    fn kill_all(self: &Arc<Self>, why: &str) {
-        tracing::warn!("{why}: killing every worker now");
-        let pids: Vec<u32> = self
-            .registry
+    /// Pids of every live worker process, whatever its state.
+    fn live_pids(&self) -> Vec<u32> {
+        self.registry
             .lock()
             .unwrap()
             .workers
             .keys()
             .copied()
-            .collect();
+            .collect()
+    }
+
+    fn kill_all(self: &Arc<Self>, why: &str) {
+        tracing::warn!("{why}: killing every worker now");
+        let pids = self.live_pids();
         for pid in pids {
             self.kill_worker(pid);
         }
@@ -428,14 +424,7 @@ impl Master {
 
     /// The picture `host status` shows.
     async fn status(&self) -> StatusReport {
-        let pids: Vec<u32> = self
-            .registry
-            .lock()
-            .unwrap()
-            .workers
-            .keys()
-            .copied()
-            .collect();
+        let pids = self.live_pids();
         let counts = self.request_counts(&pids, Duration::from_millis(500)).await;
         let reg = self.registry.lock().unwrap();
         let services = self

@@ -23,7 +23,7 @@ use tokio::{
 use super::{process, Master};
 use crate::{
     config::ServiceConfig,
-    protocol::{monotonic_ns, FromWorker, ToWorker, WorkerSpec},
+    protocol::{encode, monotonic_ns, FromWorker, ToWorker, WorkerSpec},
     shadow::PluginVersion,
 };
 
@@ -229,8 +229,7 @@ impl Master {
         let (read, mut write) = channel.into_split();
         let writer = tokio::spawn(async move {
             while let Some(message) = from_master.recv().await {
-                let line = serde_json::to_string(&message).unwrap() + "\n";
-                if write.write_all(line.as_bytes()).await.is_err() {
+                if write.write_all(&encode(&message)).await.is_err() {
                     break;
                 }
             }

@@ -36,7 +36,7 @@ use nix::{
     unistd::getppid,
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader},
+    io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader as AsyncBufReader},
     net::UnixStream,
     signal::unix::{signal, SignalKind},
     sync::{oneshot, watch},
@@ -45,7 +45,8 @@ use tracing::Instrument;
 
 use self::plugin::Plugin;
 use crate::protocol::{
-    monotonic_ns, FromWorker, StartTimings, ToWorker, WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD,
+    encode, monotonic_ns, FromWorker, StartTimings, ToWorker, WorkerSpec, CHANNEL_FD,
+    FIRST_LISTENER_FD,
 };
 
 static WORKER_SPAN: OnceLock<tracing::Span> = OnceLock::new();
@@ -241,8 +242,7 @@ async fn talk_to_master(
             {
                 stopped_accepting = None;
                 if stopped.is_ok() {
-                    let line = serde_json::to_string(&FromWorker::StoppedAccepting).unwrap() + "\n";
-                    let _ = write.write_all(line.as_bytes()).await;
+                    let _ = write_message(&mut write, &FromWorker::StoppedAccepting).await;
                 }
                 continue;
             }
@@ -264,8 +264,7 @@ async fn talk_to_master(
             }
             Ok(ToWorker::Stats) => {
                 let requests = shared.requests.load(std::sync::atomic::Ordering::Relaxed);
-                let line = serde_json::to_string(&FromWorker::Stats { requests }).unwrap() + "\n";
-                let _ = write.write_all(line.as_bytes()).await;
+                let _ = write_message(&mut write, &FromWorker::Stats { requests }).await;
             }
             Ok(ToWorker::Start(_)) => tracing::warn!("ignoring a second start message"),
             Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
@@ -352,11 +351,12 @@ fn read_spec(mut channel: &StdUnixStream) -> Result<WorkerSpec, String> {
 
 /// Sends one message with blocking I/O (before the runtime exists, or instead of it).
 fn send(channel: &mut StdUnixStream, message: &FromWorker) {
-    let line = serde_json::to_string(message).unwrap() + "\n";
-    let _ = channel.write_all(line.as_bytes());
+    let _ = channel.write_all(&encode(message));
 }
 
-async fn write_message(channel: &mut UnixStream, message: &FromWorker) -> std::io::Result<()> {
-    let line = serde_json::to_string(message).unwrap() + "\n";
-    channel.write_all(line.as_bytes()).await
+async fn write_message(
+    channel: &mut (impl AsyncWrite + Unpin),
+    message: &FromWorker,
+) -> std::io::Result<()> {
+    channel.write_all(&encode(message)).await
 }
