@@ -22,6 +22,9 @@ fn boundary(c: &mut Criterion) {
         max_body_bytes: 1 << 20,
         idle_grace_ms: 0,
         drain_timeout_ms: 0,
+        heartbeat_ms: 1000,
+        handler_timeout_ms: 60_000,
+        max_requests: 0,
         master_pid: std::process::id(),
         check_only: true,
     };

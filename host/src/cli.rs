@@ -280,9 +280,20 @@ fn render_status(r: &StatusReport) -> String {
         ago(r.uptime_ms),
         r.host_version
     );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for s in &r.services {
+        let health = match (&s.probation_left_ms, &s.probation_fallback) {
+            (Some(left), Some(back)) => format!(
+                "on probation for {} more (a crash rolls back to {back})",
+                ago(*left)
+            ),
+            _ if s.version_healthy => "healthy".to_string(),
+            _ => "not yet proven healthy".to_string(),
+        };
         out += &format!(
-            "\nservice {} on {}: plugin {} ({}){}\n",
+            "\nservice {} on {}: plugin {} ({}){}, {health}\n",
             s.name,
             s.listen.join(", "),
             s.version,
@@ -293,37 +304,76 @@ fn render_status(r: &StatusReport) -> String {
                 ", reloadable = false"
             }
         );
+        if s.crashes_last_minute > 0 {
+            out += &format!("  crashes in the last minute: {}\n", s.crashes_last_minute);
+        }
         if !s.previous.is_empty() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
             let previous: Vec<_> = s
                 .previous
                 .iter()
                 .map(|v| {
-                    format!(
-                        "{} (first loaded {} ago)",
+                    let mut text = format!(
+                        "{} (first loaded {} ago",
                         v.version,
                         ago(now.saturating_sub(v.first_loaded) * 1000)
-                    )
+                    );
+                    if v.failed.is_some() {
+                        text += ", failed";
+                    } else if v.healthy {
+                        text += ", healthy";
+                    }
+                    text + ")"
                 })
                 .collect();
             out += &format!("  previous versions: {}\n", previous.join(", "));
         }
         out += &format!(
-            "  {:<5} {:<8} {:<9} {:<8} {:<10} {}\n",
-            "SLOT", "PID", "STATE", "VERSION", "UPTIME", "REQUESTS"
+            "  {:<5} {:<8} {:<9} {:<8} {:<10} {:<9} {}\n",
+            "SLOT", "PID", "STATE", "VERSION", "UPTIME", "RSS", "REQUESTS"
         );
         for w in &s.workers {
             let requests = w.requests.map_or("?".to_string(), |n| n.to_string());
             out += &format!(
-                "  {:<5} {:<8} {:<9} {:<8} {:<10} {}\n",
+                "  {:<5} {:<8} {:<9} {:<8} {:<10} {:<9} {}\n",
                 w.slot,
                 w.pid,
                 w.state,
                 w.version,
                 ago(w.uptime_ms),
+                format!("{:.1}M", w.rss_bytes as f64 / (1024.0 * 1024.0)),
                 requests
+            );
+        }
+        for slot in &s.slots {
+            let Some(exit) = &slot.last_exit else {
+                continue;
+            };
+            out += &format!(
+                "  slot {}: last exit {} ago: {exit}",
+                slot.slot,
+                ago(slot.last_exit_ago_ms.unwrap_or(0))
+            );
+            if let Some(next) = slot.next_retry_in_ms {
+                out += &format!(
+                    "; {} short-lived workers in a row, next start in {next} ms",
+                    slot.crashes_in_a_row
+                );
+            }
+            out += "\n";
+        }
+        for e in &s.recent {
+            out += &format!(
+                "  {} ago: {} {} -> {}: {} in {} ms{}\n",
+                ago(now.saturating_sub(e.at) * 1000),
+                e.kind,
+                e.from,
+                e.to,
+                e.outcome,
+                e.duration_ms,
+                e.detail
+                    .as_deref()
+                    .map(|d| format!(" ({})", d.lines().next().unwrap_or("")))
+                    .unwrap_or_default()
             );
         }
     }

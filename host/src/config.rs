@@ -19,10 +19,16 @@ use serde::Deserialize;
 pub const DEFAULT_WORKERS: usize = 2;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_millis(500);
+pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 pub const DEFAULT_KEEP_VERSIONS: usize = 5;
 pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_millis(100);
+pub const DEFAULT_CANARY_PROBATION: Duration = Duration::from_secs(1);
+pub const DEFAULT_PROBATION: Duration = Duration::from_secs(30);
+pub const DEFAULT_CRASH_LOOP_CRASHES: u32 = 3;
+pub const DEFAULT_CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The config file as written.
 #[derive(Debug, Deserialize)]
@@ -33,7 +39,7 @@ pub struct RawConfig {
 }
 
 /// One `[[service]]` table as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
     pub name: String,
@@ -52,6 +58,20 @@ pub struct RawService {
     pub watch: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub watch_debounce: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub canary_probation: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub probation: Option<Duration>,
+    pub crash_loop_crashes: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub crash_loop_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub liveness_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub handler_timeout: Option<Duration>,
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: Option<u64>,
+    pub max_rss: Option<bytesize::ByteSize>,
     pub config: Option<toml::Table>,
 }
 
@@ -84,6 +104,24 @@ pub struct ServiceConfig {
     pub watch: bool,
     /// How long the plugin file must stay quiet before the watcher looks at it.
     pub watch_debounce: Duration,
+    /// How long the first new worker of a reload serves alone before the others are replaced.
+    pub canary_probation: Duration,
+    /// How long a new version stays on trial after its last worker was replaced: a crash or a
+    /// liveness failure in this window rolls the service back (`master::rollout`).
+    pub probation: Duration,
+    /// `crash_loop_crashes` crashes within `crash_loop_window` are a crash loop.
+    pub crash_loop_crashes: u32,
+    pub crash_loop_window: Duration,
+    /// A worker whose heartbeat is older than this is killed and replaced.
+    pub liveness_timeout: Duration,
+    /// A handler call longer than this gets its client a 503, and its worker is replaced.
+    pub handler_timeout: Duration,
+    /// A worker that served this many requests (plus up to `max_requests_jitter`) is replaced;
+    /// 0 is off.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    /// A worker whose resident memory exceeds this many bytes is replaced; 0 is off.
+    pub max_rss: u64,
     /// The `[service.config]` table handed to the plugin.
     pub plugin_config: toml::Table,
 }
@@ -128,15 +166,7 @@ impl Config {
             listen,
             plugin,
             workers: Some(workers),
-            reloadable: None,
-            drain_timeout: None,
-            ready_timeout: None,
-            idle_grace: None,
-            max_body_bytes: None,
-            keep_versions: None,
-            watch: None,
-            watch_debounce: None,
-            config: None,
+            ..RawService::default()
         };
         Config::check(
             RawConfig {
@@ -213,6 +243,13 @@ impl Config {
                 Some(d) => Ok(d),
                 None => Ok(default),
             };
+            let crash_loop_crashes = s.crash_loop_crashes.unwrap_or(DEFAULT_CRASH_LOOP_CRASHES);
+            if crash_loop_crashes == 0 {
+                return Err(ConfigError(format!(
+                    "{at}: crash_loop_crashes must be at least 1"
+                )));
+            }
+            let max_requests = s.max_requests.unwrap_or(0);
             let keep_versions = s.keep_versions.unwrap_or(DEFAULT_KEEP_VERSIONS);
             if !(1..=100).contains(&keep_versions) {
                 return Err(ConfigError(format!(
@@ -232,6 +269,29 @@ impl Config {
                 keep_versions,
                 watch: s.watch.unwrap_or(false),
                 watch_debounce: s.watch_debounce.unwrap_or(DEFAULT_WATCH_DEBOUNCE),
+                canary_probation: s.canary_probation.unwrap_or(DEFAULT_CANARY_PROBATION),
+                probation: s.probation.unwrap_or(DEFAULT_PROBATION),
+                crash_loop_crashes,
+                crash_loop_window: positive(
+                    s.crash_loop_window,
+                    DEFAULT_CRASH_LOOP_WINDOW,
+                    "crash_loop_window",
+                )?,
+                liveness_timeout: positive(
+                    s.liveness_timeout,
+                    DEFAULT_LIVENESS_TIMEOUT,
+                    "liveness_timeout",
+                )?,
+                handler_timeout: positive(
+                    s.handler_timeout,
+                    DEFAULT_HANDLER_TIMEOUT,
+                    "handler_timeout",
+                )?,
+                max_requests,
+                // As gunicorn's max_requests_jitter, so that workers started together are not
+                // all recycled together; a tenth of the limit unless set.
+                max_requests_jitter: s.max_requests_jitter.unwrap_or(max_requests / 10),
+                max_rss: s.max_rss.map_or(0, |b| b.as_u64()),
                 plugin_config: s.config.unwrap_or_default(),
             });
         }

@@ -45,7 +45,10 @@ pub fn main(path: &Path, listen: Vec<String>, workers: usize, state: StateDir) -
         Ok(c) => c,
         Err(e) => return usage_error(&e.to_string()),
     };
+    // Edit to live in under a second: no canary probation, no probation.
     config.services[0].watch = true;
+    config.services[0].canary_probation = std::time::Duration::ZERO;
+    config.services[0].probation = std::time::Duration::ZERO;
     let crate_dir = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
     crate::master::main(
         config,

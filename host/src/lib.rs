@@ -5,6 +5,7 @@
 //! - [`dev`]: `host dev`, the build-serve-rebuild loop for one plugin crate.
 //! - [`state_dir`]: where a running master is found (control socket, pid file, lock).
 //! - [`shadow`]: content-addressed copies of plugin libraries, the only paths workers load.
+//! - [`plugin_file`]: what a plugin file is (a library for this machine, or what instead).
 //! - [`protocol`]: the messages between CLI and master, and between master and workers.
 //! - [`master`]: binds listeners, supervises workers, reloads them one by one.
 //! - [`worker`]: loads the plugin in its on-start hook and serves HTTP until told to drain.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dev;
 pub mod logging;
 pub mod master;
+pub mod plugin_file;
 pub mod protocol;
 pub mod shadow;
 pub mod state_dir;

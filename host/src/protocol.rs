@@ -59,9 +59,20 @@ pub struct ServiceStatus {
     pub reloadable: bool,
     /// Short hash of the version new workers load.
     pub version: String,
+    /// Whether the live version has passed its probation (or is the only one there is).
+    pub version_healthy: bool,
+    /// Milliseconds left of the live version's probation, when it is on trial.
+    pub probation_left_ms: Option<u64>,
+    /// What a failure during the probation rolls back to.
+    pub probation_fallback: Option<String>,
+    /// Crashes of this service's workers in the last minute.
+    pub crashes_last_minute: usize,
     /// Versions that were live before, newest first (what `host rollback` can return to).
     pub previous: Vec<VersionInfo>,
+    pub slots: Vec<SlotStatus>,
     pub workers: Vec<WorkerStatus>,
+    /// The last reloads and rollbacks, newest first.
+    pub recent: Vec<RolloutEvent>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -71,6 +82,40 @@ pub struct VersionInfo {
     /// Seconds since the Unix epoch.
     pub first_loaded: u64,
     pub source: PathBuf,
+    /// It served through a whole probation.
+    pub healthy: bool,
+    /// It was rejected or rolled back, and why.
+    pub failed: Option<String>,
+}
+
+/// One slot of a service: what happened to the workers that held it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub slot: usize,
+    /// How its last worker ended, and how long ago (ms), if one ended unexpectedly.
+    pub last_exit: Option<String>,
+    pub last_exit_ago_ms: Option<u64>,
+    /// Young deaths in a row, which the restart backoff grows with.
+    pub crashes_in_a_row: u32,
+    /// When the slot is empty and waiting out its backoff: milliseconds until the next start.
+    pub next_retry_in_ms: Option<u64>,
+}
+
+/// A reload or rollback as the history keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutEvent {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub service: String,
+    /// `reload`, `rollback` (asked for) or `automatic rollback`.
+    pub kind: String,
+    pub from: String,
+    pub to: String,
+    /// `done`, `rejected`, `rolled back` or `failed`.
+    pub outcome: String,
+    pub duration_ms: u64,
+    /// The reason, for anything but `done`.
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,6 +127,10 @@ pub struct WorkerStatus {
     pub uptime_ms: u64,
     /// `None` when the worker did not answer in time.
     pub requests: Option<u64>,
+    /// Resident memory at the last heartbeat.
+    pub rss_bytes: u64,
+    /// Milliseconds since the last heartbeat (`None` before the first).
+    pub heartbeat_age_ms: Option<u64>,
 }
 
 /// Everything a worker needs to start, sent as the first message on its channel.
@@ -101,6 +150,13 @@ pub struct WorkerSpec {
     pub max_body_bytes: usize,
     pub idle_grace_ms: u64,
     pub drain_timeout_ms: u64,
+    /// How often the worker proves it is alive ([`FromWorker::Heartbeat`]).
+    pub heartbeat_ms: u64,
+    /// A handler call longer than this gets a 503 and the worker asks to be replaced.
+    pub handler_timeout_ms: u64,
+    /// After this many requests the worker asks to be replaced (0: never): the service's
+    /// `max_requests` plus this worker's jitter.
+    pub max_requests: u64,
     pub master_pid: u32,
     /// Load the plugin, start and stop it, report, exit: `host check`.
     pub check_only: bool,
@@ -113,6 +169,9 @@ pub enum ToWorker {
     Drain,
     /// Answer with [`FromWorker::Stats`].
     Stats,
+    /// Draining: close idle keep-alive connections now instead of after the idle grace (the
+    /// slot has more draining workers than it keeps).
+    CloseIdle,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -132,6 +191,22 @@ pub enum FromWorker {
     },
     /// Draining, and its listener fds are closed: it accepts no more connections.
     StoppedAccepting,
+    /// Sent from the runtime that serves requests, so that it stops when that runtime stalls.
+    Heartbeat {
+        requests: u64,
+        rss_bytes: u64,
+        connections: u64,
+    },
+    /// The worker still serves but should be replaced gracefully: it reached its
+    /// `max_requests`, or lost a thread to a handler that overran `handler_timeout`.
+    ReplaceMe {
+        reason: String,
+    },
+    /// The plugin panicked (logged by its panic hook). Sent at once, because an abort may
+    /// follow: the master quotes it if the worker dies.
+    Panicked {
+        message: String,
+    },
 }
 
 /// One message as it goes on the wire: JSON, then a newline.

@@ -23,12 +23,12 @@ fn check_loads_each_plugin_in_a_throwaway_worker() {
         listen = ["127.0.0.1:0"]
         plugin = "bad.so"
     "#;
-    let dir = dir_with_config(config, &[("good.so", "hello"), ("bad.so", "bad-start")]);
+    let dir = dir_with_config(config, &[("good.so", "versioned"), ("bad.so", "bad-start")]);
     let out = host_in(dir.path(), &["check", "--config", "host.toml"]);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
-        text.contains("ok    service good: plugin hello 0.1.0"),
+        text.contains("ok    service good: plugin fixture-versioned 0.1.0"),
         "{text}"
     );
     assert!(
@@ -77,14 +77,14 @@ fn client_commands_without_a_master_say_how_to_start_one() {
 
 #[test]
 fn status_table_shows_master_and_workers() {
-    let host = Host::serving("hello", 2, &[]);
+    let host = Host::serving("versioned", 2, &[]);
     crate::http::get(&host.addr("plugin"), "/");
     let out = host.cli(&["status"]);
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&format!("master pid {}", host.pid)), "{text}");
     assert!(
-        text.contains("SLOT  PID      STATE     VERSION  UPTIME     REQUESTS"),
+        text.contains("SLOT  PID      STATE     VERSION  UPTIME     RSS       REQUESTS"),
         "{text}"
     );
     assert_eq!(text.matches(" ready ").count(), 2, "{text}");

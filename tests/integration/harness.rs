@@ -1,8 +1,10 @@
 //! The test harness: builds the host and every plugin once, starts the real `host` in a temp
 //! dir, and cleans up whatever a test started, also when it fails.
 //!
-//! - Every master runs in its own process group, and `Drop` SIGKILLs that group and reaps the
-//!   master, so no worker outlives a test, panicking or not. Nothing is killed by name.
+//! - Every master runs in its own process group and each of its workers in one of their own;
+//!   `Drop` stops the master (so it starts no more workers), SIGKILLs every worker's group and
+//!   the master's, and reaps the master, so no process outlives a test, panicking or not.
+//!   Nothing is killed by name.
 //! - Ports are never fixed: services listen on port 0 and tests read the real address from
 //!   `host status --json`.
 //! - Readiness comes from the master's `host: ready` line on stdout, not from sleeps.
@@ -32,6 +34,7 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 /// The plugins and fixtures the tests use, by the name `plugin()` takes.
 const PACKAGES: &[(&str, &str)] = &[
     ("hello", "hello"),
+    ("versioned", "fixture_versioned"),
     ("echo", "echo"),
     ("slow", "slow"),
     ("panic", "panic"),
@@ -45,13 +48,26 @@ const PACKAGES: &[(&str, &str)] = &[
     ("inline-sleep", "fixture_inline_sleep"),
 ];
 
+/// More builds of the `versioned` fixture, by the name `plugin()` takes, with the version and
+/// the fault they are built with (see tests/fixtures/versioned): each a real rebuild of one
+/// crate, as a user's edits would make.
+const VARIANTS: &[(&str, &str, &str)] = &[
+    ("versioned-v2", "v2", ""),
+    ("versioned-v3", "v3", ""),
+    ("fault-abort", "v2-abort", "abort"),
+    ("fault-segv", "v2-segv", "segv"),
+    ("fault-stack", "v2-stack", "stack"),
+    ("fault-exit", "v2-exit", "exit"),
+    ("fault-later-slot", "v2-later-slot", "later-slot"),
+];
+
 pub struct Artifacts {
     pub host: PathBuf,
     plugins: PathBuf,
 }
 
 impl Artifacts {
-    /// A built plugin, by name: one of `PACKAGES`, or `hello-v2`.
+    /// A built plugin, by name: one of `PACKAGES` or `VARIANTS`.
     pub fn plugin(&self, name: &str) -> PathBuf {
         let path = self.plugins.join(format!("{name}.so"));
         assert!(
@@ -64,8 +80,7 @@ impl Artifacts {
 }
 
 /// Builds the host and the plugins (once per test run) with the same cargo and target dir as
-/// the test itself. `hello-v2` is hello built with `HELLO_VERSION=v2`: a real second build of
-/// the same crate, as a user's edit would make.
+/// the test itself, then the `VARIANTS` of the versioned fixture.
 pub fn artifacts() -> &'static Artifacts {
     static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
     ARTIFACTS.get_or_init(|| {
@@ -91,7 +106,7 @@ pub fn artifacts() -> &'static Artifacts {
             args.extend(["-p".to_string(), package]);
         }
         args.extend(["-p".to_string(), "host".to_string()]);
-        cargo(&root, &args, None);
+        cargo(&root, &args, &[]);
         let plugins = target_dir.join("test-plugins");
         fs::create_dir_all(&plugins).unwrap();
         for (name, lib) in PACKAGES {
@@ -100,20 +115,26 @@ pub fn artifacts() -> &'static Artifacts {
                 &plugins.join(format!("{name}.so")),
             );
         }
-        let hello = [
+        let fixture = [
             "build".to_string(),
             "--target-dir".into(),
             target_dir.display().to_string(),
             "-p".into(),
-            "hello".into(),
+            "fixture-versioned".into(),
         ];
-        cargo(&root, &hello, Some("v2"));
-        copy_new_inode(
-            &profile_dir.join("libhello.so"),
-            &plugins.join("hello-v2.so"),
-        );
-        // Leave target/<profile>/libhello.so as a plain build would: v1.
-        cargo(&root, &hello, None);
+        for (name, version, fault) in VARIANTS {
+            cargo(
+                &root,
+                &fixture,
+                &[("FIXTURE_VERSION", version), ("FIXTURE_FAULT", fault)],
+            );
+            copy_new_inode(
+                &profile_dir.join("libfixture_versioned.so"),
+                &plugins.join(format!("{name}.so")),
+            );
+        }
+        // Leave target/<profile>/libfixture_versioned.so as a plain build would.
+        cargo(&root, &fixture, &[]);
         Artifacts {
             host: profile_dir.join("host"),
             plugins,
@@ -121,13 +142,14 @@ pub fn artifacts() -> &'static Artifacts {
     })
 }
 
-fn cargo(root: &Path, args: &[String], hello_version: Option<&str>) {
+fn cargo(root: &Path, args: &[String], env: &[(&str, &str)]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(args).current_dir(root).env_remove("HELLO_VERSION");
-    if let Some(v) = hello_version {
-        cmd.env("HELLO_VERSION", v);
-    }
+    cmd.args(args)
+        .current_dir(root)
+        .env_remove("FIXTURE_VERSION")
+        .env_remove("FIXTURE_FAULT")
+        .envs(env.iter().copied());
     let out = cmd.output().expect("could not run cargo");
     assert!(
         out.status.success(),
@@ -388,8 +410,9 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        // The whole group: the master and every worker, whatever state they are in.
-        let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        if self.child.is_some() {
+            kill_master_and_workers(self.pid);
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
@@ -401,6 +424,34 @@ impl Drop for Host {
             );
         }
     }
+}
+
+/// Kills a master and every worker it started, each worker's process group included (a
+/// worker leads its own group). The master is stopped first, so it cannot start another
+/// worker between the look at its children and the kill.
+pub fn kill_master_and_workers(master: u32) {
+    let master_pid = Pid::from_raw(master as i32);
+    let _ = kill(master_pid, Signal::SIGSTOP);
+    for worker in children(master) {
+        let _ = killpg(Pid::from_raw(worker as i32), Signal::SIGKILL);
+    }
+    let _ = killpg(master_pid, Signal::SIGKILL);
+}
+
+/// The pids whose parent is `pid`, from /proc.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return found;
+    };
+    for task in tasks.flatten() {
+        let list = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        found.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    found
 }
 
 /// Copies a child's pipe into `log` on a thread; with `ready`, reports the `host: ready` line.

@@ -13,26 +13,27 @@ use crate::{
     http::get,
 };
 
-fn hello(workers: usize) -> Host {
-    Host::serving("hello", workers, &[])
+fn versioned(workers: usize) -> Host {
+    Host::serving("versioned", workers, &[])
 }
 
 #[test]
 fn worker_killed_with_sigkill_is_replaced() {
-    let host = hello(2);
+    let host = versioned(2);
     let pids = host.ready_pids("plugin");
     kill(Pid::from_raw(pids[0] as i32), Signal::SIGKILL).unwrap();
     wait_until("the slot is refilled", || {
         let now = host.ready_pids("plugin");
         now.len() == 2 && !now.contains(&pids[0]) && now.contains(&pids[1])
     });
-    assert!(get(&host.addr("plugin"), "/").body.contains("hello v1"));
-    host.wait_for_log("unexpectedly; starting a replacement");
+    assert!(get(&host.addr("plugin"), "/").body.contains("versioned v1"));
+    host.wait_for_log("was killed by signal 9 (SIGKILL)");
+    host.wait_for_log("; starting a replacement");
 }
 
 #[test]
 fn master_killed_with_sigkill_leaves_no_worker_behind() {
-    let host = hello(3);
+    let host = versioned(3);
     let pids = host.ready_pids("plugin");
     host.signal(Signal::SIGKILL);
     wait_until("every worker has exited", || {
@@ -42,7 +43,7 @@ fn master_killed_with_sigkill_leaves_no_worker_behind() {
 
 #[test]
 fn stop_drains_leaves_no_process_and_frees_the_port() {
-    let mut host = hello(2);
+    let mut host = versioned(2);
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: std::path::PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(host.state_dir()), 0o700, "state dir");
@@ -75,7 +76,7 @@ fn sigterm_stops_gracefully_after_in_flight_requests() {
 
 #[test]
 fn second_master_on_the_same_state_dir_is_refused() {
-    let host = hello(1);
+    let host = versioned(1);
     let out = host.cli(&["start", "--plugin", "plugin.so", "--listen", "127.0.0.1:0"]);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -90,7 +91,7 @@ fn second_master_on_the_same_state_dir_is_refused() {
 
 #[test]
 fn stale_state_from_a_killed_master_does_not_block_a_new_start() {
-    let first = hello(1);
+    let first = versioned(1);
     killpg(Pid::from_raw(first.pid as i32), Signal::SIGKILL).unwrap();
     wait_until("the master is gone", || !alive(first.pid));
     assert!(
@@ -100,7 +101,9 @@ fn stale_state_from_a_killed_master_does_not_block_a_new_start() {
     // Start again in the same directory, with the same state dir.
     let dir = first.into_dir();
     let second = Host::serving_in(dir, 1, &[]);
-    assert!(get(&second.addr("plugin"), "/").body.contains("hello v1"));
+    assert!(get(&second.addr("plugin"), "/")
+        .body
+        .contains("versioned v1"));
 }
 
 #[test]
@@ -131,20 +134,23 @@ fn services_reload_together_and_reloadable_false_keeps_its_workers() {
         dir_with_config(
             config,
             &[
-                ("greet.so", "hello"),
+                ("greet.so", "versioned"),
                 ("echo.so", "echo"),
                 ("counter.so", "counter"),
             ],
         ),
         &["--config", "host.toml"],
     );
-    assert_eq!(get(&host.addr("greet"), "/").body, "Howdy from hello v1\n");
+    assert_eq!(
+        get(&host.addr("greet"), "/").body,
+        "Howdy from versioned v1\n"
+    );
     let before: Vec<_> = ["greet", "echo", "sessions"]
         .iter()
         .map(|s| host.ready_pids(s))
         .collect();
     crate::harness::copy_new_inode(
-        &crate::harness::artifacts().plugin("hello-v2"),
+        &crate::harness::artifacts().plugin("versioned-v2"),
         &host.dir.path().join("greet.so"),
     );
     let out = host.reload_ok();
@@ -165,7 +171,10 @@ fn services_reload_together_and_reloadable_false_keeps_its_workers() {
         "echo was reloaded"
     );
     assert_eq!(after[2], before[2], "sessions kept its workers");
-    assert_eq!(get(&host.addr("greet"), "/").body, "Howdy from hello v2\n");
+    assert_eq!(
+        get(&host.addr("greet"), "/").body,
+        "Howdy from versioned v2\n"
+    );
     // The echo service listens on IPv6 too.
     let status = host.status();
     let echo = status["services"]

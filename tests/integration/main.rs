@@ -3,10 +3,13 @@
 
 mod harness;
 mod http;
+mod load;
 
 mod cli;
 mod failures;
 mod lifecycle;
+mod liveness;
 mod plugins;
 mod reload;
+mod rollout;
 mod watch;

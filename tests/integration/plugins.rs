@@ -44,17 +44,17 @@ fn body_over_the_limit_is_a_413() {
 
 #[test]
 fn plugin_logs_carry_service_pid_and_version() {
-    let host = Host::serving("hello", 1, &[]);
+    let host = Host::serving("versioned", 1, &[]);
     let pid = host.ready_pids("plugin")[0];
     let version = host.status()["services"][0]["version"]
         .as_str()
         .unwrap()
         .to_string();
-    host.wait_for_log("hello v1 started as worker 0");
+    host.wait_for_log("versioned v1 started as worker 0");
     let logs = host.logs();
     let line = logs
         .lines()
-        .find(|l| l.contains("hello v1 started as worker 0"))
+        .find(|l| l.contains("versioned v1 started as worker 0"))
         .expect(&logs);
     assert!(line.contains("service=plugin"), "{line}");
     assert!(line.contains(&format!("pid={pid}")), "{line}");
@@ -85,11 +85,11 @@ fn blocking_handler_does_not_stall_other_requests_on_the_worker() {
 
 #[test]
 fn host_route_stays_the_same_across_a_reload_while_the_plugin_changes() {
-    let host = Host::serving("hello", 2, &[]);
+    let host = Host::serving("versioned", 2, &[]);
     let addr = host.addr("plugin");
     let info_before = get(&addr, "/__host/info").body;
     let worker_before = get(&addr, "/__host/worker").body;
-    host.replace_plugin("hello-v2");
+    host.replace_plugin("versioned-v2");
     host.reload_ok();
     assert_eq!(
         get(&addr, "/__host/info").body,
@@ -97,7 +97,7 @@ fn host_route_stays_the_same_across_a_reload_while_the_plugin_changes() {
         "static code: unchanged"
     );
     assert!(
-        get(&addr, "/").body.contains("hello v2"),
+        get(&addr, "/").body.contains("versioned v2"),
         "plugin code: changed"
     );
     let worker_after: serde_json::Value =
@@ -110,7 +110,7 @@ fn host_route_stays_the_same_across_a_reload_while_the_plugin_changes() {
     );
     assert_eq!(
         worker_after["blocking_handlers"], false,
-        "hello declares BLOCKING = false"
+        "the versioned fixture declares BLOCKING = false"
     );
 }
 

@@ -25,7 +25,7 @@ struct ClientStats {
 
 #[test]
 fn reload_under_keep_alive_load_fails_no_request() {
-    let host = Host::serving("hello", 3, &[]);
+    let host = Host::serving("versioned", 3, &[]);
     let addr = host.addr("plugin");
     let before = host.ready_pids("plugin");
     assert_eq!(before.len(), 3);
@@ -45,7 +45,7 @@ fn reload_under_keep_alive_load_fails_no_request() {
                         Ok(r) if r.status == 200 => {
                             stats.ok += 1;
                             served.fetch_add(1, Ordering::SeqCst);
-                            if r.body.contains("hello v2") {
+                            if r.body.contains("versioned v2") {
                                 v2_seen.fetch_add(1, Ordering::SeqCst);
                             }
                             stats.bodies.insert(r.body);
@@ -65,7 +65,7 @@ fn reload_under_keep_alive_load_fails_no_request() {
         served.load(Ordering::SeqCst) > 200
     });
 
-    host.replace_plugin("hello-v2");
+    host.replace_plugin("versioned-v2");
     let out = host.reload_ok();
     assert_eq!(
         out.matches(" -> ").count(),
@@ -86,11 +86,11 @@ fn reload_under_keep_alive_load_fails_no_request() {
             s.errors
         );
         assert!(
-            s.bodies.iter().any(|b| b.contains("hello v1")),
+            s.bodies.iter().any(|b| b.contains("versioned v1")),
             "client {i} never saw v1"
         );
         assert!(
-            s.bodies.iter().any(|b| b.contains("hello v2")),
+            s.bodies.iter().any(|b| b.contains("versioned v2")),
             "client {i} never saw v2"
         );
         // Its keep-alive connection was to an old worker, which closed it cleanly.
@@ -102,7 +102,7 @@ fn reload_under_keep_alive_load_fails_no_request() {
         after.iter().all(|p| !before.contains(p)),
         "every worker pid changes: {before:?} -> {after:?}"
     );
-    assert!(get(&addr, "/").body.contains("hello v2"));
+    assert!(get(&addr, "/").body.contains("versioned v2"));
     wait_until("the old workers have exited", || {
         before.iter().all(|p| !alive(*p))
     });
@@ -156,12 +156,12 @@ fn counter_state_is_per_worker_and_lost_on_reload() {
 #[test]
 fn signals_hup_and_usr1_reload() {
     use nix::sys::signal::Signal;
-    let host = Host::serving("hello", 1, &[]);
+    let host = Host::serving("versioned", 1, &[]);
     let addr = host.addr("plugin");
-    host.replace_plugin("hello-v2");
+    host.replace_plugin("versioned-v2");
     host.signal(Signal::SIGHUP);
     wait_until("SIGHUP reloaded v2", || {
-        get(&addr, "/").body.contains("hello v2")
+        get(&addr, "/").body.contains("versioned v2")
     });
     let pids = host.ready_pids("plugin");
     host.signal(Signal::SIGUSR1);
@@ -169,4 +169,50 @@ fn signals_hup_and_usr1_reload() {
         let now = host.ready_pids("plugin");
         now.len() == 1 && now != pids
     });
+}
+
+#[test]
+fn clients_idle_between_requests_lose_nothing_across_reloads() {
+    // 16 clients pause 1 s between requests on their keep-alive connections, less than the
+    // idle grace (5 s): a draining worker answers their next request (with Connection: close)
+    // instead of closing the idle connection under them. Each reload takes a little over its
+    // 1 s canary probation, so a client sends at least one request between two reloads.
+    let host = crate::rollout::start("versioned", 2, "canary_probation = \"1s\"");
+    let addr = host.addr("web");
+    let load = crate::load::Load::start(&addr, 16, std::time::Duration::from_secs(1));
+    load.wait_for_more(16);
+    for round in 0..8 {
+        host.replace_plugin(if round % 2 == 0 {
+            "versioned-v2"
+        } else {
+            "versioned"
+        });
+        host.reload_ok();
+    }
+    load.wait_for_more(32);
+    assert!(load.answers_with("versioned v2") > 0);
+    let seen = load.stop();
+    assert!(seen.errors.is_empty(), "failed requests: {:?}", seen.errors);
+    assert!(seen.ok >= 16 * 8, "{} requests", seen.ok);
+}
+
+#[test]
+fn a_worker_past_max_requests_is_replaced_without_a_failed_request() {
+    let host = crate::rollout::start("versioned", 1, "max_requests = 50\nmax_requests_jitter = 0");
+    let addr = host.addr("web");
+    let mut conn = Conn::new(&addr);
+    let mut pids = HashSet::new();
+    for _ in 0..5000 {
+        let resp = conn.get("/pid").expect("no request may fail");
+        assert_eq!(resp.status, 200);
+        pids.insert(resp.body);
+        if pids.len() >= 3 {
+            break;
+        }
+    }
+    assert!(
+        pids.len() >= 3,
+        "the worker was recycled at least twice: {pids:?}"
+    );
+    host.wait_for_log("it served 50 requests (max_requests, with its jitter)");
 }

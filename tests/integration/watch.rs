@@ -13,11 +13,13 @@ fn watched(plugin: &str, workers: usize) -> Host {
 
 #[test]
 fn a_rebuild_is_served_without_any_command() {
-    let host = watched("hello", 2);
+    let host = watched("versioned", 2);
     let addr = host.addr("plugin");
     let before = host.ready_pids("plugin");
-    host.replace_plugin("hello-v2");
-    wait_until("v2 is served", || get(&addr, "/").body.contains("hello v2"));
+    host.replace_plugin("versioned-v2");
+    wait_until("v2 is served", || {
+        get(&addr, "/").body.contains("versioned v2")
+    });
     wait_until("both workers are replaced", || {
         let now = host.ready_pids("plugin");
         now.len() == 2 && now.iter().all(|p| !before.contains(p))
@@ -28,36 +30,36 @@ fn a_rebuild_is_served_without_any_command() {
 
 #[test]
 fn a_broken_build_is_rejected_and_the_next_good_one_goes_live() {
-    let host = watched("hello", 2);
+    let host = watched("versioned", 2);
     let addr = host.addr("plugin");
     let pids = host.ready_pids("plugin");
     let path = host.dir.path().join("plugin.so");
-    let bytes = fs::read(artifacts().plugin("hello-v2")).unwrap();
+    let bytes = fs::read(artifacts().plugin("versioned-v2")).unwrap();
     fs::remove_file(&path).unwrap();
     fs::write(&path, &bytes[..64 * 1024]).unwrap();
     wait_until("the watcher rejects the build", || {
         host.logs().contains(") rejected: ")
     });
     assert!(
-        get(&addr, "/").body.contains("hello v1"),
+        get(&addr, "/").body.contains("versioned v1"),
         "the old version keeps answering"
     );
     assert_eq!(host.ready_pids("plugin"), pids);
     assert!(host.logs().contains("still serving"));
 
-    host.replace_plugin("hello-v2");
+    host.replace_plugin("versioned-v2");
     wait_until("the good build goes live", || {
-        get(&addr, "/").body.contains("hello v2")
+        get(&addr, "/").body.contains("versioned v2")
     });
 }
 
 #[test]
 fn a_touch_or_an_identical_rebuild_does_not_reload() {
-    let host = watched("hello", 1);
+    let host = watched("versioned", 1);
     let pids = host.ready_pids("plugin");
     let path = host.dir.path().join("plugin.so");
     // Identical bytes in a new file, as `cargo build` with nothing to do... or a touch.
-    host.replace_plugin("hello");
+    host.replace_plugin("versioned");
     wait_until("the watcher looked", || {
         host.logs().contains("content the same")
     });
@@ -73,14 +75,20 @@ fn a_touch_or_an_identical_rebuild_does_not_reload() {
 
 #[test]
 fn a_burst_of_rebuilds_ends_in_one_or_two_reloads_of_the_newest() {
-    let host = watched("hello", 2);
+    let host = watched("versioned", 2);
     let addr = host.addr("plugin");
     let path = host.dir.path().join("plugin.so");
-    for name in ["hello-v2", "hello", "hello-v2", "hello", "hello-v2"] {
+    for name in [
+        "versioned-v2",
+        "versioned",
+        "versioned-v2",
+        "versioned",
+        "versioned-v2",
+    ] {
         copy_new_inode(&artifacts().plugin(name), &path);
     }
     wait_until("the newest build is served", || {
-        get(&addr, "/").body.contains("hello v2")
+        get(&addr, "/").body.contains("versioned v2")
     });
     // Both reload lines (if there were two) are logged before the newest build serves.
     host.wait_for_log("plugin plugin rebuilt (");
@@ -91,14 +99,16 @@ fn a_burst_of_rebuilds_ends_in_one_or_two_reloads_of_the_newest() {
 
 #[test]
 fn rollback_goes_back_and_to_a_named_version() {
-    let host = watched("hello", 2);
+    let host = watched("versioned", 2);
     let addr = host.addr("plugin");
     let v1 = host.status()["services"][0]["version"]
         .as_str()
         .unwrap()
         .to_string();
-    host.replace_plugin("hello-v2");
-    wait_until("v2 is served", || get(&addr, "/").body.contains("hello v2"));
+    host.replace_plugin("versioned-v2");
+    wait_until("v2 is served", || {
+        get(&addr, "/").body.contains("versioned v2")
+    });
     let status = host.status();
     let v2 = status["services"][0]["version"]
         .as_str()
@@ -116,11 +126,11 @@ fn rollback_goes_back_and_to_a_named_version() {
         2,
         "one line per worker:\n{text}"
     );
-    assert!(get(&addr, "/").body.contains("hello v1"));
+    assert!(get(&addr, "/").body.contains("versioned v1"));
 
     let out = host.cli(&["rollback", "plugin", "--to", &v2[..5]]);
     assert!(out.status.success(), "{}", output_text(&out));
-    assert!(get(&addr, "/").body.contains("hello v2"));
+    assert!(get(&addr, "/").body.contains("versioned v2"));
 
     let out = host.cli(&["rollback", "--to", "0000000"]);
     assert_eq!(out.status.code(), Some(1));
@@ -136,7 +146,7 @@ fn dev_builds_serves_and_picks_up_a_source_edit() {
     let krate = dir.path().join("devhello");
     fs::create_dir_all(krate.join("src")).unwrap();
     fs::copy(
-        root.join("plugins/hello/src/lib.rs"),
+        root.join("tests/fixtures/versioned/src/lib.rs"),
         krate.join("src/lib.rs"),
     )
     .unwrap();
@@ -158,32 +168,32 @@ fn dev_builds_serves_and_picks_up_a_source_edit() {
     let host = Host::launch("dev", dir, &args, &[("CARGO_TARGET_DIR", target_dir)])
         .unwrap_or_else(|(host, why)| panic!("host dev did not start: {why}\n{}", host.logs()));
     let addr = host.addr("devhello");
-    assert!(get(&addr, "/").body.contains("hello v1"));
+    assert!(get(&addr, "/").body.contains("versioned v1"));
 
     let lib = krate.join("src/lib.rs");
     let source = fs::read_to_string(&lib).unwrap();
     fs::write(&lib, source.replace("None => \"v1\"", "None => \"v3\"")).unwrap();
     wait_until("the edit is served", || {
-        get(&addr, "/").body.contains("hello v3")
+        get(&addr, "/").body.contains("versioned v3")
     });
 
     let broken = fs::read_to_string(&lib).unwrap() + "\nfn broken( {\n";
     fs::write(&lib, broken).unwrap();
     wait_until("the build fails", || host.logs().contains("build failed"));
     assert!(
-        get(&addr, "/").body.contains("hello v3"),
+        get(&addr, "/").body.contains("versioned v3"),
         "the running version keeps serving"
     );
 }
 
 #[test]
 fn the_version_history_survives_a_master_restart() {
-    let mut host = Host::serving("hello", 1, &[]);
+    let mut host = Host::serving("versioned", 1, &[]);
     let v1 = host.status()["services"][0]["version"]
         .as_str()
         .unwrap()
         .to_string();
-    host.replace_plugin("hello-v2");
+    host.replace_plugin("versioned-v2");
     host.reload_ok();
     assert!(host.cli(&["stop"]).status.success());
     assert!(host.wait_exit());
@@ -191,12 +201,12 @@ fn the_version_history_survives_a_master_restart() {
     let dir = host.into_dir();
     let host = Host::serving_in(dir, 1, &[]);
     let addr = host.addr("plugin");
-    assert!(get(&addr, "/").body.contains("hello v2"));
+    assert!(get(&addr, "/").body.contains("versioned v2"));
     assert_eq!(
         host.status()["services"][0]["previous"][0]["version"],
         v1.as_str()
     );
     let out = host.cli(&["rollback"]);
     assert!(out.status.success(), "{}", output_text(&out));
-    assert!(get(&addr, "/").body.contains("hello v1"));
+    assert!(get(&addr, "/").body.contains("versioned v1"));
 }

@@ -13,7 +13,7 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use super::{reload::Progress, Master};
+use super::{Master, Op};
 use crate::protocol::{ControlReply, ControlRequest};
 
 /// Accepts control connections for the life of the master.
@@ -62,16 +62,15 @@ async fn handle(
         }
         ControlRequest::Reload { .. } | ControlRequest::Rollback { .. } => {
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let reloading = master.clone();
-            // The reload runs in its own task, so it completes even if this client disconnects.
-            tokio::spawn(
-                async move {
-                    let progress = Progress(Some(tx.clone()));
-                    let (ok, summary) = roll(&reloading, request, &progress).await;
-                    let _ = tx.send(ControlReply::Done { ok, summary });
+            let (op, why) = match request {
+                ControlRequest::Reload { services } => (Op::Reload(services), "host reload"),
+                ControlRequest::Rollback { service, to } => {
+                    (Op::Rollback { service, to }, "host rollback")
                 }
-                .in_current_span(),
-            );
+                ControlRequest::Status | ControlRequest::Stop => unreachable!("matched above"),
+            };
+            // The job queue runs it, so it completes even if this client disconnects.
+            master.submit(op, why, Some(tx));
             while let Some(reply) = rx.recv().await {
                 let last = matches!(reply, ControlReply::Done { .. });
                 if send(&mut write, &reply).await.is_err() || last {
@@ -92,22 +91,6 @@ async fn handle(
                 let _ = stops.send(write);
             }
         }
-    }
-}
-
-async fn roll(
-    master: &Arc<Master>,
-    request: ControlRequest,
-    progress: &Progress,
-) -> (bool, String) {
-    match request {
-        ControlRequest::Reload { services } => master.reload(&services, progress).await,
-        ControlRequest::Rollback { service, to } => {
-            master
-                .rollback(service.as_deref(), to.as_deref(), progress)
-                .await
-        }
-        ControlRequest::Status | ControlRequest::Stop => (false, "not a reload".into()),
     }
 }
 

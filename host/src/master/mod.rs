@@ -10,9 +10,13 @@
 //! as the master.
 
 mod control;
+mod jobs;
 mod pool;
 mod process;
-mod reload;
+mod rollout;
+mod service;
+mod status;
+mod supervise;
 mod watcher;
 
 use std::{
@@ -20,8 +24,8 @@ use std::{
     net::{SocketAddr, TcpListener},
     os::unix::fs::PermissionsExt,
     process::ExitCode,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
 };
 
 use socket2::{Domain, Socket, Type};
@@ -32,95 +36,33 @@ use tokio::{
     task::JoinSet,
 };
 
-pub use self::pool::{describe_exit, worker_spec, WorkerState};
+pub use self::jobs::Op;
+pub use self::pool::{heartbeat_interval, worker_spec, WorkerState};
 pub use self::process::{spawn as spawn_worker_process, Spawned};
-use self::{pool::Registry, reload::Progress};
+pub use self::supervise::describe_exit;
+use self::{jobs::Jobs, pool::Registry, service::Service};
 use crate::{
-    config::{Config, ServiceConfig},
-    protocol::{ControlReply, ServiceStatus, StatusReport, VersionInfo, WorkerStatus},
-    shadow::{PluginVersion, ShadowStore},
+    config::Config,
+    protocol::{ControlReply, RolloutEvent},
+    shadow::{History, ShadowStore},
     state_dir::StateDir,
 };
 
 /// The listen backlog: connections wait here while workers are replaced.
 const BACKLOG: i32 = 1024;
 
-/// One configured service and what the master holds for it.
-pub struct Service {
-    pub config: ServiceConfig,
-    pub listeners: Vec<TcpListener>,
-    /// The plugin version new workers of this service load.
-    current: Mutex<PluginVersion>,
-    /// Versions that were live before, oldest first, at most `keep_versions - 1`; their shadow
-    /// copies are kept for `host rollback`.
-    pub previous: Mutex<Vec<PluginVersion>>,
-}
-
-impl Service {
-    /// A service serving `version`, with the `previous` versions a saved history remembers.
-    fn new(
-        config: ServiceConfig,
-        listeners: Vec<TcpListener>,
-        version: PluginVersion,
-        mut previous: Vec<PluginVersion>,
-    ) -> Service {
-        previous.retain(|v| v.hash != version.hash);
-        let excess = (previous.len() + 1).saturating_sub(config.keep_versions);
-        previous.drain(..excess);
-        Service {
-            config,
-            listeners,
-            current: Mutex::new(version),
-            previous: Mutex::new(previous),
-        }
-    }
-
-    /// The version new workers load.
-    pub fn current(&self) -> PluginVersion {
-        self.current.lock().unwrap().clone()
-    }
-
-    /// Makes `version` the live one; the one it replaces heads the history.
-    pub fn went_live(&self, version: PluginVersion) {
-        let mut current = self.current.lock().unwrap();
-        if current.hash == version.hash {
-            return;
-        }
-        let mut previous = self.previous.lock().unwrap();
-        // A version that comes back (a rollback, or a rebuild to identical bytes) keeps the time
-        // it was first loaded, and moves to the end of the history.
-        let version = match previous.iter().position(|v| v.hash == version.hash) {
-            Some(i) => PluginVersion {
-                stored_at: previous.remove(i).stored_at,
-                ..version
-            },
-            None => version,
-        };
-        previous.push(std::mem::replace(&mut *current, version));
-        let excess = (previous.len() + 1).saturating_sub(self.config.keep_versions);
-        previous.drain(..excess);
-    }
-
-    /// The bound addresses (with the real port when the config said port 0).
-    pub fn listen_addrs(&self) -> Vec<String> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .collect()
-    }
-}
-
 /// Everything the master's tasks share.
 pub struct Master {
     pub started: Instant,
-    pub services: Vec<Service>,
+    services: RwLock<Vec<Arc<Service>>>,
     pub store: ShadowStore,
     pub registry: Mutex<Registry>,
     /// Number of live worker processes, to wait for zero on stop.
     pub worker_count: watch::Sender<usize>,
     pub stopping: watch::Sender<bool>,
-    pub reload_lock: tokio::sync::Mutex<()>,
+    jobs: Jobs,
+    /// Reloads and rollbacks, oldest first (saved with the version history).
+    events: Mutex<Vec<RolloutEvent>>,
 }
 
 /// Work that runs beside the master once it serves (`host dev`'s rebuild loop).
@@ -154,6 +96,8 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
     let store = ShadowStore::new(state.plugins());
     let mut history = store.load_history();
     let mut services = Vec::new();
+    let mut stored_now = Vec::new();
+    let mut lived_before = Vec::new();
     for svc in config.services {
         let mut listeners = Vec::new();
         for addr in &svc.listen {
@@ -172,8 +116,19 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
             Ok(v) => v,
             Err(e) => return fail(&format!("service {}: {e}", svc.name)),
         };
-        let previous = history.remove(&svc.name).unwrap_or_default();
-        services.push(Service::new(svc, listeners, version, previous));
+        let saved = history.services.remove(&svc.name).unwrap_or_default();
+        let known = |hash: &str| {
+            saved
+                .live
+                .iter()
+                .chain(&saved.previous)
+                .any(|v| v.hash == hash)
+        };
+        if !known(&version.hash) {
+            stored_now.push(version.clone());
+        }
+        lived_before.push(saved.live.clone());
+        services.push(Arc::new(Service::new(svc, listeners, version, saved)));
     }
     // Only the user who runs the master may reload or stop it: 0600 on the socket, inside the
     // state directory's 0700.
@@ -191,14 +146,14 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
     };
     let master = Arc::new(Master {
         started: Instant::now(),
-        services,
+        services: RwLock::new(services),
         store,
         registry: Mutex::default(),
         worker_count: watch::Sender::new(0),
         stopping: watch::Sender::new(false),
-        reload_lock: tokio::sync::Mutex::new(()),
+        jobs: Jobs::default(),
+        events: Mutex::new(history.events),
     });
-    master.prune_store();
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<OwnedWriteHalf>();
     tokio::spawn(control::serve(master.clone(), control, stop_tx));
 
@@ -214,12 +169,21 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
 
     if let Err(e) = master.start_all().await {
         master.stop(false).await;
+        // A start that failed leaves no copy behind that nothing else uses.
+        for version in stored_now {
+            master.store.remove(&version);
+        }
         return fail(&e);
     }
-    for (i, svc) in master.services.iter().enumerate() {
+    master.save_history();
+    master.prune_store();
+    tokio::spawn(master.clone().run_jobs());
+    tokio::spawn(master.clone().check_liveness());
+    for (svc, before) in master.services().iter().zip(lived_before) {
+        master.probation_at_start(svc, before);
         if svc.config.watch {
-            if let Err(e) = watcher::spawn(master.clone(), i) {
-                tracing::error!(service = %svc.config.name, "{e}; reload it by hand");
+            if let Err(e) = watcher::spawn(master.clone(), svc.clone()) {
+                tracing::error!(service = %svc.name(), "{e}; reload it by hand");
             }
         }
     }
@@ -235,14 +199,16 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
     let mut stop_replies = Vec::new();
     loop {
         tokio::select! {
-            _ = hup.recv() => master.spawn_reload("SIGHUP"),
-            _ = usr1.recv() => master.spawn_reload("SIGUSR1"),
+            _ = hup.recv() => master.submit(Op::Reload(vec![]), "SIGHUP", None),
+            _ = usr1.recv() => master.submit(Op::Reload(vec![]), "SIGUSR1", None),
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); break }
             Some(reply) = stop_rx.recv() => { stop_replies.push(reply); break }
         }
     }
-    // Stop: drain everything; a second signal (or Ctrl-C) kills what is left.
+    // Stop: drain everything; a second signal (or Ctrl-C) kills what is left. Workers run in
+    // their own process groups, so a Ctrl-C in the terminal reaches only the master, which
+    // passes it on as this orderly drain.
     let stopping = master.stop(true);
     tokio::pin!(stopping);
     loop {
@@ -253,6 +219,7 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
             _ = int.recv() => master.kill_all("second SIGINT"),
         }
     }
+    master.save_history();
     tracing::info!("stopped");
     let done = ControlReply::Done {
         ok: true,
@@ -262,19 +229,6 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
         let _ = control::send(&mut reply, &done).await;
     }
     ExitCode::SUCCESS
-}
-
-fn version_info(v: &PluginVersion) -> VersionInfo {
-    VersionInfo {
-        version: v.short().to_string(),
-        size: v.size,
-        first_loaded: v
-            .stored_at
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        source: v.source.clone(),
-    }
 }
 
 /// Binds a listener the way every worker will share it: no SO_REUSEPORT (with one socket per
@@ -294,35 +248,28 @@ impl Master {
     /// Starts every slot of every service and waits until all are READY.
     async fn start_all(self: &Arc<Self>) -> Result<(), String> {
         let mut starting = JoinSet::new();
-        for (service, svc) in self.services.iter().enumerate() {
-            let version = svc.current();
+        for svc in self.services() {
+            let version = svc.live();
             for slot in 0..svc.config.workers {
-                let (master, version) = (self.clone(), version.clone());
+                let (master, version, svc) = (self.clone(), version.clone(), svc.clone());
                 starting.spawn(async move {
-                    let started = master.start_worker(service, slot, &version).await;
-                    (service, slot, started)
+                    let started = master.start_worker(&svc, slot, &version).await;
+                    (svc, slot, started)
                 });
             }
         }
         let mut first_error = None;
         while let Some(joined) = starting.join_next().await {
-            let Ok((service, slot, started)) = joined else {
+            let Ok((svc, slot, started)) = joined else {
                 continue;
             };
             match started {
                 Ok(pid) => {
-                    self.registry
-                        .lock()
-                        .unwrap()
-                        .slots
-                        .insert((service, slot), pid);
+                    self.install(&svc, slot, pid);
                 }
                 Err(e) => {
                     first_error.get_or_insert_with(|| {
-                        format!(
-                            "service {} could not start: {e}",
-                            self.services[service].config.name
-                        )
+                        format!("service {} could not start: {e}", svc.name())
                     });
                 }
             }
@@ -333,8 +280,22 @@ impl Master {
         }
     }
 
-    fn describe_listeners(&self) -> String {
+    /// The services, in config order.
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.services.read().unwrap().clone()
+    }
+
+    pub fn service(&self, name: &str) -> Option<Arc<Service>> {
         self.services
+            .read()
+            .unwrap()
+            .iter()
+            .find(|s| s.name() == name)
+            .cloned()
+    }
+
+    fn describe_listeners(&self) -> String {
+        self.services()
             .iter()
             .map(|s| {
                 let urls: Vec<_> = s
@@ -346,19 +307,6 @@ impl Master {
             })
             .collect::<Vec<_>>()
             .join("; ")
-    }
-
-    fn spawn_reload(self: &Arc<Self>, why: &'static str) {
-        tracing::info!("{why}: reloading every reloadable service");
-        let master = self.clone();
-        tokio::spawn(async move {
-            let (ok, summary) = master.reload(&[], &Progress(None)).await;
-            if ok {
-                tracing::info!("{summary}");
-            } else {
-                tracing::error!("{summary}");
-            }
-        });
     }
 
     /// Drains every worker (`graceful`) or kills them, and waits until none is left.
@@ -375,41 +323,38 @@ impl Master {
         let _ = count.wait_for(|n| *n == 0).await;
     }
 
-    /// Pids of every live worker process, whatever its state.
-    fn live_pids(&self) -> Vec<u32> {
-        self.registry
-            .lock()
-            .unwrap()
-            .workers
-            .keys()
-            .copied()
-            .collect()
-    }
-
     fn kill_all(self: &Arc<Self>, why: &str) {
         tracing::warn!("{why}: killing every worker now");
-        let pids = self.live_pids();
-        for pid in pids {
-            self.kill_worker(pid);
+        for pid in self.live_pids() {
+            self.kill_worker(pid, why);
         }
     }
 
-    /// Writes every service's previous versions to the store's history file.
+    /// Writes every service's versions and the rollout events to the store's history file.
     fn save_history(&self) {
-        let history = self
-            .services
-            .iter()
-            .map(|s| (s.config.name.clone(), s.previous.lock().unwrap().clone()))
-            .collect();
+        let history = History {
+            services: self
+                .services()
+                .iter()
+                .map(|s| (s.name().to_string(), s.saved()))
+                .collect(),
+            events: self.events.lock().unwrap().clone(),
+        };
         self.store.save_history(&history);
     }
 
-    /// Removes shadow copies no live worker and no service uses any more.
+    /// Removes shadow copies that no live worker, no service's history and no trial (the
+    /// version a probation would roll back to) uses any more.
     fn prune_store(&self) {
         let mut keep: HashSet<_> = HashSet::new();
-        for svc in &self.services {
-            keep.insert(svc.current().path);
-            keep.extend(svc.previous.lock().unwrap().iter().map(|v| v.path.clone()));
+        for svc in self.services() {
+            let st = svc.state();
+            keep.insert(st.live.path.clone());
+            keep.extend(st.previous.iter().map(|v| v.path.clone()));
+            if let Some(trial) = &st.trial {
+                keep.insert(trial.from.path.clone());
+                keep.insert(trial.to.path.clone());
+            }
         }
         keep.extend(
             self.registry
@@ -420,55 +365,5 @@ impl Master {
                 .map(|w| w.version.path.clone()),
         );
         self.store.prune(&keep);
-    }
-
-    /// The picture `host status` shows.
-    async fn status(&self) -> StatusReport {
-        let pids = self.live_pids();
-        let counts = self.request_counts(&pids, Duration::from_millis(500)).await;
-        let reg = self.registry.lock().unwrap();
-        let services = self
-            .services
-            .iter()
-            .enumerate()
-            .map(|(i, svc)| {
-                let mut workers: Vec<WorkerStatus> = reg
-                    .workers
-                    .iter()
-                    .filter(|(_, w)| w.service == i)
-                    .map(|(pid, w)| WorkerStatus {
-                        slot: w.slot,
-                        pid: *pid,
-                        state: w.state.as_str().to_string(),
-                        version: w.version.short().to_string(),
-                        uptime_ms: w.started.elapsed().as_millis() as u64,
-                        requests: counts.get(pid).copied(),
-                    })
-                    .collect();
-                workers.sort_by_key(|w| (w.slot, w.uptime_ms));
-                ServiceStatus {
-                    name: svc.config.name.clone(),
-                    listen: svc.listen_addrs(),
-                    plugin: svc.config.plugin.clone(),
-                    reloadable: svc.config.reloadable,
-                    version: svc.current().short().to_string(),
-                    previous: svc
-                        .previous
-                        .lock()
-                        .unwrap()
-                        .iter()
-                        .rev()
-                        .map(version_info)
-                        .collect(),
-                    workers,
-                }
-            })
-            .collect();
-        StatusReport {
-            master_pid: std::process::id(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            host_version: env!("CARGO_PKG_VERSION").to_string(),
-            services,
-        }
     }
 }

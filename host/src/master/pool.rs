@@ -1,36 +1,32 @@
-//! The worker pool: starting workers, watching them, draining them, replacing crashed ones.
+//! The worker pool: the registry of live workers and of each service's slots, and the
+//! operations on them: start a worker and wait for READY, put it in a slot, drain it, kill it,
+//! and replace the worker of one slot by surge-and-drain (used by reloads, rollbacks and
+//! recycling alike). What happens when a worker dies is `master::supervise`.
 //!
-//! Each worker has one task ([`Master::watch_worker`]) that owns its process and its channel:
-//! it relays messages (READY, a start failure, stats), kills the process when asked, reaps it,
-//! and decides what its exit means. The registry (`Master::registry`) is the shared picture
-//! `host status` shows; `slots` says which worker currently serves each (service, slot): only
-//! that worker is respawned when it dies. A worker that was told to drain has left its slot.
+//! `slots` says which worker currently serves each (service, slot): only that worker is
+//! replaced when it dies. A worker that was told to drain has left its slot.
 
 use std::{
-    collections::HashMap,
-    process::ExitStatus,
+    collections::{HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixStream,
-    process::Child,
-    sync::{mpsc, oneshot, Notify},
-};
+use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{process, Master};
+use super::{process, service::Service, Master};
 use crate::{
     config::ServiceConfig,
-    protocol::{encode, monotonic_ns, FromWorker, ToWorker, WorkerSpec},
+    protocol::{monotonic_ns, ToWorker, WorkerSpec},
     shadow::PluginVersion,
 };
 
-/// A worker that lived less than this before it died counts as crash-looping: its replacement
-/// waits (100 ms, doubling, at most [`MAX_BACKOFF`]) so that a crash loop cannot spin.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a replacement waits for an old worker to confirm it stopped accepting.
+const STOP_ACCEPTING_WAIT: Duration = Duration::from_secs(2);
+
+/// Draining workers a slot keeps with their idle keep-alive connections open; older ones are
+/// told to close theirs at once, so that rapid reloads do not pile up idle processes.
+const DRAINING_GENERATIONS: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerState {
@@ -51,67 +47,116 @@ impl WorkerState {
 
 /// What the master knows of one live worker process.
 pub struct WorkerEntry {
-    pub service: usize,
+    pub service: Arc<Service>,
     pub slot: usize,
     pub state: WorkerState,
     pub version: PluginVersion,
     pub started: Instant,
-    /// When the master spawned it, on the clock of [`StartTimings`].
-    spawned_ns: u64,
-    drain_started: Option<Instant>,
-    to_worker: mpsc::UnboundedSender<ToWorker>,
-    kill: Arc<Notify>,
-    stats_waiters: Vec<oneshot::Sender<u64>>,
+    /// When the master spawned it, on the clock of `StartTimings`.
+    pub spawned_ns: u64,
+    pub drain_started: Option<Instant>,
+    pub to_worker: mpsc::UnboundedSender<ToWorker>,
+    pub kill: Arc<Notify>,
+    /// Why the master killed it, for the exit message.
+    pub kill_reason: Option<String>,
+    pub stats_waiters: Vec<oneshot::Sender<u64>>,
     /// Fired when the worker reports it stopped accepting (see [`Master::drain_worker`]).
-    stopped_accepting: Option<oneshot::Sender<()>>,
+    pub stopped_accepting: Option<oneshot::Sender<()>>,
+    /// The last heartbeat (or READY); `None` while starting.
+    pub last_heartbeat: Option<Instant>,
+    pub requests: u64,
+    pub rss_bytes: u64,
+    pub connections: u64,
+    /// A graceful replacement was asked for already (recycling, a lost handler thread).
+    pub replacing: bool,
+    /// The plugin's last panic message and when it came, quoted if the worker dies soon after.
+    pub last_panic: Option<(String, Instant)>,
 }
 
-/// Live workers by pid, and which pid serves each (service, slot).
+/// How a slot's workers have fared.
+#[derive(Default)]
+pub struct SlotState {
+    /// The worker serving this slot.
+    pub pid: Option<u32>,
+    /// Consecutive young deaths, and of which version (a new version starts counting anew).
+    pub crashes: u32,
+    pub crashed_version: Option<String>,
+    /// How the last worker of this slot ended unexpectedly, and when.
+    pub last_exit: Option<(String, Instant)>,
+    /// When a respawn waits out its backoff: when it starts.
+    pub next_retry: Option<Instant>,
+    /// A respawn task is filling this slot.
+    pub respawning: bool,
+    /// Workers that left this slot and are draining, oldest first.
+    pub draining: VecDeque<u32>,
+}
+
+/// Live workers by pid, and the slots of every service.
 #[derive(Default)]
 pub struct Registry {
     pub workers: HashMap<u32, WorkerEntry>,
-    pub slots: HashMap<(usize, usize), u32>,
-    /// Consecutive short-lived deaths per slot, for the respawn backoff.
-    crashes: HashMap<(usize, usize), u32>,
+    /// By (service name, slot).
+    pub slots: HashMap<(String, usize), SlotState>,
+}
+
+impl Registry {
+    pub fn slot(&mut self, service: &str, slot: usize) -> &mut SlotState {
+        self.slots.entry((service.to_string(), slot)).or_default()
+    }
+
+    /// The pid serving a slot, if any.
+    pub fn holder(&self, service: &str, slot: usize) -> Option<u32> {
+        self.slots
+            .get(&(service.to_string(), slot))
+            .and_then(|s| s.pid)
+    }
+}
+
+/// One slot replaced: which worker left and which took over.
+pub struct SlotChange {
+    pub old: Option<u32>,
+    pub new: u32,
+    pub ready_ms: u128,
 }
 
 impl Master {
     /// Starts a worker for `(service, slot)` running `version` and waits until it is READY.
     /// On failure the process is gone (killed if it had to be) and the error says why.
-    /// The caller decides whether the worker takes over the slot.
     pub async fn start_worker(
         self: &Arc<Self>,
-        service: usize,
+        svc: &Arc<Service>,
         slot: usize,
         version: &PluginVersion,
     ) -> Result<u32, String> {
-        if *self.stopping.borrow() {
-            return Err("the host is stopping".into());
-        }
-        let svc = &self.services[service];
         let spec = worker_spec(&svc.config, slot, version, svc.listen_addrs());
-        let spawned_ns = monotonic_ns();
         let spawned = process::spawn(&spec, &svc.listeners)
             .map_err(|e| format!("could not start a worker process: {e}"))?;
         let pid = spawned.child.id().unwrap_or(0);
         let (to_worker, from_master) = mpsc::unbounded_channel();
         let _ = to_worker.send(ToWorker::Start(Box::new(spec)));
-        let kill = Arc::new(Notify::new());
         let (ready_tx, ready_rx) = oneshot::channel();
+        let kill = Arc::new(Notify::new());
         self.registry.lock().unwrap().workers.insert(
             pid,
             WorkerEntry {
-                service,
+                service: svc.clone(),
                 slot,
                 state: WorkerState::Starting,
                 version: version.clone(),
                 started: Instant::now(),
-                spawned_ns,
+                spawned_ns: monotonic_ns(),
                 drain_started: None,
                 to_worker,
                 kill: kill.clone(),
+                kill_reason: None,
                 stats_waiters: Vec::new(),
                 stopped_accepting: None,
+                last_heartbeat: None,
+                requests: 0,
+                rss_bytes: 0,
+                connections: 0,
+                replacing: false,
+                last_panic: None,
             },
         );
         self.worker_count.send_modify(|n| *n += 1);
@@ -132,6 +177,7 @@ impl Master {
                     if w.state == WorkerState::Starting {
                         w.state = WorkerState::Ready;
                     }
+                    w.last_heartbeat = Some(Instant::now());
                 }
                 if *self.stopping.borrow() {
                     self.drain_worker(pid);
@@ -142,7 +188,7 @@ impl Master {
             Ok(Ok(Err(reason))) => Err(reason),
             Ok(Err(_)) => Err(format!("worker {pid} vanished before it was ready")),
             Err(_) => {
-                kill.notify_one();
+                self.kill_worker(pid, "it did not report ready within the ready timeout");
                 Err(format!(
                     "worker {pid} did not report ready within the ready timeout ({}), so it was \
                      killed. The plugin's on_start is probably blocked; make it return, or raise \
@@ -153,11 +199,56 @@ impl Master {
         }
     }
 
+    /// Makes `pid` the worker of `(service, slot)`; returns the worker it displaced, which the
+    /// caller drains.
+    pub fn install(&self, svc: &Service, slot: usize, pid: u32) -> Option<u32> {
+        let mut reg = self.registry.lock().unwrap();
+        let state = reg.slot(svc.name(), slot);
+        state.respawning = false;
+        state.next_retry = None;
+        state.pid.replace(pid)
+    }
+
+    /// Replaces the worker of one slot by surge-and-drain: a new worker on `version` first,
+    /// READY, in the slot; then the old one drains, and this returns once it stopped accepting
+    /// (so that from then on every new connection reaches the new worker). An empty slot is
+    /// simply filled. The caller holds the service's lock.
+    pub async fn replace_slot(
+        self: &Arc<Self>,
+        svc: &Arc<Service>,
+        slot: usize,
+        version: &PluginVersion,
+    ) -> Result<SlotChange, String> {
+        let t = Instant::now();
+        let new = self.start_worker(svc, slot, version).await?;
+        let ready_ms = t.elapsed().as_millis();
+        let old = self.install(svc, slot, new);
+        if let Some(old) = old {
+            self.drain_and_wait(svc, old).await;
+        }
+        Ok(SlotChange { old, new, ready_ms })
+    }
+
+    /// Tells `pid` to drain and waits (a little) until it stopped accepting.
+    pub async fn drain_and_wait(&self, svc: &Service, pid: u32) {
+        let stopped = self.drain_worker(pid);
+        if tokio::time::timeout(STOP_ACCEPTING_WAIT, stopped)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                service = %svc.name(),
+                "worker {pid} did not confirm within {STOP_ACCEPTING_WAIT:?} that it stopped \
+                 accepting; going on"
+            );
+        }
+    }
+
     /// Tells a worker to drain: it leaves its slot at once and is killed if it is still running
     /// after the service's drain timeout. The receiver resolves once the worker has closed its
     /// listeners (with an error if it exits first, or was draining already): from then on no
     /// new connection reaches the old code.
-    pub fn drain_worker(self: &Arc<Self>, pid: u32) -> oneshot::Receiver<()> {
+    pub fn drain_worker(&self, pid: u32) -> oneshot::Receiver<()> {
         let (stopped_tx, stopped_rx) = oneshot::channel();
         let mut reg = self.registry.lock().unwrap();
         let Some(w) = reg.workers.get_mut(&pid) else {
@@ -170,11 +261,20 @@ impl Master {
         w.state = WorkerState::Draining;
         w.drain_started = Some(Instant::now());
         let _ = w.to_worker.send(ToWorker::Drain);
-        let (key, kill) = ((w.service, w.slot), w.kill.clone());
-        let timeout = self.services[w.service].config.drain_timeout;
-        if reg.slots.get(&key) == Some(&pid) {
-            reg.slots.remove(&key);
+        let (svc, slot, kill) = (w.service.clone(), w.slot, w.kill.clone());
+        let state = reg.slot(svc.name(), slot);
+        if state.pid == Some(pid) {
+            state.pid = None;
         }
+        state.draining.push_back(pid);
+        let excess = state.draining.len().saturating_sub(DRAINING_GENERATIONS);
+        let oldest: Vec<u32> = state.draining.iter().take(excess).copied().collect();
+        for old in oldest {
+            if let Some(w) = reg.workers.get(&old) {
+                let _ = w.to_worker.send(ToWorker::CloseIdle);
+            }
+        }
+        let timeout = svc.config.drain_timeout;
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             // Notifying the Notify of a worker that already exited does nothing, so there is no
@@ -184,9 +284,11 @@ impl Master {
         stopped_rx
     }
 
-    /// Kills a worker at once (fast stop, or a second Ctrl-C).
-    pub fn kill_worker(&self, pid: u32) {
-        if let Some(w) = self.registry.lock().unwrap().workers.get(&pid) {
+    /// Kills a worker and everything it started (its process group), saying why in its exit
+    /// line.
+    pub fn kill_worker(&self, pid: u32, why: &str) {
+        if let Some(w) = self.registry.lock().unwrap().workers.get_mut(&pid) {
+            w.kill_reason.get_or_insert_with(|| why.to_string());
             w.kill.notify_one();
         }
     }
@@ -215,222 +317,41 @@ impl Master {
         counts
     }
 
-    /// The one task per worker: relay its messages, kill it on request, reap it, and react to
-    /// its exit.
-    async fn watch_worker(
-        self: Arc<Self>,
-        pid: u32,
-        mut child: Child,
-        channel: UnixStream,
-        mut from_master: mpsc::UnboundedReceiver<ToWorker>,
-        ready_tx: oneshot::Sender<Result<(), String>>,
-        kill: Arc<Notify>,
-    ) {
-        let (read, mut write) = channel.into_split();
-        let writer = tokio::spawn(async move {
-            while let Some(message) = from_master.recv().await {
-                if write.write_all(&encode(&message)).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let mut lines = BufReader::new(read).lines();
-        let mut ready_tx = Some(ready_tx);
-        let mut failure = None;
-        let mut channel_open = true;
-        let status = loop {
-            tokio::select! {
-                status = child.wait() => break status,
-                _ = kill.notified() => {
-                    let _ = child.start_kill();
-                }
-                line = lines.next_line(), if channel_open => match line {
-                    Ok(Some(line)) => self.on_message(pid, &line, &mut ready_tx, &mut failure),
-                    _ => channel_open = false,
-                },
-            }
-        };
-        // A start failure is sent just before the worker exits: read what is left.
-        while channel_open {
-            match tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await {
-                Ok(Ok(Some(line))) => self.on_message(pid, &line, &mut ready_tx, &mut failure),
-                _ => channel_open = false,
-            }
-        }
-        writer.abort();
-        let exit = describe_exit(status);
-        if let Some(tx) = ready_tx.take() {
-            let reason = failure.unwrap_or_else(|| {
-                format!("worker {pid} {exit} before it was ready (a crash while loading or starting the plugin)")
-            });
-            let _ = tx.send(Err(reason));
-        }
-        self.on_exit(pid, &exit);
+    /// Pids of every live worker process, whatever its state.
+    pub fn live_pids(&self) -> Vec<u32> {
+        self.registry
+            .lock()
+            .unwrap()
+            .workers
+            .keys()
+            .copied()
+            .collect()
     }
 
-    fn on_message(
-        &self,
-        pid: u32,
-        line: &str,
-        ready_tx: &mut Option<oneshot::Sender<Result<(), String>>>,
-        failure: &mut Option<String>,
-    ) {
-        match serde_json::from_str::<FromWorker>(line) {
-            Ok(FromWorker::Ready { timings: t, .. }) => {
-                let spawned = self
-                    .registry
-                    .lock()
-                    .unwrap()
-                    .workers
-                    .get(&pid)
-                    .map_or(0, |w| w.spawned_ns);
-                let ms = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e6;
-                // Where a start's time goes; `bench/` reads this line (HOST_LOG=host=debug).
-                tracing::debug!(
-                    "worker {pid} start phases (ms): exec {:.2}, plugin load {:.2}, on_start {:.2}, serve setup {:.2}, ready report {:.2}, total {:.2}",
-                    ms(spawned, t.entered),
-                    ms(t.entered, t.loaded),
-                    ms(t.loaded, t.started),
-                    ms(t.started, t.serving),
-                    ms(t.serving, monotonic_ns()),
-                    ms(spawned, monotonic_ns()),
-                );
-                if let Some(tx) = ready_tx.take() {
-                    let _ = tx.send(Ok(()));
-                }
-            }
-            Ok(FromWorker::Failed { reason }) => *failure = Some(reason),
-            Ok(FromWorker::StoppedAccepting) => {
-                let mut reg = self.registry.lock().unwrap();
-                if let Some(tx) = reg
-                    .workers
-                    .get_mut(&pid)
-                    .and_then(|w| w.stopped_accepting.take())
-                {
-                    let _ = tx.send(());
-                }
-            }
-            Ok(FromWorker::Stats { requests }) => {
-                let mut reg = self.registry.lock().unwrap();
-                if let Some(w) = reg.workers.get_mut(&pid) {
-                    if !w.stats_waiters.is_empty() {
-                        let _ = w.stats_waiters.remove(0).send(requests);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("worker {pid} sent an unreadable message: {e}"),
-        }
-    }
-
-    fn on_exit(self: &Arc<Self>, pid: u32, exit: &str) {
-        let respawn = {
-            let mut reg = self.registry.lock().unwrap();
-            let Some(w) = reg.workers.remove(&pid) else {
-                return;
-            };
-            let key = (w.service, w.slot);
-            let held_slot = reg.slots.get(&key) == Some(&pid);
-            if held_slot {
-                reg.slots.remove(&key);
-            }
-            let stopping = *self.stopping.borrow();
-            match (w.state, held_slot, stopping) {
-                (WorkerState::Draining, _, _) => {
-                    tracing::info!(service = %self.services[w.service].config.name, "worker {pid} {exit} after draining for {} ms", w.drain_started.map_or(0, |t| t.elapsed().as_millis()));
-                    None
-                }
-                (_, true, false) => {
-                    let crashes = reg.crashes.entry(key).or_default();
-                    *crashes = if w.started.elapsed() < STABLE_AFTER {
-                        *crashes + 1
-                    } else {
-                        0
-                    };
-                    tracing::error!(
-                        service = %self.services[w.service].config.name,
-                        "worker {pid} (slot {}) {exit} unexpectedly; starting a replacement", w.slot
-                    );
-                    Some(key)
-                }
-                _ => None,
-            }
-        };
-        self.worker_count.send_modify(|n| *n = n.saturating_sub(1));
-        if let Some((service, slot)) = respawn {
-            tokio::spawn(self.clone().respawn(service, slot));
-        }
-    }
-
-    /// Fills an empty slot again, backing off while the slot's workers keep dying young.
-    async fn respawn(self: Arc<Self>, service: usize, slot: usize) {
-        let name = self.services[service].config.name.clone();
-        loop {
-            let crashes = self
-                .registry
-                .lock()
-                .unwrap()
-                .crashes
-                .get(&(service, slot))
-                .copied()
-                .unwrap_or(0);
-            if crashes > 0 {
-                let delay = backoff(crashes);
-                tracing::warn!(service = %name, "slot {slot}: waiting {delay:?} before the next start ({crashes} short-lived workers in a row)");
-                tokio::time::sleep(delay).await;
-            }
-            if *self.stopping.borrow() {
-                return;
-            }
-            let version = self.services[service].current();
-            match self.start_worker(service, slot, &version).await {
-                Ok(pid) => {
-                    let mut reg = self.registry.lock().unwrap();
-                    if *self.stopping.borrow() || reg.slots.contains_key(&(service, slot)) {
-                        // A reload or a stop got there first: this worker is not needed.
-                        drop(reg);
-                        self.drain_worker(pid);
-                    } else {
-                        reg.slots.insert((service, slot), pid);
-                        tracing::info!(service = %name, "slot {slot}: replacement worker {pid} is ready");
-                    }
-                    return;
-                }
-                Err(reason) => {
-                    tracing::error!(service = %name, "slot {slot}: replacement failed: {reason}");
-                    *self
-                        .registry
-                        .lock()
-                        .unwrap()
-                        .crashes
-                        .entry((service, slot))
-                        .or_default() += 1;
-                }
-            }
-        }
+    /// The slot holders of a service, with their versions: `None` for an empty slot.
+    pub fn holders(&self, svc: &Service) -> Vec<Option<(u32, PluginVersion)>> {
+        let reg = self.registry.lock().unwrap();
+        (0..svc.config.workers)
+            .map(|slot| {
+                reg.holder(svc.name(), slot)
+                    .and_then(|pid| reg.workers.get(&pid).map(|w| (pid, w.version.clone())))
+            })
+            .collect()
     }
 }
 
-fn backoff(crashes: u32) -> Duration {
-    let exp = crashes.saturating_sub(1).min(16);
-    (Duration::from_millis(100) * 2u32.pow(exp)).min(MAX_BACKOFF)
-}
-
-/// How a process ended, in words: "exited with status 1", "was killed by signal 6 (SIGABRT)".
-pub fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => format!("exited with status {code}"),
-            (None, Some(sig)) => {
-                let name = nix::sys::signal::Signal::try_from(sig)
-                    .map(|s| s.as_str())
-                    .unwrap_or("?");
-                format!("was killed by signal {sig} ({name})")
-            }
-            _ => "exited".to_string(),
-        },
-        Err(e) => format!("could not be waited for ({e})"),
+/// The request count after which a worker is recycled: `max_requests` plus a jitter that
+/// differs between workers (from the clock and the slot, as good as random here and with no
+/// generator to seed), so that workers started together are not recycled together.
+fn request_limit(config: &ServiceConfig, slot: usize) -> u64 {
+    if config.max_requests == 0 {
+        return 0;
     }
+    let jitter = match config.max_requests_jitter {
+        0 => 0,
+        j => (monotonic_ns() ^ slot as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) % (j + 1),
+    };
+    config.max_requests + jitter
 }
 
 /// What a worker of `config` in `slot` needs to start on `version`, listening on `listen`.
@@ -452,9 +373,19 @@ pub fn worker_spec(
         max_body_bytes: config.max_body_bytes,
         idle_grace_ms: config.idle_grace.as_millis() as u64,
         drain_timeout_ms: config.drain_timeout.as_millis() as u64,
+        heartbeat_ms: heartbeat_interval(config.liveness_timeout).as_millis() as u64,
+        handler_timeout_ms: config.handler_timeout.as_millis() as u64,
+        max_requests: request_limit(config, slot),
         master_pid: std::process::id(),
         check_only: false,
     }
+}
+
+/// How often a worker sends its heartbeat: several per liveness timeout, so that one late
+/// heartbeat on a busy machine is not a missed deadline, but not more than every 10 ms nor
+/// less than every second.
+pub fn heartbeat_interval(liveness_timeout: Duration) -> Duration {
+    (liveness_timeout / 5).clamp(Duration::from_millis(10), Duration::from_secs(1))
 }
 
 /// The `[service.config]` table as key/value strings for `Context::config`.
@@ -476,14 +407,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(4), Duration::from_millis(800));
-        assert_eq!(backoff(40), MAX_BACKOFF);
-    }
-
-    #[test]
     fn config_values_are_flattened() {
         let t: toml::Table = toml::from_str("a = 'x'\nb = 3\nc = [1, 2]").unwrap();
         let mut flat = flatten(&t);
@@ -495,6 +418,22 @@ mod tests {
                 ("b".into(), "3".into()),
                 ("c".into(), "[1, 2]".into())
             ]
+        );
+    }
+
+    #[test]
+    fn heartbeats_come_several_times_per_timeout() {
+        assert_eq!(
+            heartbeat_interval(Duration::from_secs(10)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            heartbeat_interval(Duration::from_millis(500)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            heartbeat_interval(Duration::from_millis(1)),
+            Duration::from_millis(10)
         );
     }
 }

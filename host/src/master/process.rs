@@ -5,6 +5,10 @@
 //! runs tokio), through `/proc/self/exe` so that workers run exactly the host code the master
 //! runs even if the file on disk was replaced. The fd mapping is done by the command-fds crate;
 //! every other fd of the master is close-on-exec, so a worker inherits nothing else.
+//!
+//! Each worker gets a process group of its own: the master can then kill a worker together
+//! with whatever its plugin started (`killpg`), and a Ctrl-C in the terminal reaches only the
+//! master, which drains the workers in order instead of every process stopping at once.
 
 use std::{
     io,
@@ -47,6 +51,7 @@ pub fn spawn(spec: &WorkerSpec, listeners: &[TcpListener]) -> io::Result<Spawned
         .args(["--service", &spec.service, "--slot", &spec.slot.to_string()])
         .args(["--master-pid", &std::process::id().to_string()])
         .stdin(Stdio::null())
+        .process_group(0)
         .fd_mappings(mappings)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let child = command.spawn()?;

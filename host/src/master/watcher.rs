@@ -7,9 +7,10 @@
 //! - Access events (the master's own reads of the file) are ignored.
 //! - A build writes in bursts: the file must stay quiet for `watch_debounce` before it is read.
 //! - The content hash decides: a touch, or a rebuild to identical bytes, reloads nothing; nor does
-//!   a build that was already rejected.
-//! - One reload at a time: events that arrive during a reload wait in the channel and are looked
-//!   at when it ends, so a burst of rebuilds ends in one reload (two at most) of the newest.
+//!   a build that was already rejected or rolled back (the next build is tried).
+//! - The reload is queued like `host reload SERVICE` (`master::jobs`), and the watcher waits for
+//!   its outcome: events that arrive meanwhile wait in the channel and are looked at when it
+//!   ends, so a burst of rebuilds ends in one reload (two at most) of the newest.
 
 use std::{
     ffi::OsString,
@@ -22,14 +23,15 @@ use std::{
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::{reload::Progress, Master};
+use super::{service::Service, Master, Op};
+use crate::protocol::ControlReply;
 
 /// How often the watched directory's identity is checked (to survive `cargo clean`).
 const DIR_CHECK: Duration = Duration::from_secs(2);
 
-/// Starts watching the plugin file of `service`.
-pub fn spawn(master: Arc<Master>, service: usize) -> Result<(), String> {
-    let plugin = master.services[service].config.plugin.clone();
+/// Starts watching the plugin file of `svc`.
+pub fn spawn(master: Arc<Master>, svc: Arc<Service>) -> Result<(), String> {
+    let plugin = svc.config.plugin.clone();
     let (dir, file) = match (plugin.parent(), plugin.file_name()) {
         (Some(dir), Some(file)) => (dir.to_path_buf(), file.to_os_string()),
         _ => {
@@ -41,7 +43,7 @@ pub fn spawn(master: Arc<Master>, service: usize) -> Result<(), String> {
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let watcher = watch_dir(&dir, &file, tx.clone())?;
-    tokio::spawn(run(master, service, dir, file, watcher, tx, rx));
+    tokio::spawn(run(master, svc, dir, file, watcher, tx, rx));
     Ok(())
 }
 
@@ -77,7 +79,7 @@ fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
 
 async fn run(
     master: Arc<Master>,
-    service: usize,
+    svc: Arc<Service>,
     dir: PathBuf,
     file: OsString,
     // Held, not read: dropping it ends the watch.
@@ -85,13 +87,11 @@ async fn run(
     tx: mpsc::UnboundedSender<()>,
     mut rx: mpsc::UnboundedReceiver<()>,
 ) {
-    let svc = &master.services[service];
-    let name = svc.config.name.clone();
+    let name = svc.name().to_string();
     let debounce = svc.config.watch_debounce;
     tracing::info!(service = %name, "watching {} for rebuilds", svc.config.plugin.display());
     let mut identity = dir_identity(&dir);
     let mut check = tokio::time::interval(DIR_CHECK);
-    let mut rejected: Option<String> = None;
     loop {
         tokio::select! {
             event = rx.recv() => if event.is_none() { return },
@@ -127,36 +127,37 @@ async fn run(
                 continue;
             }
         };
-        let old = svc.current();
+        let old = svc.live();
         if new.hash == old.hash {
             tracing::info!(service = %name, "plugin {name}: file changed, content the same ({old}); not reloading");
             continue;
         }
-        if rejected.as_deref() == Some(new.hash.as_str()) {
-            tracing::info!(service = %name, "plugin {name}: {new} was already rejected; waiting for another build");
+        if let Some(why) = svc.state().failed.get(&new.hash) {
+            tracing::info!(service = %name, "plugin {name}: {new} failed before ({why}); waiting for another build");
             continue;
         }
-        let progress = Progress(None);
-        let _turn = master.reload_turn(&progress).await;
-        let started = Instant::now();
         tracing::info!(
             service = %name,
             "plugin {name} rebuilt ({old} -> {new}), reloading {} workers",
             svc.config.workers
         );
-        match master
-            .replace_workers(service, new.clone(), &progress)
-            .await
-        {
-            Ok(()) => {
-                rejected = None;
-                tracing::info!(service = %name, "plugin {name} rebuilt: done in {} ms, serving {new}", started.elapsed().as_millis());
-            }
-            Err(reason) => {
-                rejected = Some(new.hash.clone());
-                tracing::error!(service = %name, "plugin {name} rebuilt ({new}) rejected: {reason}; still serving {}", svc.current());
+        let started = Instant::now();
+        let (tx, mut replies) = mpsc::unbounded_channel();
+        master.submit(Op::Reload(vec![name.clone()]), "watcher", Some(tx));
+        let mut why = String::new();
+        while let Some(reply) = replies.recv().await {
+            match reply {
+                ControlReply::Line(line) => why = line,
+                ControlReply::Done { ok: true, .. } => {
+                    tracing::info!(service = %name, "plugin {name} rebuilt: done in {} ms, serving {}", started.elapsed().as_millis(), svc.live());
+                    break;
+                }
+                ControlReply::Done { ok: false, .. } => {
+                    tracing::error!(service = %name, "plugin {name} rebuilt ({new}) rejected: {why}; still serving {}", svc.live());
+                    break;
+                }
+                _ => {}
             }
         }
-        master.prune_store();
     }
 }

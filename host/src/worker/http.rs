@@ -6,9 +6,13 @@
 //!    connections that arrive now wait in the shared accept queue for another worker;
 //! 2. a connection that is busy gets `Connection: close` on its next response, and hyper closes
 //!    it after that response: the client knows not to reuse it, nothing is cut;
-//! 3. a connection that is idle is closed only once it has been idle for the service's
-//!    `idle_grace`. Closing it at once (as hyper's `graceful_shutdown` alone does) resets a
-//!    request the client may have just sent on it;
+//! 3. a connection that is idle stays open: its client's next request is answered (with
+//!    `Connection: close`), as HAProxy's idle-close-on-response does. Only once it has been idle
+//!    for the service's `idle_grace` is it closed. Closing it at once (as hyper's
+//!    `graceful_shutdown` alone does) resets a request the client may have just sent on it; a
+//!    client that pauses less than `idle_grace` between requests never sees that. The master
+//!    may say `CloseIdle` (its slot has newer draining workers): then idle connections close
+//!    at once;
 //! 4. [`serve`] returns when the last connection is gone.
 
 use std::{
@@ -32,7 +36,12 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use super::{in_worker_span, plugin::Plugin};
+use super::{
+    in_worker_span,
+    link::Link,
+    liveness::{ask_for_replacement, INLINE_CALLS},
+    plugin::Plugin,
+};
 use crate::protocol::WorkerSpec;
 
 type Response = hyper::Response<Full<Bytes>>;
@@ -45,10 +54,17 @@ pub struct Shared {
     pub plugin: Plugin,
     pub spec: WorkerSpec,
     pub requests: AtomicU64,
+    /// Connections open now.
+    pub connections: AtomicU64,
     pub draining: watch::Sender<bool>,
+    /// Draining idle connections close now, not after the idle grace.
+    pub close_idle: watch::Sender<bool>,
     pub started: Instant,
     /// The slow-inline-call warning was logged (see `call_plugin`).
     pub warned_inline: AtomicBool,
+    /// The worker asked to be replaced (see `liveness::ask_for_replacement`).
+    pub replacement_asked: AtomicBool,
+    pub link: Arc<Link>,
 }
 
 /// Serves until the worker drains and its last connection has closed. `stopped_accepting` fires
@@ -135,7 +151,18 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts a connection as open while it lives.
+struct Open(Arc<Shared>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn connection(stream: TcpStream, shared: Arc<Shared>, _done: mpsc::Sender<()>) {
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let _open = Open(shared.clone());
     let state = Arc::new(ConnState {
         in_flight: AtomicUsize::new(0),
         last_active: Mutex::new(Instant::now()),
@@ -147,7 +174,14 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _done: mpsc::Sender<
             async move {
                 let _in_flight = InFlight::begin(&state);
                 let mut resp = respond(req, &shared).await;
-                shared.requests.fetch_add(1, Ordering::Relaxed);
+                let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+                if served == shared.spec.max_requests {
+                    ask_for_replacement(
+                        &shared.link,
+                        &shared.replacement_asked,
+                        format!("it served {served} requests (max_requests, with its jitter)"),
+                    );
+                }
                 if *shared.draining.borrow() {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -166,20 +200,26 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _done: mpsc::Sender<
         res = conn.as_mut() => return log_conn_end(res),
         _ = until_draining(&mut draining) => {}
     }
-    let grace = Duration::from_millis(shared.spec.idle_grace_ms);
+    let mut close_idle = shared.close_idle.subscribe();
     loop {
+        let grace = if *close_idle.borrow() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(shared.spec.idle_grace_ms)
+        };
         let wait = match state.idle_for() {
             Some(idle) if idle >= grace => {
                 conn.as_mut().graceful_shutdown();
                 break;
             }
             Some(idle) => grace - idle,
-            // Busy: its response will carry `Connection: close`; look again after the grace.
-            None => grace.max(Duration::from_millis(10)),
+            // Busy: its response will carry `Connection: close`; look again soon.
+            None => grace.clamp(Duration::from_millis(10), Duration::from_millis(500)),
         };
         tokio::select! {
             res = conn.as_mut() => return log_conn_end(res),
             _ = tokio::time::sleep(wait) => {}
+            _ = close_idle.wait_for(|c| *c) => {}
         }
     }
     log_conn_end(conn.await)
@@ -237,6 +277,12 @@ async fn respond(req: hyper::Request<Incoming>, shared: &Shared) -> Response {
             Ok(response) => return response,
             Err(e) => format!("the plugin returned an invalid response: {e}"),
         },
+        Err(e) if e == TIMED_OUT => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the handler did not answer in time (handler_timeout)\n",
+            )
+        }
         Err(e) => e,
     };
     in_worker_span(|| tracing::error!("{} {} -> 500: {failure}", parts.method, parts.uri.path()));
@@ -245,6 +291,9 @@ async fn respond(req: hyper::Request<Incoming>, shared: &Shared) -> Response {
         "the plugin failed on this request; the host's log has the details\n",
     )
 }
+
+/// What `call_plugin` returns when the handler overran `handler_timeout` (the client gets 503).
+const TIMED_OUT: &str = "handler timed out";
 
 /// An inline call that takes longer than this is reported: the plugin said it never blocks.
 const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
@@ -260,12 +309,37 @@ async fn call_plugin(
 ) -> Result<FfiResponse, String> {
     let plugin = shared.plugin;
     if plugin.blocking() {
-        return tokio::task::spawn_blocking(move || in_worker_span(|| plugin.handle(&request)))
-            .await
-            .unwrap_or_else(|join| Err(format!("the handler thread failed: {join}")));
+        let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
+        let call = tokio::task::spawn_blocking(move || in_worker_span(|| plugin.handle(&request)));
+        return match tokio::time::timeout(timeout, call).await {
+            Ok(joined) => {
+                joined.unwrap_or_else(|join| Err(format!("the handler thread failed: {join}")))
+            }
+            Err(_) => {
+                // The thread is lost for good (a thread cannot be cancelled): answer the client,
+                // and have this worker replaced before it runs out of threads.
+                in_worker_span(|| {
+                    ask_for_replacement(
+                        &shared.link,
+                        &shared.replacement_asked,
+                        format!(
+                            "a handler call for {} {} has run longer than handler_timeout ({}): \
+                             its thread is lost",
+                            parts.method,
+                            parts.uri.path(),
+                            humantime::format_duration(timeout)
+                        ),
+                    )
+                });
+                Err(TIMED_OUT.to_string())
+            }
+        };
     }
     let started = Instant::now();
-    let result = plugin.handle(&request);
+    let result = {
+        let _call = INLINE_CALLS.begin();
+        plugin.handle(&request)
+    };
     let took = started.elapsed();
     if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
         in_worker_span(|| {

@@ -1,19 +1,24 @@
 //! The worker role: `host worker`, started by the master from its own executable.
 //!
 //! In order: ask the kernel to signal us when the master dies (PR_SET_PDEATHSIG), read the
-//! [`WorkerSpec`] from the channel the master passed at fd 3, load and start the plugin (the
-//! on-start hook: this is the code a reload replaces), take the listeners inherited at fds 4..,
-//! report READY, serve. Drain on the master's `Drain`, on SIGTERM, or when the channel closes
-//! (the master is gone); then call the plugin's `on_stop` and exit 0.
+//! [`WorkerSpec`] from the channel the master passed at fd 3, start the watchdog thread, load
+//! and start the plugin (the on-start hook: this is the code a reload replaces), take the
+//! listeners inherited at fds 4.., report READY, serve and send heartbeats. Drain on the
+//! master's `Drain`, on SIGTERM, or when the channel closes (the master is gone); then call the
+//! plugin's `on_stop` and exit 0.
 //!
-//! SIGINT is ignored: Ctrl-C in a terminal reaches the whole process group, and the master turns
-//! it into an orderly drain of every worker.
+//! Each worker leads its own process group (the master starts it so), which lets the master
+//! kill a worker with everything its plugin started. Ctrl-C in a terminal reaches only the
+//! master's group; the master turns it into an orderly drain. SIGINT is ignored here all the
+//! same, in case someone sends it to a worker's group.
 
 mod http;
+mod link;
+mod liveness;
 pub mod plugin;
 
 use std::{
-    io::{Read, Write},
+    io::Read,
     net::TcpListener as StdTcpListener,
     os::{
         fd::{BorrowedFd, FromRawFd, RawFd},
@@ -36,17 +41,16 @@ use nix::{
     unistd::getppid,
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader as AsyncBufReader},
+    io::{AsyncBufReadExt, BufReader as AsyncBufReader},
     net::UnixStream,
     signal::unix::{signal, SignalKind},
     sync::{oneshot, watch},
 };
 use tracing::Instrument;
 
-use self::plugin::Plugin;
+use self::{link::Link, plugin::Plugin};
 use crate::protocol::{
-    encode, monotonic_ns, FromWorker, StartTimings, ToWorker, WorkerSpec, CHANNEL_FD,
-    FIRST_LISTENER_FD,
+    monotonic_ns, FromWorker, StartTimings, ToWorker, WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD,
 };
 
 static WORKER_SPAN: OnceLock<tracing::Span> = OnceLock::new();
@@ -76,7 +80,7 @@ pub fn main(master_pid: u32) -> ExitCode {
         eprintln!("host worker: the master (pid {master_pid}) is gone; exiting");
         return ExitCode::FAILURE;
     }
-    let mut channel = match inherited_channel() {
+    let channel = match inherited_channel() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("host worker: {e}");
@@ -90,6 +94,14 @@ pub fn main(master_pid: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let link = match channel.try_clone() {
+        Ok(writer) => Link::install(writer),
+        Err(e) => {
+            eprintln!("host worker: could not use the channel to the master: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    liveness::spawn_watchdog(master_pid, Duration::from_millis(spec.drain_timeout_ms));
     let span = tracing::info_span!(
         "worker",
         service = %spec.service,
@@ -105,14 +117,14 @@ pub fn main(master_pid: u32) -> ExitCode {
         Ok(p) => p,
         Err(reason) => {
             tracing::error!("{reason}");
-            send(&mut channel, &FromWorker::Failed { reason });
+            link.send(&FromWorker::Failed { reason });
             return ExitCode::FAILURE;
         }
     };
     timings.started = monotonic_ns();
     if spec.check_only {
         plugin.stop();
-        send(&mut channel, &ready(&plugin, timings));
+        link.send(&ready(&plugin, timings));
         return ExitCode::SUCCESS;
     }
     tracing::debug!(
@@ -129,11 +141,12 @@ pub fn main(master_pid: u32) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             let reason = format!("could not start the async runtime: {e}");
-            send(&mut channel, &FromWorker::Failed { reason });
+            link.send(&FromWorker::Failed { reason });
             return ExitCode::FAILURE;
         }
     };
-    let code = runtime.block_on(serve(spec, plugin, channel, timings).instrument(span.clone()));
+    let code =
+        runtime.block_on(serve(spec, plugin, channel, link, timings).instrument(span.clone()));
     // Do not wait for blocking threads a stuck handler may still hold past the drain.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
@@ -151,25 +164,31 @@ async fn serve(
     spec: WorkerSpec,
     plugin: Plugin,
     channel: StdUnixStream,
+    link: Arc<Link>,
     mut timings: StartTimings,
 ) -> ExitCode {
     let drain_timeout = Duration::from_millis(spec.drain_timeout_ms);
+    let heartbeat = Duration::from_millis(spec.heartbeat_ms);
     let listeners = match inherited_listeners(&spec) {
         Ok(l) => l,
         Err(reason) => {
-            let mut channel = channel;
-            send(&mut channel, &FromWorker::Failed { reason });
+            link.send(&FromWorker::Failed { reason });
             return ExitCode::FAILURE;
         }
     };
     let (draining, _) = watch::channel(false);
+    let (close_idle, _) = watch::channel(false);
     let shared = Arc::new(http::Shared {
         plugin,
         spec,
         requests: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
         draining,
+        close_idle,
         started: Instant::now(),
         warned_inline: AtomicBool::new(false),
+        replacement_asked: AtomicBool::new(false),
+        link: link.clone(),
     });
     let (stopped_tx, stopped_rx) = oneshot::channel();
     let server = tokio::spawn(http::serve(listeners, shared.clone(), stopped_tx).in_current_span());
@@ -181,7 +200,7 @@ async fn serve(
         (Ok(term), Ok(int)) => (term, int),
         _ => return ExitCode::FAILURE,
     };
-    let mut channel = match channel
+    let channel = match channel
         .set_nonblocking(true)
         .and_then(|()| UnixStream::from_std(channel))
     {
@@ -189,12 +208,10 @@ async fn serve(
         Err(_) => return ExitCode::FAILURE,
     };
     timings.serving = monotonic_ns();
-    if write_message(&mut channel, &ready(&plugin, timings))
-        .await
-        .is_err()
-    {
+    if !link.send(&ready(&plugin, timings)) {
         return ExitCode::FAILURE;
     }
+    tokio::spawn(liveness::heartbeat(shared.clone(), link.clone(), heartbeat).in_current_span());
     tracing::info!(
         "ready: plugin {} {} on {}",
         plugin.name(),
@@ -203,7 +220,7 @@ async fn serve(
     );
 
     let channel_task =
-        tokio::spawn(talk_to_master(channel, shared.clone(), stopped_rx).in_current_span());
+        tokio::spawn(talk_to_master(channel, shared.clone(), link, stopped_rx).in_current_span());
     let mut drain_requested = shared.draining.subscribe();
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
@@ -229,10 +246,10 @@ async fn serve(
 async fn talk_to_master(
     channel: UnixStream,
     shared: Arc<http::Shared>,
+    link: Arc<Link>,
     stopped_accepting: oneshot::Receiver<()>,
 ) {
-    let (read, mut write) = channel.into_split();
-    let mut lines = AsyncBufReader::new(read).lines();
+    let mut lines = AsyncBufReader::new(channel).lines();
     let mut stopped_accepting = Some(stopped_accepting);
     loop {
         let line = tokio::select! {
@@ -242,7 +259,7 @@ async fn talk_to_master(
             {
                 stopped_accepting = None;
                 if stopped.is_ok() {
-                    let _ = write_message(&mut write, &FromWorker::StoppedAccepting).await;
+                    link.send(&FromWorker::StoppedAccepting);
                 }
                 continue;
             }
@@ -264,7 +281,13 @@ async fn talk_to_master(
             }
             Ok(ToWorker::Stats) => {
                 let requests = shared.requests.load(std::sync::atomic::Ordering::Relaxed);
-                let _ = write_message(&mut write, &FromWorker::Stats { requests }).await;
+                link.send(&FromWorker::Stats { requests });
+            }
+            Ok(ToWorker::CloseIdle) => {
+                tracing::info!(
+                    "closing idle connections now (the slot has newer draining workers)"
+                );
+                shared.close_idle.send_replace(true);
             }
             Ok(ToWorker::Start(_)) => tracing::warn!("ignoring a second start message"),
             Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
@@ -347,16 +370,4 @@ fn read_spec(mut channel: &StdUnixStream) -> Result<WorkerSpec, String> {
             "could not read the start message from the master: {e}"
         )),
     }
-}
-
-/// Sends one message with blocking I/O (before the runtime exists, or instead of it).
-fn send(channel: &mut StdUnixStream, message: &FromWorker) {
-    let _ = channel.write_all(&encode(message));
-}
-
-async fn write_message(
-    channel: &mut (impl AsyncWrite + Unpin),
-    message: &FromWorker,
-) -> std::io::Result<()> {
-    channel.write_all(&encode(message)).await
 }

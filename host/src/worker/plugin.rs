@@ -88,11 +88,20 @@ impl Plugin {
 }
 
 /// Where the plugin's `plugin_api::info!` and friends end up: the worker's tracing output,
-/// inside the worker's span, so each line carries service, pid and plugin version.
+/// inside the worker's span, so each line carries service, pid and plugin version. The
+/// plugin's panic hook logs through here too ("panicked at ..."): that line also goes to the
+/// master at once, so that if an abort follows, the master can say why the worker died.
 extern "C" fn plugin_log(level: u8, message: RStr<'_>) {
     // A panic must not unwind into the plugin's frames (that aborts); logging should not panic,
     // but this is a boundary.
     let _ = catch_unwind(AssertUnwindSafe(|| {
+        if level == Level::Error as u8 && message.as_str().starts_with("panicked") {
+            if let Some(link) = super::link::Link::global() {
+                link.send(&crate::protocol::FromWorker::Panicked {
+                    message: message.as_str().to_string(),
+                });
+            }
+        }
         super::in_worker_span(|| match Level::from_u8(level) {
             Level::Error => tracing::error!(target: "plugin", "{message}"),
             Level::Warn => tracing::warn!(target: "plugin", "{message}"),

@@ -1,0 +1,326 @@
+//! Reloads and rollbacks that someone asked for (`host reload`, `host rollback`, SIGHUP and
+//! SIGUSR1, the watcher): a queue that runs them one at a time, in order.
+//!
+//! A reload asked for while an identical one (same services) waits in the queue joins it
+//! instead of queueing another: a burst of 200 SIGHUPs during a reload ends in one follow-up
+//! reload, and every caller who asked is told the outcome of the reload that covered its
+//! request. Rollbacks are never merged, and reloads of other services never either.
+//!
+//! Changes the master makes by itself (an automatic rollback, a recycled worker) do not queue
+//! here: they take only the lock of the service they change (`Service::lock`), which the
+//! rollouts of queued jobs take too.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use tokio::sync::{mpsc, Notify};
+
+use super::{rollout::Outcome, service::Service, Master};
+use crate::protocol::ControlReply;
+
+/// What a job does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Reload these services (sorted; empty: every reloadable one).
+    Reload(Vec<String>),
+    /// Roll a service back to its previous version, or to the kept one whose hash starts `to`.
+    Rollback {
+        service: Option<String>,
+        to: Option<String>,
+    },
+}
+
+struct Job {
+    op: Op,
+    why: String,
+    waiters: Vec<mpsc::UnboundedSender<ControlReply>>,
+}
+
+/// The queue of jobs; see the module comment.
+#[derive(Default)]
+pub struct Jobs {
+    queue: Mutex<JobQueue>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct JobQueue {
+    waiting: VecDeque<Job>,
+    running: bool,
+}
+
+/// Where progress lines go: every caller waiting on the job (if any), and always the log.
+#[derive(Clone, Default)]
+pub struct Progress(Vec<mpsc::UnboundedSender<ControlReply>>);
+
+impl Progress {
+    pub fn log_only() -> Progress {
+        Progress::default()
+    }
+
+    pub fn line(&self, line: String) {
+        tracing::info!("{line}");
+        for tx in &self.0 {
+            let _ = tx.send(ControlReply::Line(line.clone()));
+        }
+    }
+}
+
+impl Master {
+    /// Queues `op` (or joins an identical queued reload). `reply`, if given, receives progress
+    /// lines and, at the end, `Done`. `why` names the asker in the log ("SIGHUP").
+    pub fn submit(&self, op: Op, why: &str, reply: Option<mpsc::UnboundedSender<ControlReply>>) {
+        let op = match op {
+            Op::Reload(mut names) => {
+                names.sort();
+                names.dedup();
+                Op::Reload(names)
+            }
+            other => other,
+        };
+        let say = |line: &str| {
+            if let Some(tx) = &reply {
+                let _ = tx.send(ControlReply::Line(line.to_string()));
+            }
+        };
+        let mut q = self.jobs.queue.lock().unwrap();
+        if matches!(op, Op::Reload(_)) {
+            if let Some(job) = q.waiting.iter_mut().find(|j| j.op == op) {
+                say("a reload of the same services is already waiting to run; this request joins it");
+                tracing::info!("{why}: joins the reload already waiting");
+                job.waiters.extend(reply);
+                return;
+            }
+        }
+        if q.running || !q.waiting.is_empty() {
+            say("another reload is running; this one waits for it to finish");
+        }
+        q.waiting.push_back(Job {
+            op,
+            why: why.to_string(),
+            waiters: reply.into_iter().collect(),
+        });
+        drop(q);
+        self.jobs.wake.notify_one();
+    }
+
+    /// Runs queued jobs one at a time, for the life of the master.
+    pub(super) async fn run_jobs(self: Arc<Self>) {
+        loop {
+            let job = {
+                let mut q = self.jobs.queue.lock().unwrap();
+                match q.waiting.pop_front() {
+                    Some(job) => {
+                        q.running = true;
+                        Some(job)
+                    }
+                    None => None,
+                }
+            };
+            let Some(job) = job else {
+                self.jobs.wake.notified().await;
+                continue;
+            };
+            tracing::debug!("running {:?} ({})", job.op, job.why);
+            let progress = Progress(job.waiters.clone());
+            let (ok, summary) = match &job.op {
+                Op::Reload(names) => self.reload(names, &progress).await,
+                Op::Rollback { service, to } => {
+                    self.rollback(service.as_deref(), to.as_deref(), &progress)
+                        .await
+                }
+            };
+            if job.waiters.is_empty() {
+                if ok {
+                    tracing::info!("{}: {summary}", job.why);
+                } else {
+                    tracing::error!("{}: {summary}", job.why);
+                }
+            }
+            for tx in &job.waiters {
+                let _ = tx.send(ControlReply::Done {
+                    ok,
+                    summary: summary.clone(),
+                });
+            }
+            self.jobs.queue.lock().unwrap().running = false;
+        }
+    }
+
+    /// Reloads the named services (every reloadable one when `names` is empty) from their
+    /// plugin files. Returns whether all succeeded, and a summary.
+    async fn reload(self: &Arc<Self>, names: &[String], progress: &Progress) -> (bool, String) {
+        let targets = match self.reload_targets(names) {
+            Ok(t) => t,
+            Err(e) => return (false, e),
+        };
+        let started = Instant::now();
+        let mut failed = Vec::new();
+        for svc in self.services() {
+            if !targets.iter().any(|t| Arc::ptr_eq(t, &svc)) {
+                if !svc.config.reloadable {
+                    progress.line(format!(
+                        "{}: kept as it is (reloadable = false)",
+                        svc.name()
+                    ));
+                }
+                continue;
+            }
+            let _turn = svc.lock.lock().await;
+            let outcome = match self.store.store(&svc.config.plugin) {
+                Ok(new) => self.roll_out(&svc, new, "reload", progress).await,
+                Err(e) => Outcome::Failed(format!(
+                    "{}: reload failed: {e}\n{}: nothing changed; still serving {}",
+                    svc.name(),
+                    svc.name(),
+                    svc.live()
+                )),
+            };
+            if let Some(problem) = outcome.problem() {
+                progress.line(problem);
+                failed.push(svc.name().to_string());
+            }
+        }
+        self.prune_store();
+        summary("reload", started, &failed)
+    }
+
+    /// Rolls a service back to its previous version, or to the kept version whose hash starts
+    /// with `to`.
+    async fn rollback(
+        self: &Arc<Self>,
+        name: Option<&str>,
+        to: Option<&str>,
+        progress: &Progress,
+    ) -> (bool, String) {
+        let started = Instant::now();
+        let svc = match self.rollback_target(name) {
+            Ok(s) => s,
+            Err(e) => return (false, e),
+        };
+        let _turn = svc.lock.lock().await;
+        let target = {
+            let st = svc.state();
+            match to {
+                Some(prefix) => st
+                    .previous
+                    .iter()
+                    .rev()
+                    .find(|v| v.hash.starts_with(prefix))
+                    .cloned()
+                    .ok_or_else(|| {
+                        let kept: Vec<_> = st.previous.iter().map(|v| v.short().to_string()).collect();
+                        format!(
+                            "{}: no kept version starts with {prefix:?}; the previous versions are: {}",
+                            svc.name(),
+                            if kept.is_empty() { "(none)".to_string() } else { kept.join(", ") }
+                        )
+                    }),
+                None => st.previous.last().cloned().ok_or_else(|| {
+                    format!(
+                        "{}: there is no previous version to roll back to (only {} has been live)",
+                        svc.name(),
+                        st.live
+                    )
+                }),
+            }
+        };
+        let failed = match target {
+            Ok(version) if version.hash == svc.live().hash => {
+                return (false, format!("{}: {version} is already live", svc.name()))
+            }
+            Ok(version) => match self
+                .roll_out(&svc, version, "rollback", progress)
+                .await
+                .problem()
+            {
+                None => vec![],
+                Some(problem) => {
+                    progress.line(problem);
+                    vec![svc.name().to_string()]
+                }
+            },
+            Err(e) => return (false, e),
+        };
+        self.prune_store();
+        summary("rollback", started, &failed)
+    }
+
+    fn reload_targets(&self, names: &[String]) -> Result<Vec<Arc<Service>>, String> {
+        if names.is_empty() {
+            return Ok(self
+                .services()
+                .into_iter()
+                .filter(|s| s.config.reloadable)
+                .collect());
+        }
+        names
+            .iter()
+            .map(|name| self.reloadable_service(name))
+            .collect()
+    }
+
+    fn rollback_target(&self, name: Option<&str>) -> Result<Arc<Service>, String> {
+        let services = self.services();
+        match name {
+            Some(name) => self.reloadable_service(name),
+            None if services.len() == 1 => self.reloadable_service(services[0].name()),
+            None => Err(format!(
+                "there are several services; name the one to roll back: {}",
+                self.service_names()
+            )),
+        }
+    }
+
+    fn reloadable_service(&self, name: &str) -> Result<Arc<Service>, String> {
+        match self.service(name) {
+            Some(s) if s.config.reloadable => Ok(s),
+            Some(_) => Err(format!(
+                "service {name} has reloadable = false, so reload leaves it alone; restart the \
+                 host to change its code"
+            )),
+            None => Err(format!(
+                "there is no service {name}; the services are: {}",
+                self.service_names()
+            )),
+        }
+    }
+
+    fn service_names(&self) -> String {
+        self.services()
+            .iter()
+            .map(|s| s.name().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl Outcome {
+    /// The paragraph to show when the rollout did not simply succeed.
+    pub fn problem(self) -> Option<String> {
+        match self {
+            Outcome::Done => None,
+            Outcome::Rejected(text) | Outcome::RolledBack(text) | Outcome::Failed(text) => {
+                Some(text)
+            }
+        }
+    }
+}
+
+fn summary(what: &str, started: Instant, failed: &[String]) -> (bool, String) {
+    let ms = started.elapsed().as_millis();
+    if failed.is_empty() {
+        (true, format!("{what} done in {ms} ms"))
+    } else {
+        (
+            false,
+            format!(
+                "{what} failed for {} (after {ms} ms); see above",
+                failed.join(", ")
+            ),
+        )
+    }
+}

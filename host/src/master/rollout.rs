@@ -1,0 +1,557 @@
+//! The rollout: how a new version replaces the old one, proves itself, and is rolled back when
+//! it fails. Surge, never dip: every step starts a new worker and waits for its READY before an
+//! old one drains.
+//!
+//! 1. **Canary.** Slot 0 gets a worker on the new version. If it cannot start (not loadable,
+//!    ABI mismatch, on_start error or panic, crash, ready timeout), nothing changed: every old
+//!    worker keeps serving, and the reload is *rejected*.
+//! 2. **Canary probation** (`canary_probation`): the canary serves live traffic alone, beside
+//!    the old workers of the other slots.
+//! 3. **The rest**, slot by slot; a slot whose new worker fails to start gets one retry.
+//! 4. **Probation** (`probation`): every worker runs the new version; the previous version's
+//!    copy is kept. When it ends, the new version is *healthy*.
+//!
+//! From the canary's READY to the end of probation the version is on *trial*
+//! ([`super::service::Trial`]). A crash of one of its workers, a liveness failure, or a slot
+//! that fails twice *rolls the service back*: the live version switches back at once (so a
+//! crashed slot restarts on the old version), then every worker on the new version is replaced
+//! by the same surge-and-drain path. During steps 1-3 the rollout task does this itself and
+//! reports it to whoever asked for the reload; during probation a task is started for it.
+//! Outside a trial, `crash_loop_crashes` crashes within `crash_loop_window` roll the service back
+//! to the last version that proved healthy, if there is one.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use super::{
+    jobs::Progress,
+    service::{Service, TrialPhase},
+    Master,
+};
+use crate::{protocol::RolloutEvent, shadow::PluginVersion};
+
+/// How a rollout ended.
+pub enum Outcome {
+    /// Every worker runs the new version (which may still be on probation).
+    Done,
+    /// The canary failed: nothing changed. The reason says why.
+    Rejected(String),
+    /// The new version failed after its canary started, and the service went back.
+    RolledBack(String),
+    /// Something else stopped it (the host is stopping).
+    Failed(String),
+}
+
+impl Master {
+    /// Rolls `svc` out to `new`; the caller holds the service's lock. `kind` names the rollout
+    /// in the history (`reload`, `rollback`).
+    pub async fn roll_out(
+        self: &Arc<Self>,
+        svc: &Arc<Service>,
+        new: PluginVersion,
+        kind: &str,
+        progress: &Progress,
+    ) -> Outcome {
+        if *self.stopping.borrow() {
+            return Outcome::Failed("the host is stopping; nothing was reloaded".into());
+        }
+        let name = svc.name();
+        let started = Instant::now();
+        let workers = svc.config.workers;
+        let (old, earlier_trial) = {
+            let st = svc.state();
+            (st.live.clone(), st.trial.clone())
+        };
+        progress.line(format!(
+            "{name}: reloading {workers} workers, plugin {old} -> {new}"
+        ));
+        // The same version again (a plain `host reload` of an unchanged file) restarts the
+        // workers; there is nothing to prove and nothing to roll back to.
+        let on_trial = new.hash != old.hash;
+        // If the live version is itself on trial and already failed, a rollback is under way;
+        // a failure of `new` should go back to what that rollback goes back to.
+        let from = match &earlier_trial {
+            Some(t) if t.failure.is_some() => t.from.clone(),
+            _ => old.clone(),
+        };
+
+        // 1. The canary.
+        if on_trial {
+            svc.begin_trial(from.clone(), new.clone(), TrialPhase::Rolling);
+        }
+        let canary = match self.start_worker(svc, 0, &new).await {
+            Ok(pid) => pid,
+            Err(reason) => {
+                let mut st = svc.state();
+                // The earlier trial (a version still on probation) goes on.
+                st.trial = earlier_trial;
+                if on_trial {
+                    st.failed.insert(new.hash.clone(), reason.clone());
+                }
+                drop(st);
+                self.save_history();
+                let text = format!(
+                    "{name}: reload rejected, the first new worker failed: {reason}\n\
+                     {name}: nothing changed; still serving {old} with all {workers} workers"
+                );
+                self.record_event(svc, kind, &old, &new, "rejected", started, Some(&reason));
+                return Outcome::Rejected(text);
+            }
+        };
+        {
+            let mut st = svc.state();
+            st.went_live(new.clone(), svc.config.keep_versions);
+            st.failed.remove(&new.hash);
+        }
+        self.save_history();
+        let t = Instant::now();
+        let displaced = self.install(svc, 0, canary);
+        if let Some(old_pid) = displaced {
+            self.drain_and_wait(svc, old_pid).await;
+        }
+        progress.line(slot_line(name, 0, displaced, canary, &new, t));
+
+        // 2. The canary serves alone for a while.
+        if on_trial {
+            if let Some(failure) = self.trial_wait(svc, svc.config.canary_probation).await {
+                return self
+                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                    .await;
+            }
+        }
+
+        // 3. The other slots.
+        for slot in 1..workers {
+            if let Some(failure) = self.trial_failure(svc) {
+                return self
+                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                    .await;
+            }
+            let t = Instant::now();
+            let mut change = self.replace_slot(svc, slot, &new).await;
+            if let Err(reason) = &change {
+                progress.line(format!(
+                    "{name}: worker {slot} failed to start ({reason}); trying once more"
+                ));
+                change = self.replace_slot(svc, slot, &new).await;
+            }
+            match change {
+                Ok(c) => progress.line(slot_line(name, slot, c.old, c.new, &new, t)),
+                Err(reason) if on_trial => {
+                    let failure = format!("worker {slot} failed to start twice: {reason}");
+                    self.note_trial_failure(svc, &new, &failure);
+                    return self
+                        .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                        .await;
+                }
+                Err(reason) => {
+                    let text = format!("{name}: restart stopped at worker {slot}: {reason}");
+                    self.record_event(svc, kind, &old, &new, "failed", started, Some(&reason));
+                    return Outcome::Failed(text);
+                }
+            }
+        }
+
+        // 4. Probation. The failure check and the phase change are one step under the state
+        // lock, so a failure noted in between is never left to a probation nobody watches.
+        let probation = svc.config.probation;
+        let until = Instant::now() + probation;
+        let trial = {
+            let mut st = svc.state();
+            match st.trial.as_mut() {
+                Some(t) if t.to.hash == new.hash => match &t.failure {
+                    Some(failure) => Err(failure.clone()),
+                    None => {
+                        t.phase = TrialPhase::Probation { until };
+                        Ok(Some(t.id))
+                    }
+                },
+                _ => Ok(None),
+            }
+        };
+        let trial = match trial {
+            Ok(id) => id,
+            Err(failure) => {
+                return self
+                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                    .await
+            }
+        };
+        let mut done = format!(
+            "{name}: done in {} ms, all {workers} workers on {new}",
+            started.elapsed().as_millis()
+        );
+        if let (Some(id), false) = (trial, probation.is_zero()) {
+            tokio::spawn(self.clone().end_probation(svc.clone(), id, probation));
+            done += &format!(
+                "; on probation for {} (a crash rolls back to {from})",
+                humantime::format_duration(probation)
+            );
+        } else if trial.is_some() {
+            self.pass_probation(svc, &new);
+        }
+        progress.line(done + " (old workers drain in the background)");
+        self.record_event(svc, kind, &old, &new, "done", started, None);
+        Outcome::Done
+    }
+
+    /// Waits `how_long` unless the trial fails first; returns the failure.
+    async fn trial_wait(&self, svc: &Service, how_long: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + how_long;
+        loop {
+            let notified = svc.trial_failed.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a failure noted in between still wakes us.
+            notified.as_mut().enable();
+            if let Some(failure) = self.trial_failure(svc) {
+                return Some(failure);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return self.trial_failure(svc),
+            }
+        }
+    }
+
+    fn trial_failure(&self, svc: &Service) -> Option<String> {
+        svc.state().trial.as_ref().and_then(|t| t.failure.clone())
+    }
+
+    /// Records the first failure of the version on trial: the live version switches back to
+    /// the one the trial came from, at once, so that a crashed slot restarts on it. Returns
+    /// whether it was the trial's first failure and the trial is in probation (then the caller
+    /// starts the rollback; a running rollout does it itself).
+    fn note_trial_failure(&self, svc: &Service, version: &PluginVersion, failure: &str) -> bool {
+        let mut st = svc.state();
+        let keep = svc.config.keep_versions;
+        let Some(trial) = st.trial.as_mut() else {
+            return false;
+        };
+        if trial.to.hash != version.hash || trial.failure.is_some() {
+            return false;
+        }
+        trial.failure = Some(failure.to_string());
+        let (from, in_probation) = (
+            trial.from.clone(),
+            matches!(trial.phase, TrialPhase::Probation { .. }),
+        );
+        st.went_live(from, keep);
+        st.failed
+            .insert(version.hash.clone(), format!("rolled back: {failure}"));
+        drop(st);
+        svc.trial_failed.notify_waiters();
+        in_probation
+    }
+
+    /// What a crash of a slot holder means for its service: a failed trial (roll back), part
+    /// of a crash loop (roll back to the last healthy version), or just a crash.
+    pub(super) fn judge_crash(
+        self: &Arc<Self>,
+        svc: &Arc<Service>,
+        version: &PluginVersion,
+        what: &str,
+    ) {
+        if *self.stopping.borrow() {
+            return;
+        }
+        svc.state().note_crash();
+        let on_trial = svc
+            .state()
+            .trial
+            .as_ref()
+            .is_some_and(|t| t.to.hash == version.hash);
+        if on_trial {
+            if self.note_trial_failure(svc, version, what) {
+                let (from, to) = {
+                    let st = svc.state();
+                    (st.live.clone(), version.clone())
+                };
+                tracing::error!(service = %svc.name(), "{to} failed on probation: {what}; rolling back to {from}");
+                self.spawn_roll_back(svc, to, from, what.to_string());
+            }
+            return;
+        }
+        let mut st = svc.state();
+        if st.live.hash != version.hash {
+            return;
+        }
+        let crashes = st.record_crash(svc.config.crash_loop_window);
+        if crashes < svc.config.crash_loop_crashes as usize {
+            return;
+        }
+        let window = humantime::format_duration(svc.config.crash_loop_window);
+        match st.last_healthy() {
+            Some(target) => {
+                let reason = format!(
+                    "crash loop: {crashes} crashes within {window} (crash_loop_crashes), the last: {what}"
+                );
+                st.went_live(target.clone(), svc.config.keep_versions);
+                st.failed
+                    .insert(version.hash.clone(), format!("rolled back: {reason}"));
+                drop(st);
+                tracing::error!(service = %svc.name(), "{version} is in a {reason}; rolling back to {target}, the last version that served healthily");
+                self.spawn_roll_back(svc, version.clone(), target, reason);
+            }
+            None => {
+                drop(st);
+                tracing::error!(
+                    service = %svc.name(),
+                    "{version} is in a crash loop ({crashes} crashes within {window}) and there is \
+                     no earlier healthy version to roll back to; restarting with backoff"
+                );
+            }
+        }
+    }
+
+    /// The rollout's own rollback (steps 1-3): the caller holds the service's lock.
+    #[allow(clippy::too_many_arguments)]
+    async fn fail_rollout(
+        self: &Arc<Self>,
+        svc: &Arc<Service>,
+        kind: &str,
+        from: &PluginVersion,
+        new: &PluginVersion,
+        failure: String,
+        started: Instant,
+        progress: &Progress,
+    ) -> Outcome {
+        let name = svc.name();
+        progress.line(format!(
+            "{name}: {new} failed: {failure}; rolling back to {from}"
+        ));
+        let back = self.roll_back_workers(svc, from, progress).await;
+        svc.state().trial = None;
+        self.save_history();
+        self.record_event(svc, kind, from, new, "rolled back", started, Some(&failure));
+        let outcome = match back {
+            Ok(()) => format!(
+                "rolled back to {from}: all {} workers run {from} again",
+                svc.config.workers
+            ),
+            Err(e) => format!("the rollback to {from} did not finish: {e}"),
+        };
+        Outcome::RolledBack(format!(
+            "{name}: reload of {new} failed: {failure}; {outcome}"
+        ))
+    }
+
+    /// A rollback the master starts by itself (probation failure, crash loop).
+    fn spawn_roll_back(
+        self: &Arc<Self>,
+        svc: &Arc<Service>,
+        bad: PluginVersion,
+        target: PluginVersion,
+        reason: String,
+    ) {
+        let (master, svc) = (self.clone(), svc.clone());
+        tokio::spawn(async move {
+            let _turn = svc.lock.lock().await;
+            if svc.live().hash != target.hash || *master.stopping.borrow() {
+                return; // superseded by a newer reload, or stopping
+            }
+            let started = Instant::now();
+            let progress = Progress::log_only();
+            let result = master.roll_back_workers(&svc, &target, &progress).await;
+            {
+                let mut st = svc.state();
+                if st.trial.as_ref().is_some_and(|t| t.to.hash == bad.hash) {
+                    st.trial = None;
+                }
+            }
+            master.save_history();
+            master.record_event(
+                &svc,
+                "automatic rollback",
+                &bad,
+                &target,
+                if result.is_ok() { "done" } else { "failed" },
+                started,
+                Some(&reason),
+            );
+            match result {
+                Ok(()) => tracing::warn!(
+                    service = %svc.name(),
+                    "rolled back from {bad} to {target} in {} ms: {reason}",
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => {
+                    tracing::error!(service = %svc.name(), "rollback to {target} failed: {e}")
+                }
+            }
+            master.prune_store();
+        });
+    }
+
+    /// Replaces every worker that does not run `target` with one that does, slot by slot
+    /// (surge and drain); empty slots that a respawn is already filling are left to it. The
+    /// caller holds the service's lock.
+    async fn roll_back_workers(
+        self: &Arc<Self>,
+        svc: &Arc<Service>,
+        target: &PluginVersion,
+        progress: &Progress,
+    ) -> Result<(), String> {
+        let name = svc.name();
+        let mut failed = Vec::new();
+        for slot in 0..svc.config.workers {
+            let (holder, respawning) = {
+                let mut reg = self.registry.lock().unwrap();
+                let state = reg.slot(name, slot);
+                let (pid, respawning) = (state.pid, state.respawning);
+                let version = pid.and_then(|p| reg.workers.get(&p).map(|w| w.version.hash.clone()));
+                (version, respawning)
+            };
+            match holder {
+                Some(hash) if hash == target.hash => continue,
+                None if respawning => continue,
+                _ => {}
+            }
+            let t = Instant::now();
+            match self.replace_slot(svc, slot, target).await {
+                Ok(c) => progress.line(slot_line(name, slot, c.old, c.new, target, t)),
+                Err(e) => {
+                    progress.line(format!(
+                        "{name}: worker {slot}: could not start {target}: {e}"
+                    ));
+                    failed.push(slot);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            return Err(format!(
+                "slots {failed:?} could not start {target}; they are retried with backoff"
+            ));
+        }
+        // Slots left to their respawn (a crashed worker's): "rolled back" means every slot
+        // serves the target again, so wait for them too.
+        let deadline = Instant::now() + svc.config.ready_timeout + Duration::from_secs(1);
+        loop {
+            let pending = self
+                .holders(svc)
+                .iter()
+                .filter(|h| h.as_ref().is_none_or(|(_, v)| v.hash != target.hash))
+                .count();
+            if pending == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline || *self.stopping.borrow() {
+                return Err(format!(
+                    "{pending} slots do not run {target} yet; they are retried with backoff"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Ends a probation that saw no failure: the version is healthy.
+    async fn end_probation(self: Arc<Self>, svc: Arc<Service>, id: u64, after: Duration) {
+        tokio::time::sleep(after).await;
+        let version = {
+            let st = svc.state();
+            match &st.trial {
+                Some(t) if t.id == id && t.failure.is_none() => t.to.clone(),
+                _ => return,
+            }
+        };
+        self.pass_probation(&svc, &version);
+    }
+
+    fn pass_probation(&self, svc: &Service, version: &PluginVersion) {
+        {
+            let mut st = svc.state();
+            if st.trial.as_ref().is_some_and(|t| t.to.hash == version.hash) {
+                st.trial = None;
+            }
+            st.healthy.insert(version.hash.clone());
+        }
+        tracing::info!(service = %svc.name(), "{version} passed its probation: healthy");
+        self.save_history();
+        self.prune_store();
+    }
+
+    /// Starts the probation of the version a service started with. When the history says
+    /// another version was live before, it is a trial (a crash rolls back to that version, so
+    /// a restart onto a bad build can fall back); otherwise the version becomes healthy if it
+    /// does not crash within the probation.
+    pub(super) fn probation_at_start(
+        self: &Arc<Self>,
+        svc: &Arc<Service>,
+        before: Option<PluginVersion>,
+    ) {
+        let probation = svc.config.probation;
+        let live = svc.live();
+        if svc.state().healthy.contains(&live.hash) {
+            return;
+        }
+        let Some(before) = before.filter(|b| b.hash != live.hash && !probation.is_zero()) else {
+            let (master, svc) = (self.clone(), svc.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(probation).await;
+                let calm = {
+                    let st = svc.state();
+                    st.live.hash == live.hash && st.crashes_within(probation) == 0
+                };
+                if calm {
+                    master.pass_probation(&svc, &live);
+                }
+            });
+            return;
+        };
+        let until = Instant::now() + probation;
+        let id = svc.begin_trial(
+            before.clone(),
+            live.clone(),
+            TrialPhase::Probation { until },
+        );
+        tracing::info!(
+            service = %svc.name(),
+            "{live} is new since the last start: on probation for {} (a crash rolls back to {before})",
+            humantime::format_duration(probation)
+        );
+        tokio::spawn(self.clone().end_probation(svc.clone(), id, probation));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_event(
+        &self,
+        svc: &Service,
+        kind: &str,
+        from: &PluginVersion,
+        to: &PluginVersion,
+        outcome: &str,
+        started: Instant,
+        detail: Option<&str>,
+    ) {
+        let event = RolloutEvent {
+            at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            service: svc.name().to_string(),
+            kind: kind.to_string(),
+            from: from.short().to_string(),
+            to: to.short().to_string(),
+            outcome: outcome.to_string(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            detail: detail.map(str::to_string),
+        };
+        self.events.lock().unwrap().push(event);
+        self.save_history();
+    }
+}
+
+fn slot_line(
+    name: &str,
+    slot: usize,
+    old: Option<u32>,
+    new: u32,
+    version: &PluginVersion,
+    since: Instant,
+) -> String {
+    let old = old.map_or_else(|| "(empty)".to_string(), |p| p.to_string());
+    format!(
+        "{name}: worker {slot}: {old} -> {new} (plugin {version}, ready in {} ms)",
+        since.elapsed().as_millis()
+    )
+}

@@ -1,0 +1,239 @@
+//! One configured service as the master holds it: its listeners, its versions (the live one,
+//! the previous ones, which proved healthy and which failed), and the trial a new version is
+//! on while it proves itself (`master::rollout` runs the trial).
+//!
+//! Locks: [`Service::state`] is a short-held std mutex for the facts above; [`Service::lock`]
+//! is an async mutex held for as long as something changes the service's workers (a reload, a
+//! rollback, a recycled worker), so that only one such change runs at a time per service.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    net::TcpListener,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::Notify;
+
+use crate::{config::ServiceConfig, shadow::PluginVersion, shadow::SavedService};
+
+/// A new version on trial: from its canary's READY until its probation ends.
+#[derive(Debug, Clone)]
+pub struct Trial {
+    /// Tells this trial from a later one (timers check it before they act).
+    pub id: u64,
+    /// What a failure rolls back to.
+    pub from: PluginVersion,
+    pub to: PluginVersion,
+    pub phase: TrialPhase,
+    /// The first failure, in words (which worker, what happened, when).
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrialPhase {
+    /// A rollout task is replacing workers; it handles a failure itself.
+    Rolling,
+    /// Every worker runs the new version; a failure before `until` starts a rollback.
+    Probation { until: Instant },
+}
+
+/// What the master knows of a service's versions and health.
+pub struct ServiceState {
+    /// The version new workers load.
+    pub live: PluginVersion,
+    /// Versions that were live before, oldest first, at most `keep_versions - 1`; their shadow
+    /// copies are kept for `host rollback`.
+    pub previous: Vec<PluginVersion>,
+    /// Hashes of versions that served through a whole probation.
+    pub healthy: HashSet<String>,
+    /// Hashes of versions that were rejected or rolled back, with the reason; the watcher does
+    /// not reload them again.
+    pub failed: HashMap<String, String>,
+    pub trial: Option<Trial>,
+    /// Crashes of workers of the live version, newest last, for crash-loop detection.
+    pub crashes: VecDeque<Instant>,
+    /// Every crash of a slot holder in the last minute, whatever its version (for status).
+    pub recent_crashes: VecDeque<Instant>,
+}
+
+/// One configured service and what the master holds for it.
+pub struct Service {
+    pub config: ServiceConfig,
+    pub listeners: Vec<TcpListener>,
+    state: Mutex<ServiceState>,
+    /// Held while the service's workers change (see the module comment).
+    pub lock: tokio::sync::Mutex<()>,
+    /// Wakes a running rollout when its trial fails.
+    pub trial_failed: Notify,
+}
+
+static TRIAL_IDS: AtomicU64 = AtomicU64::new(1);
+
+impl Service {
+    /// A service serving `version`, with what the saved history remembers of it.
+    pub fn new(
+        config: ServiceConfig,
+        listeners: Vec<TcpListener>,
+        version: PluginVersion,
+        saved: SavedService,
+    ) -> Service {
+        let mut state = ServiceState {
+            live: version,
+            previous: saved.previous,
+            healthy: saved.healthy.into_iter().collect(),
+            failed: saved.failed,
+            trial: None,
+            crashes: VecDeque::new(),
+            recent_crashes: VecDeque::new(),
+        };
+        // The version that was live when the master last stopped heads the history, so that
+        // `host rollback` after a restart goes back to it.
+        if let Some(last) = saved.live {
+            if last.hash != state.live.hash {
+                state.previous.retain(|v| v.hash != last.hash);
+                state.previous.push(last);
+            }
+        }
+        state.previous.retain(|v| v.hash != state.live.hash);
+        let excess = (state.previous.len() + 1).saturating_sub(config.keep_versions);
+        state.previous.drain(..excess);
+        Service {
+            config,
+            listeners,
+            state: Mutex::new(state),
+            lock: tokio::sync::Mutex::new(()),
+            trial_failed: Notify::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, ServiceState> {
+        self.state.lock().unwrap()
+    }
+
+    /// The version new workers load.
+    pub fn live(&self) -> PluginVersion {
+        self.state().live.clone()
+    }
+
+    /// The bound addresses (with the real port when the config said port 0).
+    pub fn listen_addrs(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect()
+    }
+
+    /// What the history file keeps of this service.
+    pub fn saved(&self) -> SavedService {
+        let st = self.state();
+        SavedService {
+            live: Some(st.live.clone()),
+            previous: st.previous.clone(),
+            healthy: st.healthy.iter().cloned().collect(),
+            failed: st.failed.clone(),
+        }
+    }
+
+    /// Starts a trial of `to` (replacing any trial still running: a newer version supersedes
+    /// an older one on probation).
+    pub fn begin_trial(&self, from: PluginVersion, to: PluginVersion, phase: TrialPhase) -> u64 {
+        let id = TRIAL_IDS.fetch_add(1, Ordering::Relaxed);
+        self.state().trial = Some(Trial {
+            id,
+            from,
+            to,
+            phase,
+            failure: None,
+        });
+        id
+    }
+}
+
+impl ServiceState {
+    /// Makes `version` the live one; the one it replaces heads the history.
+    pub fn went_live(&mut self, version: PluginVersion, keep_versions: usize) {
+        if self.live.hash == version.hash {
+            return;
+        }
+        // A version that comes back (a rollback, or a rebuild to identical bytes) keeps the time
+        // it was first loaded, and moves to the end of the history.
+        let version = match self.previous.iter().position(|v| v.hash == version.hash) {
+            Some(i) => PluginVersion {
+                stored_at: self.previous.remove(i).stored_at,
+                ..version
+            },
+            None => version,
+        };
+        let old = std::mem::replace(&mut self.live, version);
+        self.previous.push(old);
+        let excess = (self.previous.len() + 1).saturating_sub(keep_versions);
+        self.previous.drain(..excess);
+        self.crashes.clear();
+    }
+
+    /// The newest previous version that served healthily, to leave a crash-looping live
+    /// version for.
+    pub fn last_healthy(&self) -> Option<PluginVersion> {
+        self.previous
+            .iter()
+            .rev()
+            .find(|v| {
+                self.healthy.contains(&v.hash)
+                    && !self.failed.contains_key(&v.hash)
+                    && v.hash != self.live.hash
+            })
+            .cloned()
+    }
+
+    /// Records a crash of a live-version worker; returns how many fell within `window`.
+    pub fn record_crash(&mut self, window: Duration) -> usize {
+        let now = Instant::now();
+        self.crashes.push_back(now);
+        while self
+            .crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            self.crashes.pop_front();
+        }
+        self.crashes.len()
+    }
+
+    /// Crashes of the live version within the last `window`.
+    pub fn crashes_within(&self, window: Duration) -> usize {
+        self.crashes
+            .iter()
+            .filter(|t| t.elapsed() <= window)
+            .count()
+    }
+
+    /// Notes a crash of any version, for the count `host status` shows.
+    pub fn note_crash(&mut self) {
+        let now = Instant::now();
+        self.recent_crashes.push_back(now);
+        while self
+            .recent_crashes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            self.recent_crashes.pop_front();
+        }
+    }
+
+    /// Crashes of any version in the last minute.
+    pub fn crashes_last_minute(&self) -> usize {
+        self.recent_crashes
+            .iter()
+            .filter(|t| t.elapsed() <= Duration::from_secs(60))
+            .count()
+    }
+}

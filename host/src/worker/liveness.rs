@@ -1,0 +1,156 @@
+//! How a worker proves it is alive, and how it dies when it must, whatever its runtime does.
+//!
+//! - **Heartbeat**: a task on the runtime that serves requests sends [`FromWorker::Heartbeat`]
+//!   every `heartbeat_ms`. When that runtime stalls (every thread stuck in a handler, a
+//!   deadlock, SIGSTOP) the heartbeats stop and the master kills the worker after its
+//!   `liveness_timeout`. The heartbeat carries the request count, resident memory and open
+//!   connections (recycling and status use them).
+//! - **Handler timeout**: a handler that runs longer than `handler_timeout` has taken a thread
+//!   for good. A blocking handler's client gets a 503 (`worker::http`); an inline handler's
+//!   client cannot (its connection lives on the stuck thread), but the heartbeat task sees the
+//!   call's age in [`InlineCalls`]. Either way the worker asks the master to replace it
+//!   gracefully ([`FromWorker::ReplaceMe`]), once.
+//! - **Watchdog**: a plain thread that notices the master's death. The parent-death signal
+//!   (SIGTERM) starts a graceful drain, but a wedged runtime never runs it; so the watchdog
+//!   kills the worker's process group after the drain timeout plus half a second, whatever the
+//!   runtime is doing.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use nix::{
+    sys::signal::{killpg, Signal},
+    unistd::{getpgrp, getppid},
+};
+
+use super::{http::Shared, link::Link};
+use crate::protocol::{monotonic_ns, FromWorker};
+
+/// How often the watchdog looks for its master.
+const WATCHDOG_TICK: Duration = Duration::from_millis(100);
+/// Beyond the drain timeout, how long the watchdog waits before it kills the worker.
+const WATCHDOG_GRACE: Duration = Duration::from_millis(500);
+
+/// Start times of the inline handler calls in progress, one slot per runtime thread (an
+/// inline call never yields, so a thread runs at most one at a time).
+pub struct InlineCalls {
+    slots: Mutex<Vec<&'static AtomicU64>>,
+}
+
+thread_local! {
+    /// This thread's slot: 0 when idle, else the call's start on the monotonic clock.
+    static SLOT: &'static AtomicU64 = INLINE_CALLS.register();
+}
+
+pub static INLINE_CALLS: InlineCalls = InlineCalls {
+    slots: Mutex::new(Vec::new()),
+};
+
+impl InlineCalls {
+    fn register(&self) -> &'static AtomicU64 {
+        // One small leak per runtime thread, for the life of the process.
+        let slot: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+        self.slots.lock().unwrap().push(slot);
+        slot
+    }
+
+    /// Marks an inline call in progress on this thread until the guard drops.
+    pub fn begin(&self) -> InlineCall {
+        let slot = SLOT.with(|s| *s);
+        slot.store(monotonic_ns().max(1), Ordering::Relaxed);
+        InlineCall(slot)
+    }
+
+    /// How long the oldest inline call in progress has run.
+    pub fn oldest(&self) -> Option<Duration> {
+        let now = monotonic_ns();
+        self.slots
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&started| started != 0)
+            .map(|started| Duration::from_nanos(now.saturating_sub(started)))
+            .max()
+    }
+}
+
+pub struct InlineCall(&'static AtomicU64);
+
+impl Drop for InlineCall {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Asks the master, once per worker, to replace this worker gracefully (it lost a thread to
+/// a handler, or reached its max_requests).
+pub fn ask_for_replacement(link: &Link, asked: &AtomicBool, reason: String) {
+    if !asked.swap(true, Ordering::SeqCst) {
+        tracing::warn!("{reason}; asking the master for a replacement");
+        link.send(&FromWorker::ReplaceMe { reason });
+    }
+}
+
+/// The heartbeat task; runs until the process exits.
+pub async fn heartbeat(shared: Arc<Shared>, link: Arc<Link>, every: Duration) {
+    let handler_timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Some(age) = INLINE_CALLS.oldest().filter(|age| *age > handler_timeout) {
+            ask_for_replacement(
+                &link,
+                &shared.replacement_asked,
+                format!(
+                    "an inline handler call (BLOCKING = false) has run for {} ms, longer than \
+                     handler_timeout ({}): its thread is lost",
+                    age.as_millis(),
+                    humantime::format_duration(handler_timeout)
+                ),
+            );
+        }
+        link.send(&FromWorker::Heartbeat {
+            requests: shared.requests.load(Ordering::Relaxed),
+            rss_bytes: rss_bytes(),
+            connections: shared.connections.load(Ordering::Relaxed),
+        });
+    }
+}
+
+/// This process's resident memory, from /proc/self/statm (0 if unreadable).
+fn rss_bytes() -> u64 {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page)
+}
+
+/// Starts the watchdog thread (see the module comment).
+pub fn spawn_watchdog(master_pid: u32, drain_timeout: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(WATCHDOG_TICK);
+            if getppid().as_raw() as u32 != master_pid {
+                std::thread::sleep(drain_timeout + WATCHDOG_GRACE);
+                // Still here: the graceful drain did not finish. The worker leads its own
+                // process group, so this ends it and whatever its plugin started.
+                let _ = killpg(getpgrp(), Signal::SIGKILL);
+                std::process::abort();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("could not start the watchdog thread: {e}");
+    }
+}
