@@ -218,3 +218,86 @@ fn a_reload_asked_for_during_another_waits_its_turn() {
     assert!(second.contains("reload done"), "{second}");
     assert!(get(&addr, "/").body.contains("versioned v2"));
 }
+
+#[test]
+fn a_library_for_another_architecture_says_which() {
+    let text = reload_is_rejected(|path| {
+        let mut bytes = fs::read(artifacts().plugin("versioned-v2")).unwrap();
+        // e_machine (offset 18): claim aarch64, or x86_64 when this machine is aarch64.
+        let other: u16 = if std::env::consts::ARCH == "aarch64" {
+            62
+        } else {
+            183
+        };
+        bytes[18..20].copy_from_slice(&other.to_le_bytes());
+        let _ = fs::remove_file(path);
+        fs::write(path, bytes).unwrap();
+    });
+    let other = if std::env::consts::ARCH == "aarch64" {
+        "x86_64"
+    } else {
+        "aarch64"
+    };
+    assert!(
+        text.contains(&format!(
+            "was built for {other} (64-bit), but this host runs on {}",
+            std::env::consts::ARCH
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_rlib_says_the_crate_needs_cdylib() {
+    let text = reload_is_rejected(|path| {
+        let _ = fs::remove_file(path);
+        fs::write(
+            path,
+            b"!<arch>\n/               0           0     0     0       8       `\n",
+        )
+        .unwrap();
+    });
+    assert!(
+        text.contains("is a static archive (an rlib or staticlib)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("crate-type = [\"cdylib\", \"rlib\"]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_library_beside_an_rlib_says_the_crate_needs_cdylib() {
+    let host = Host::start(
+        dir_with_config(CONFIG, &[("plugin.so", "versioned")]),
+        &["--config", "host.toml"],
+    );
+    fs::remove_file(host.dir.path().join("plugin.so")).unwrap();
+    fs::write(host.dir.path().join("plugin.rlib"), b"!<arch>\n").unwrap();
+    let out = host.cli(&["reload"]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("does not exist"), "{text}");
+    assert!(text.contains("plugin.rlib beside it"), "{text}");
+    assert!(text.contains("crate-type"), "{text}");
+}
+
+#[test]
+fn a_rejected_start_leaves_no_copy_of_its_plugin() {
+    let dir = dir_with_config(CONFIG, &[("plugin.so", "bad-start")]);
+    let (mut host, _) = match Host::try_start(dir, &["--config", "host.toml"]) {
+        Ok(_) => panic!("a host with a broken plugin must not start"),
+        Err(failed) => failed,
+    };
+    assert!(!host.wait_exit());
+    let copies: Vec<_> = fs::read_dir(host.state_dir().join("plugins"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        copies
+            .iter()
+            .all(|name| !name.to_string_lossy().ends_with(".so")),
+        "copies left: {copies:?}"
+    );
+}

@@ -210,3 +210,33 @@ fn the_version_history_survives_a_master_restart() {
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(get(&addr, "/").body.contains("versioned v1"));
 }
+
+#[test]
+fn the_version_live_at_stop_can_be_rolled_back_to_after_a_restart_on_a_new_build() {
+    let mut host = Host::serving("versioned", 1, &[]);
+    let v1 = host.status()["services"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(host.cli(&["stop"]).status.success());
+    assert!(host.wait_exit());
+
+    // A new build while the host was down; the restart serves it.
+    let dir = host.into_dir();
+    copy_new_inode(
+        &artifacts().plugin("versioned-v2"),
+        &dir.path().join("plugin.so"),
+    );
+    let host = Host::serving_in(dir, 1, &[]);
+    let addr = host.addr("plugin");
+    assert!(get(&addr, "/").body.contains("versioned v2"));
+    let status = host.status();
+    assert_eq!(status["services"][0]["previous"][0]["version"], v1.as_str());
+    assert!(
+        status["services"][0]["probation_left_ms"].is_u64(),
+        "a new build since the last start is on probation: {status}"
+    );
+    let out = host.cli(&["rollback"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(get(&addr, "/").body.contains("versioned v1"));
+}

@@ -175,12 +175,16 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
         }
         return fail(&e);
     }
+    // The probations first: a trial keeps the copy of the version it would fall back to,
+    // which the pruning below must not remove.
+    for (svc, before) in master.services().iter().zip(lived_before) {
+        master.probation_at_start(svc, before);
+    }
     master.save_history();
     master.prune_store();
     tokio::spawn(master.clone().run_jobs());
     tokio::spawn(master.clone().check_liveness());
-    for (svc, before) in master.services().iter().zip(lived_before) {
-        master.probation_at_start(svc, before);
+    for svc in master.services() {
         if svc.config.watch {
             if let Err(e) = watcher::spawn(master.clone(), svc.clone()) {
                 tracing::error!(service = %svc.name(), "{e}; reload it by hand");

@@ -29,10 +29,12 @@ impl Plugin {
     /// Loads the shadow copy named in `spec` and calls the plugin's `on_start`; `loaded` runs
     /// between the two (for the start-up timings).
     pub fn load_and_start(spec: &WorkerSpec, loaded: impl FnOnce()) -> Result<Plugin, String> {
-        let header = lib_header_from_path(&spec.plugin_path).map_err(|e| explain(e, spec))?;
+        let header = lib_header_from_path(&spec.plugin_path).map_err(|e| explain(e, spec, None))?;
+        // What the library says it was built against, for errors about it.
+        let declared = header.version_strings().to_string();
         let module = header
             .init_root_module::<PluginModRef>()
-            .map_err(|e| explain(e, spec))?;
+            .map_err(|e| explain(e, spec, Some(&declared)))?;
         let plugin = Plugin { module };
         loaded();
         let ctx = FfiContext {
@@ -113,7 +115,7 @@ extern "C" fn plugin_log(level: u8, message: RStr<'_>) {
 
 /// One paragraph: what was expected, what was found, how to fix it. The raw abi_stable message
 /// (for layout mismatches, a dump of every type) goes to the debug log.
-fn explain(err: LibraryError, spec: &WorkerSpec) -> String {
+fn explain(err: LibraryError, spec: &WorkerSpec, declared: Option<&str>) -> String {
     tracing::debug!(
         "abi_stable load error for {}: {err}",
         spec.plugin_path.display()
@@ -146,14 +148,22 @@ fn explain(err: LibraryError, spec: &WorkerSpec) -> String {
              against plugin-api {api} and reload."
         ),
         LibraryError::AbiInstability(_) => format!(
-            "plugin {source} declares plugin-api {api}, but the types it shares with the host \
-             have a different layout (it was built from a different plugin-api source with the \
-             same version number). Rebuild it against the plugin-api this host was built with \
-             and reload; run with HOST_LOG=debug to see every mismatch."
+            "plugin {source} was built against plugin-api {}, which this host (plugin-api {api}) \
+             accepts by its version number, but the types it shares with the host have a \
+             different layout (a different plugin-api source with a compatible version number). \
+             Rebuild it against the plugin-api this host was built with and reload; run with \
+             HOST_LOG=debug to see every mismatch.",
+            declared.unwrap_or("(unknown)")
         ),
-        LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => format!(
-            "plugin {source} was built with an abi_stable version (or a compiler ABI) that this \
-             host cannot load. Rebuild it against plugin-api {api} and reload."
+        LibraryError::InvalidAbiHeader(header) => format!(
+            "plugin {source} was built with abi_stable's ABI header {header:?}, which this host's \
+             abi_stable cannot read (a plugin-api from a different abi_stable major version). \
+             Rebuild it against plugin-api {api} and reload."
+        ),
+        LibraryError::InvalidCAbi { .. } => format!(
+            "plugin {source} was built with a compiler ABI this host cannot load (another \
+             compiler or target?). Rebuild it with the host's toolchain against plugin-api {api} \
+             and reload."
         ),
         LibraryError::RootModule { err, .. } => format!(
             "plugin {source} failed while its library was being initialized ({err}). This runs \
