@@ -81,6 +81,7 @@ impl Master {
         if on_trial {
             svc.begin_trial(from.clone(), new.clone(), TrialPhase::Rolling);
         }
+        let t = Instant::now();
         let canary = match self.start_worker(svc, 0, &new).await {
             Ok(pid) => pid,
             Err(reason) => {
@@ -106,7 +107,6 @@ impl Master {
             st.failed.remove(&new.hash);
         }
         self.save_history();
-        let t = Instant::now();
         let displaced = self.install(svc, 0, canary);
         if let Some(old_pid) = displaced {
             self.drain_and_wait(svc, old_pid).await;
@@ -114,8 +114,15 @@ impl Master {
         progress.line(slot_line(name, 0, displaced, canary, &new, t));
 
         // 2. The canary serves alone for a while.
+        let canary_probation = svc.config.canary_probation;
+        if on_trial && !canary_probation.is_zero() && workers > 1 {
+            progress.line(format!(
+                "{name}: canary {canary} serves alone for {} (canary_probation)",
+                humantime::format_duration(canary_probation)
+            ));
+        }
         if on_trial {
-            if let Some(failure) = self.trial_wait(svc, svc.config.canary_probation).await {
+            if let Some(failure) = self.trial_wait(svc, canary_probation).await {
                 return self
                     .fail_rollout(svc, kind, &from, &new, failure, started, progress)
                     .await;
