@@ -25,10 +25,15 @@ fn boundary(c: &mut Criterion) {
         heartbeat_ms: 1000,
         handler_timeout_ms: 60_000,
         max_requests: 0,
+        header_timeout_ms: 30_000,
+        body_timeout_ms: 30_000,
+        keepalive_timeout_ms: 75_000,
+        max_connections: 10_000,
+        run_as: None,
         master_pid: std::process::id(),
         check_only: true,
     };
-    let loaded = Loaded::load_and_start(&spec, || {}).expect("load hello");
+    let loaded = Loaded::load_and_start(&spec, &build.hello_v1, || {}).expect("load hello");
     let ffi_request = FfiRequest {
         method: "GET".into(),
         path: "/".into(),

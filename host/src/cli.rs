@@ -15,7 +15,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Config, DEFAULT_WORKERS},
+    config::{Config, RawConfig, RawService, DEFAULT_WORKERS},
     protocol::{ControlReply, ControlRequest, FromWorker, StatusReport, ToWorker},
     state_dir::StateDir,
 };
@@ -97,6 +97,15 @@ enum Command {
 /// A config file, or the flags for one service.
 #[derive(Args)]
 struct ServiceArgs {
+    /// Run the workers as this user (the master must be root): plugin code never runs as root.
+    #[arg(long)]
+    user: Option<String>,
+    /// The workers' group (default: the user's own).
+    #[arg(long, requires = "user")]
+    group: Option<String>,
+    /// Load plugins from paths other users could write (a warning is logged at every load).
+    #[arg(long)]
+    allow_insecure_plugin_path: bool,
     /// A TOML config file listing one or more services.
     #[arg(long, conflicts_with_all = ["plugin", "listen", "workers", "name"])]
     config: Option<PathBuf>,
@@ -117,7 +126,19 @@ struct ServiceArgs {
 impl ServiceArgs {
     fn config(self) -> Result<Config, String> {
         if let Some(path) = self.config {
-            return Config::from_file(&path).map_err(|e| e.to_string());
+            let mut config = Config::from_file(&path).map_err(|e| e.to_string())?;
+            // The flags apply to every service of the file.
+            if let Some(user) = &self.user {
+                let one = Config::run_as(Some(user), self.group.as_deref())
+                    .map_err(|e| format!("--user: {e}"))?;
+                for svc in &mut config.services {
+                    svc.run_as = one.clone();
+                }
+            }
+            for svc in &mut config.services {
+                svc.allow_insecure_plugin_path |= self.allow_insecure_plugin_path;
+            }
+            return Ok(config);
         }
         let plugin = self
             .plugin
@@ -129,13 +150,20 @@ impl ServiceArgs {
                 .unwrap_or_default();
             stem.strip_prefix("lib").unwrap_or(&stem).to_string()
         });
-        Config::from_flags(
+        let service = RawService {
             name,
             plugin,
-            self.listen,
-            self.workers.unwrap_or(DEFAULT_WORKERS),
-        )
-        .map_err(|e| e.to_string())
+            listen: self.listen,
+            workers: Some(self.workers.unwrap_or(DEFAULT_WORKERS)),
+            ..RawService::default()
+        };
+        let globals = RawConfig {
+            user: self.user,
+            group: self.group,
+            allow_insecure_plugin_path: Some(self.allow_insecure_plugin_path),
+            ..RawConfig::default()
+        };
+        Config::from_flags(service, globals).map_err(|e| e.to_string())
     }
 }
 
@@ -197,6 +225,7 @@ fn converse(
     mut on_reply: impl FnMut(ControlReply),
 ) -> Result<(), (u8, String)> {
     let socket = state.socket();
+    let pid_file_pid = state.check_for_client().map_err(|e| (EXIT_FAILED, e))?;
     let mut stream = UnixStream::connect(&socket).map_err(|e| {
         (
             EXIT_NO_MASTER,
@@ -207,6 +236,7 @@ fn converse(
             ),
         )
     })?;
+    check_master(&stream, pid_file_pid)?;
     stream
         .write_all(&crate::protocol::encode(request))
         .map_err(|e| (EXIT_FAILED, format!("could not talk to the master: {e}")))?;
@@ -238,6 +268,41 @@ fn converse(
         EXIT_FAILED,
         "the master closed the connection before it answered".into(),
     ))
+}
+
+/// Checks who answers on the control socket before trusting it: a process of this user (or
+/// root), and the master the pid file names.
+fn check_master(stream: &UnixStream, pid_file: Option<u32>) -> Result<(), (u8, String)> {
+    let me = nix::unistd::geteuid().as_raw();
+    let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| {
+            (
+                EXIT_FAILED,
+                format!("could not check who runs the master: {e}"),
+            )
+        })?;
+    if peer.uid() != me && peer.uid() != 0 {
+        return Err((
+            EXIT_FAILED,
+            format!(
+                "the process answering on the control socket runs as uid {}, not as you (uid \
+                 {me}) or root; it is not a master this CLI trusts. Stop it and remove the socket.",
+                peer.uid()
+            ),
+        ));
+    }
+    if let Some(pid) = pid_file.filter(|pid| *pid != peer.pid() as u32) {
+        return Err((
+            EXIT_FAILED,
+            format!(
+                "the process answering on the control socket (pid {}) is not the master the pid \
+                 file names (pid {pid}); something else is listening there. Stop it and remove \
+                 the socket.",
+                peer.pid()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reload and stop: print progress lines as they come; fail if the master says it failed.
@@ -417,10 +482,12 @@ async fn check_service(svc: &crate::config::ServiceConfig) -> Result<String, Str
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
     let dir = tempfile::tempdir().map_err(|e| format!("could not create a temp dir: {e}"))?;
-    let version = crate::shadow::ShadowStore::new(dir.path().to_path_buf()).store(&svc.plugin)?;
+    let store = crate::shadow::ShadowStore::open(&crate::state_dir::Dir::open(dir.path())?)?;
+    let version = store.store_plugin(svc)?;
+    let plugin = store.open_verified(&version)?;
     let mut spec = crate::master::worker_spec(svc, 0, &version, Vec::new());
     spec.check_only = true;
-    let spawned = crate::master::spawn_worker_process(&spec, &[])
+    let spawned = crate::master::spawn_worker_process(&spec, &plugin, &[])
         .map_err(|e| format!("could not start a worker: {e}"))?;
     let (mut child, channel) = (spawned.child, spawned.channel);
     let (read, mut write) = channel.into_split();

@@ -41,7 +41,14 @@ pub fn main(path: &Path, listen: Vec<String>, workers: usize, state: StateDir) -
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let name = stem.strip_prefix("lib").unwrap_or(&stem).to_string();
-    let mut config = match Config::from_flags(name, library, listen, workers) {
+    let service = crate::config::RawService {
+        name,
+        plugin: library,
+        listen,
+        workers: Some(workers),
+        ..Default::default()
+    };
+    let mut config = match Config::from_flags(service, Default::default()) {
         Ok(c) => c,
         Err(e) => return usage_error(&e.to_string()),
     };

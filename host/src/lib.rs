@@ -4,6 +4,7 @@
 //! - [`config`]: the TOML config file and the flags, checked into [`config::Config`].
 //! - [`dev`]: `host dev`, the build-serve-rebuild loop for one plugin crate.
 //! - [`state_dir`]: where a running master is found (control socket, pid file, lock).
+//! - [`trust`]: the checks on every file and directory the host trusts (owner, mode, symlinks).
 //! - [`shadow`]: content-addressed copies of plugin libraries, the only paths workers load.
 //! - [`plugin_file`]: what a plugin file is (a library for this machine, or what instead).
 //! - [`protocol`]: the messages between CLI and master, and between master and workers.
@@ -22,4 +23,5 @@ pub mod plugin_file;
 pub mod protocol;
 pub mod shadow;
 pub mod state_dir;
+pub mod trust;
 pub mod worker;

@@ -138,7 +138,8 @@ pub struct WorkerStatus {
 pub struct WorkerSpec {
     pub service: String,
     pub slot: usize,
-    /// The shadow copy to load.
+    /// The shadow copy, for messages; the worker loads the verified open copy at
+    /// [`PLUGIN_FD`].
     pub plugin_path: PathBuf,
     /// The library the user built, for error messages.
     pub plugin_source: PathBuf,
@@ -157,6 +158,16 @@ pub struct WorkerSpec {
     /// After this many requests the worker asks to be replaced (0: never): the service's
     /// `max_requests` plus this worker's jitter.
     pub max_requests: u64,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout_ms: u64,
+    /// How long a client may pause within a request body.
+    pub body_timeout_ms: u64,
+    /// How long an idle keep-alive connection stays open.
+    pub keepalive_timeout_ms: u64,
+    /// Connections held at most; beyond, the worker stops accepting until one closes.
+    pub max_connections: usize,
+    /// The user and group (uid, gid) the worker drops to before it loads the plugin.
+    pub run_as: Option<(u32, u32)>,
     pub master_pid: u32,
     /// Load the plugin, start and stop it, report, exit: `host check`.
     pub check_only: bool,
@@ -239,5 +250,7 @@ pub fn monotonic_ns() -> u64 {
 
 /// The fd a worker finds its channel to the master on.
 pub const CHANNEL_FD: i32 = 3;
+/// The fd of the verified plugin copy the worker loads (through `/proc/self/fd`).
+pub const PLUGIN_FD: i32 = 4;
 /// The fd of a worker's first inherited listener; the others follow.
-pub const FIRST_LISTENER_FD: i32 = 4;
+pub const FIRST_LISTENER_FD: i32 = 5;

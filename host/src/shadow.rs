@@ -13,17 +13,20 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fmt, fs,
-    io::{self, Write},
-    os::unix::fs::PermissionsExt,
+    fmt,
+    fs::{self, File},
+    io,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
+use nix::fcntl::OFlag;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::protocol::RolloutEvent;
+use crate::{config::ServiceConfig, protocol::RolloutEvent, state_dir::Dir};
 
 /// How many reloads and rollbacks the history file keeps (all services together).
 const KEEP_EVENTS: usize = 200;
@@ -54,15 +57,48 @@ impl fmt::Display for PluginVersion {
     }
 }
 
-/// The store, a directory owned by one master.
-#[derive(Debug, Clone)]
+/// The store, a directory owned by one master (`<state>/plugins`).
+///
+/// Every copy a worker will load is opened once and its SHA-256 checked against its name;
+/// the store keeps that open file, and workers get a dup of it (loaded through
+/// `/proc/self/fd`), so a worker loads exactly the bytes that were verified, whatever happens
+/// to the path afterwards (a copy replaced in the directory, or deleted with it).
+#[derive(Debug)]
 pub struct ShadowStore {
-    dir: PathBuf,
+    dir: Mutex<Arc<Dir>>,
+    verified: Mutex<HashMap<String, Arc<File>>>,
 }
 
 impl ShadowStore {
-    pub fn new(dir: PathBuf) -> ShadowStore {
-        ShadowStore { dir }
+    /// The store in `state`'s `plugins/` (created 0700 and checked).
+    pub fn open(state: &Dir) -> Result<ShadowStore, String> {
+        Ok(ShadowStore {
+            dir: Mutex::new(Arc::new(state.subdir("plugins")?)),
+            verified: Mutex::default(),
+        })
+    }
+
+    fn dir(&self) -> Arc<Dir> {
+        self.dir.lock().unwrap().clone()
+    }
+
+    /// Stores a service's plugin, after the trust checks on its path (`crate::trust`); with
+    /// `allow_insecure_plugin_path`, a failed check is a warning, at every load.
+    pub fn store_plugin(&self, service: &ServiceConfig) -> Result<PluginVersion, String> {
+        // A missing file is for `store` to explain.
+        if service.plugin.exists() {
+            if let Err(e) = crate::trust::check_plugin_path(&service.plugin, nix::unistd::geteuid())
+            {
+                if !service.allow_insecure_plugin_path {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    service = %service.name,
+                    "loading the plugin anyway (allow_insecure_plugin_path = true): {e}"
+                );
+            }
+        }
+        self.store(&service.plugin)
     }
 
     /// Copies `source` into the store (if this content is not there yet) and returns its version.
@@ -82,40 +118,103 @@ impl ShadowStore {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "plugin".into());
-        let path = self.dir.join(format!("{stem}-{}.so", &hash[..16]));
-        if !path.exists() {
-            self.write_atomically(&path, &bytes)
-                .map_err(|e| format!("could not copy plugin into {}: {e}", self.dir.display()))?;
-        }
-        Ok(PluginVersion {
+        let name = format!("{stem}-{}.so", &hash[..16]);
+        let dir = self.dir();
+        let version = PluginVersion {
             hash,
             source: source.to_path_buf(),
-            path,
+            path: dir.path().join(&name),
             size: bytes.len() as u64,
             stored_at: SystemTime::now(),
-        })
+        };
+        // A copy with this name that does not verify (planted, or damaged) is replaced.
+        if self.open_verified(&version).is_err() {
+            self.verified.lock().unwrap().remove(&version.hash);
+            dir.write_atomically(&name, &bytes, 0o444)
+                .map_err(|e| format!("could not copy plugin into {}: {e}", dir.path().display()))?;
+            self.open_verified(&version)?;
+        }
+        Ok(version)
     }
 
-    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        fs::create_dir_all(&self.dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        tmp.write_all(bytes)?;
-        tmp.as_file().sync_all()?;
-        tmp.as_file()
-            .set_permissions(fs::Permissions::from_mode(0o444))?;
-        tmp.persist(path).map_err(|e| e.error)?;
+    /// The verified open copy of `version`, for a worker to load (see the type's comment).
+    /// The first call opens the copy (never through a symlink), checks that nobody else can
+    /// write it and that its SHA-256 is the version's; later calls return the same file.
+    pub fn open_verified(&self, version: &PluginVersion) -> Result<Arc<File>, String> {
+        if let Some(file) = self.verified.lock().unwrap().get(&version.hash) {
+            return Ok(file.clone());
+        }
+        let name = file_name(version);
+        let dir = self.dir();
+        let shown = dir.path().join(&name);
+        let mut file = dir
+            .open_file(&name, OFlag::O_RDONLY, 0)
+            .map_err(|e| format!("the copy of plugin {version} is gone or unusable ({e})"))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("could not look at {}: {e}", shown.display()))?;
+        if !meta.is_file()
+            || meta.uid() != nix::unistd::geteuid().as_raw()
+            || meta.permissions().mode() & 0o222 != 0
+        {
+            return Err(format!(
+                "{} is not a copy this host made (owner uid {}, mode {:o}); refusing to load it",
+                shown.display(),
+                meta.uid(),
+                meta.permissions().mode() & 0o7777
+            ));
+        }
+        let mut hasher = Sha256::new();
+        io::copy(&mut file, &mut hasher)
+            .map_err(|e| format!("could not read {}: {e}", shown.display()))?;
+        // Leave the offset where a reader of a dup would expect it.
+        io::Seek::seek(&mut file, io::SeekFrom::Start(0))
+            .map_err(|e| format!("could not read {}: {e}", shown.display()))?;
+        let found = format!("{:x}", hasher.finalize());
+        if found != version.hash {
+            return Err(format!(
+                "{} does not hold plugin {version}: its SHA-256 is {}, not {}. The copy was \
+                 changed after the host stored it; refusing to load it. Reload to store the \
+                 plugin again.",
+                shown.display(),
+                &found[..16],
+                &version.hash[..16]
+            ));
+        }
+        let file = Arc::new(file);
+        self.verified
+            .lock()
+            .unwrap()
+            .insert(version.hash.clone(), file.clone());
+        Ok(file)
+    }
+
+    /// Moves the store into a recreated state directory: every verified copy is written again
+    /// from its open file (the bytes that were checked), so nothing a worker or a rollback needs
+    /// is lost with the old directory.
+    pub fn rehome(&self, state: &Dir, versions: &[PluginVersion]) -> Result<(), String> {
+        let dir = Arc::new(state.subdir("plugins")?);
+        for version in versions {
+            let Some(file) = self.verified.lock().unwrap().get(&version.hash).cloned() else {
+                continue;
+            };
+            // Read with positioned reads: workers get dups of this file, which share its offset.
+            let mut bytes = vec![0u8; version.size as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, 0)
+                .map_err(|e| format!("could not read the copy of {version}: {e}"))?;
+            dir.write_atomically(&file_name(version), &bytes, 0o444)
+                .map_err(|e| format!("could not restore the copy of {version}: {e}"))?;
+        }
+        *self.dir.lock().unwrap() = dir;
         Ok(())
-    }
-
-    fn history_file(&self) -> PathBuf {
-        self.dir.join("history.json")
     }
 
     /// The history as last saved; versions whose copy is gone are dropped. A missing or
     /// unreadable file is an empty history (it is a convenience, not state the host needs to
     /// run). The first format (previous versions only) still reads.
     pub fn load_history(&self) -> History {
-        let Ok(text) = fs::read_to_string(self.history_file()) else {
+        let dir = self.dir();
+        let Ok(text) = dir.read_to_string(HISTORY) else {
             return History::default();
         };
         let mut history = match serde_json::from_str::<SavedFormats>(&text) {
@@ -134,13 +233,23 @@ impl ShadowStore {
                 events: Vec::new(),
             },
             Err(e) => {
-                tracing::warn!("ignoring unreadable {}: {e}", self.history_file().display());
+                tracing::warn!(
+                    "ignoring unreadable {}: {e}",
+                    dir.path().join(HISTORY).display()
+                );
                 return History::default();
             }
         };
+        let usable = |v: &PluginVersion| match self.open_verified(v) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!("dropping {v} from the version history: {e}");
+                false
+            }
+        };
         for service in history.services.values_mut() {
-            service.previous.retain(|v| v.path.exists());
-            service.live = service.live.take().filter(|v| v.path.exists());
+            service.previous.retain(usable);
+            service.live = service.live.take().filter(usable);
         }
         history
     }
@@ -153,33 +262,55 @@ impl ShadowStore {
             events: history.events[skip..].to_vec(),
         };
         let json = serde_json::to_vec_pretty(&trimmed).expect("versions serialize");
-        if let Err(e) = self.write_atomically(&self.history_file(), &json) {
-            tracing::warn!("could not save {}: {e}", self.history_file().display());
+        let dir = self.dir();
+        if let Err(e) = dir.write_atomically(HISTORY, &json, 0o600) {
+            tracing::warn!("could not save {}: {e}", dir.path().join(HISTORY).display());
         }
     }
 
     /// Removes one stored copy (a version that a failed start stored and nothing else uses).
     pub fn remove(&self, version: &PluginVersion) {
-        if version.path.starts_with(&self.dir) {
-            let _ = fs::remove_file(&version.path);
-        }
+        self.verified.lock().unwrap().remove(&version.hash);
+        let _ = self.dir().remove(&file_name(version));
     }
 
-    /// Removes every stored library not in `keep` (the history file stays). A worker that still has a removed file mapped
-    /// keeps running: unlinking does not touch the mapping.
-    pub fn prune(&self, keep: &HashSet<PathBuf>) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if !keep.contains(&path) && path != self.history_file() {
-                if let Err(e) = fs::remove_file(&path) {
-                    tracing::warn!("could not remove old plugin copy {}: {e}", path.display());
-                }
+    /// Removes every stored library whose hash is not in `keep` (the history file stays), and
+    /// closes their verified files. A worker that still has a removed file mapped keeps running:
+    /// unlinking does not touch the mapping.
+    pub fn prune(&self, keep: &HashSet<String>) {
+        self.verified
+            .lock()
+            .unwrap()
+            .retain(|hash, _| keep.contains(hash));
+        let dir = self.dir();
+        let kept: HashSet<String> = keep.iter().map(|h| h[..16].to_string()).collect();
+        for name in dir.names() {
+            let hash16 = name
+                .strip_suffix(".so")
+                .and_then(|n| n.rsplit('-').next())
+                .unwrap_or("");
+            if name == HISTORY || name.starts_with('.') || kept.contains(hash16) {
+                continue;
+            }
+            if let Err(e) = dir.remove(&name) {
+                tracing::warn!(
+                    "could not remove old plugin copy {}: {e}",
+                    dir.path().join(&name).display()
+                );
             }
         }
     }
+}
+
+const HISTORY: &str = "history.json";
+
+/// The name of a version's copy in the store.
+fn file_name(version: &PluginVersion) -> String {
+    version
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// What `history.json` holds.
@@ -219,52 +350,10 @@ enum SavedFormats {
 mod tests {
     use super::*;
 
-    #[test]
-    fn same_content_same_copy_and_source_changes_do_not_touch_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("libp.so");
-        fs::write(&src, elf(b"one")).unwrap();
-        let store = ShadowStore::new(dir.path().join("store"));
-        let a = store.store(&src).unwrap();
-        let again = store.store(&src).unwrap();
-        assert_eq!(a.path, again.path);
-        assert_eq!(a.short().len(), 7);
-        // cargo replaces the file; the copy keeps the old content.
-        fs::remove_file(&src).unwrap();
-        fs::write(&src, elf(b"two")).unwrap();
-        let b = store.store(&src).unwrap();
-        assert_ne!(a.path, b.path);
-        assert_eq!(fs::read(&a.path).unwrap(), elf(b"one"));
-        store.prune(&HashSet::from([b.path.clone()]));
-        assert!(!a.path.exists() && b.path.exists());
-    }
-
-    #[test]
-    fn history_survives_and_forgets_pruned_copies() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ShadowStore::new(dir.path().join("store"));
-        let src = dir.path().join("libp.so");
-        fs::write(&src, elf(b"one")).unwrap();
-        let one = store.store(&src).unwrap();
-        fs::write(&src, elf(b"two")).unwrap();
-        let two = store.store(&src).unwrap();
-        let saved = SavedService {
-            live: Some(two.clone()),
-            previous: vec![one.clone(), two.clone()],
-            ..SavedService::default()
-        };
-        store.save_history(&History {
-            services: HashMap::from([("svc".to_string(), saved)]),
-            events: Vec::new(),
-        });
-        store.prune(&HashSet::from([two.path.clone()]));
-        let loaded = store.load_history();
-        assert_eq!(
-            loaded.services["svc"].previous,
-            vec![two.clone()],
-            "the pruned copy left the history"
-        );
-        assert_eq!(loaded.services["svc"].live, Some(two));
+    fn store_in(dir: &Path) -> ShadowStore {
+        let state = dir.join("state");
+        fs::create_dir(&state).unwrap();
+        ShadowStore::open(&Dir::open(&state).unwrap()).unwrap()
     }
 
     /// A minimal shared-library header for this machine, followed by `tail`.
@@ -284,9 +373,76 @@ mod tests {
     }
 
     #[test]
+    fn same_content_same_copy_and_source_changes_do_not_touch_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("libp.so");
+        fs::write(&src, elf(b"one")).unwrap();
+        let store = store_in(dir.path());
+        let a = store.store(&src).unwrap();
+        let again = store.store(&src).unwrap();
+        assert_eq!(a.path, again.path);
+        assert_eq!(a.short().len(), 7);
+        // cargo replaces the file; the copy keeps the old content.
+        fs::remove_file(&src).unwrap();
+        fs::write(&src, elf(b"two")).unwrap();
+        let b = store.store(&src).unwrap();
+        assert_ne!(a.path, b.path);
+        assert_eq!(fs::read(&a.path).unwrap(), elf(b"one"));
+        store.prune(&HashSet::from([b.hash.clone()]));
+        assert!(!a.path.exists() && b.path.exists());
+    }
+
+    #[test]
+    fn a_changed_copy_is_refused_and_a_planted_one_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("libp.so");
+        fs::write(&src, elf(b"one")).unwrap();
+        let store = store_in(dir.path());
+        let v = store.store(&src).unwrap();
+        // Someone swaps the copy (as root could): a fresh store (a restarted master) refuses it.
+        fs::remove_file(&v.path).unwrap();
+        fs::write(&v.path, elf(b"evil")).unwrap();
+        fs::set_permissions(&v.path, fs::Permissions::from_mode(0o444)).unwrap();
+        let fresh = ShadowStore::open(&Dir::open(&dir.path().join("state")).unwrap()).unwrap();
+        let e = fresh.open_verified(&v).unwrap_err();
+        assert!(e.contains("does not hold plugin"), "{e}");
+        // Storing the source again replaces the planted copy with the real bytes.
+        let again = fresh.store(&src).unwrap();
+        assert_eq!(fs::read(&again.path).unwrap(), elf(b"one"));
+    }
+
+    #[test]
+    fn history_survives_and_forgets_pruned_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(dir.path());
+        let src = dir.path().join("libp.so");
+        fs::write(&src, elf(b"one")).unwrap();
+        let one = store.store(&src).unwrap();
+        fs::write(&src, elf(b"two")).unwrap();
+        let two = store.store(&src).unwrap();
+        let saved = SavedService {
+            live: Some(two.clone()),
+            previous: vec![one.clone(), two.clone()],
+            ..SavedService::default()
+        };
+        store.save_history(&History {
+            services: HashMap::from([("svc".to_string(), saved)]),
+            events: Vec::new(),
+        });
+        store.prune(&HashSet::from([two.hash.clone()]));
+        let loaded = store.load_history();
+        assert_eq!(
+            loaded.services["svc"].previous,
+            vec![two.clone()],
+            "the pruned copy left the history"
+        );
+        assert_eq!(loaded.services["svc"].live, Some(two));
+    }
+
+    #[test]
     fn missing_plugin_says_to_build_it() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ShadowStore::new(dir.path().into())
+        let err = store_in(dir.path())
             .store(&dir.path().join("nope.so"))
             .unwrap_err();
         assert!(

@@ -3,18 +3,31 @@
 //! One request per connection, as a JSON line; the master answers with JSON lines, the last of
 //! which is `Status`, `Done` or `Error`. A reload keeps running if its client goes away; a stop
 //! is answered by the run loop after the last worker exited (see `master::run`).
+//!
+//! Every input is bounded: only the master's own user (or root) may talk to it (the peer's
+//! credentials, SO_PEERCRED, are checked, beside the socket's 0600 mode); a request line is at
+//! most [`MAX_REQUEST`] bytes and must arrive within [`REQUEST_TIMEOUT`]; at most
+//! [`MAX_CONNECTIONS`] clients are served at once. Anything else gets one error line and the
+//! connection is closed, so a misbehaving client costs the master nothing lasting.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{unix::OwnedWriteHalf, UnixListener, UnixStream},
-    sync::mpsc,
+    sync::{mpsc, Semaphore},
 };
 use tracing::Instrument;
 
 use super::{Master, Op};
 use crate::protocol::{ControlReply, ControlRequest};
+
+/// The longest request line, newline included.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control connections served at once.
+const MAX_CONNECTIONS: usize = 32;
 
 /// Accepts control connections for the life of the master.
 pub async fn serve(
@@ -22,10 +35,44 @@ pub async fn serve(
     listener: UnixListener,
     stops: mpsc::UnboundedSender<OwnedWriteHalf>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let me = nix::unistd::geteuid().as_raw();
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(handle(master.clone(), stream, stops.clone()).in_current_span());
+            Ok((mut stream, _)) => {
+                let uid = stream.peer_cred().map(|c| c.uid()).ok();
+                if uid != Some(me) && uid != Some(0) {
+                    tracing::warn!(
+                        "refused a control connection from uid {uid:?}: only uid {me} (who runs \
+                         the master) and root may control it"
+                    );
+                    let refusal = ControlReply::Error(format!(
+                        "permission denied: this master runs as uid {me}; only that user and root \
+                         may control it"
+                    ));
+                    tokio::spawn(async move {
+                        let _ = stream.write_all(&crate::protocol::encode(&refusal)).await;
+                    });
+                    continue;
+                }
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    let busy = ControlReply::Error(format!(
+                        "the master is serving {MAX_CONNECTIONS} control connections already; \
+                         try again"
+                    ));
+                    tokio::spawn(async move {
+                        let _ = stream.write_all(&crate::protocol::encode(&busy)).await;
+                    });
+                    continue;
+                };
+                let (master, stops) = (master.clone(), stops.clone());
+                tokio::spawn(
+                    async move {
+                        handle(master, stream, stops).await;
+                        drop(slot);
+                    }
+                    .in_current_span(),
+                );
             }
             Err(e) => {
                 tracing::warn!("control socket accept failed: {e}");
@@ -42,7 +89,23 @@ async fn handle(
 ) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    if BufReader::new(read).read_line(&mut line).await.is_err() {
+    // One byte more than allowed: a line that fills it is too long.
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+    let problem = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => Some(format!(
+            "no request line within {}",
+            humantime::format_duration(REQUEST_TIMEOUT)
+        )),
+        Ok(Err(e)) => Some(format!("could not read the request: {e}")),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST => Some(format!(
+            "request line longer than {MAX_REQUEST} bytes; refused"
+        )),
+        Ok(Ok(_)) if !line.ends_with('\n') => Some("incomplete request line".into()),
+        Ok(Ok(_)) => None,
+    };
+    if let Some(problem) = problem {
+        tracing::warn!("control connection: {problem}");
+        let _ = send(&mut write, &ControlReply::Error(problem)).await;
         return;
     }
     let request = match serde_json::from_str::<ControlRequest>(&line) {

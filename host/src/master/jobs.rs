@@ -170,7 +170,7 @@ impl Master {
                 continue;
             }
             let _turn = svc.lock.lock().await;
-            let outcome = match self.store.store(&svc.config.plugin) {
+            let outcome = match self.store.store_plugin(&svc.config) {
                 Ok(new) => self.roll_out(&svc, new, "reload", progress).await,
                 Err(e) => Outcome::Failed(format!(
                     "{}: reload failed: {e}\n{}: nothing changed; still serving {}",

@@ -10,6 +10,7 @@
 //! as the master.
 
 mod control;
+mod home;
 mod jobs;
 mod pool;
 mod process;
@@ -22,7 +23,6 @@ mod watcher;
 use std::{
     collections::HashSet,
     net::{SocketAddr, TcpListener},
-    os::unix::fs::PermissionsExt,
     process::ExitCode,
     sync::{Arc, Mutex, RwLock},
     time::Instant,
@@ -30,7 +30,7 @@ use std::{
 
 use socket2::{Domain, Socket, Type};
 use tokio::{
-    net::{unix::OwnedWriteHalf, UnixListener},
+    net::unix::OwnedWriteHalf,
     signal::unix::{signal, SignalKind},
     sync::{mpsc, watch},
     task::JoinSet,
@@ -44,8 +44,8 @@ use self::{jobs::Jobs, pool::Registry, service::Service};
 use crate::{
     config::Config,
     protocol::{ControlReply, RolloutEvent},
-    shadow::{History, ShadowStore},
-    state_dir::StateDir,
+    shadow::{History, PluginVersion, ShadowStore},
+    state_dir::{MasterLock, StateDir},
 };
 
 /// The listen backlog: connections wait here while workers are replaced.
@@ -63,6 +63,10 @@ pub struct Master {
     jobs: Jobs,
     /// Reloads and rollbacks, oldest first (saved with the version history).
     events: Mutex<Vec<RolloutEvent>>,
+    /// The state directory, its lock and the control socket (`master::home`).
+    home: home::Home,
+    /// A stop cut requests short (a second signal killed workers that still had connections).
+    cut_short: std::sync::atomic::AtomicBool,
 }
 
 /// Work that runs beside the master once it serves (`host dev`'s rebuild loop).
@@ -70,10 +74,14 @@ pub type Sidecar = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send
 
 /// The `host start` entry point.
 pub fn main(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
-    let _lock = match state.lock_for_master() {
+    if let Err(e) = check_user(&config) {
+        return fail(&e);
+    }
+    let lock = match state.lock_for_master() {
         Ok(lock) => lock,
         Err(e) => return fail(&e),
     };
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -81,9 +89,47 @@ pub fn main(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCo
         Ok(rt) => rt,
         Err(e) => return fail(&format!("could not start the async runtime: {e}")),
     };
-    let code = runtime.block_on(run(config, state.clone(), sidecar));
+    let code = runtime.block_on(run(config, state.clone(), lock, sidecar));
     let _ = std::fs::remove_file(state.socket());
     code
+}
+
+/// Workers run as another user only under a root master; a root master without one says that
+/// plugin code runs as root.
+fn check_user(config: &Config) -> Result<(), String> {
+    let me = nix::unistd::geteuid();
+    for svc in &config.services {
+        match &svc.run_as {
+            Some(run_as) if !me.is_root() && run_as.uid != me.as_raw() => {
+                return Err(format!(
+                    "service {}: only a master running as root can start workers as user {} \
+                     (this one runs as uid {me}). Start the host as root, or leave user out.",
+                    svc.name, run_as.user
+                ))
+            }
+            None if me.is_root() => tracing::warn!(
+                service = %svc.name,
+                "the host runs as root and no user is set, so plugin code runs as root; set \
+                 user = \"NAME\" (or --user) to run workers as an unprivileged user"
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection is a file, and the
+/// usual soft limit (1024) is far below what a server holds.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!("raised the open-file limit from {soft} to {hard}"),
+                Err(e) => tracing::warn!("could not raise the open-file limit from {soft}: {e}"),
+            }
+        }
+    }
 }
 
 /// Prints why the master cannot run, once, with the program's name (as the CLI's errors are).
@@ -92,8 +138,16 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
-    let store = ShadowStore::new(state.plugins());
+async fn run(
+    config: Config,
+    state: StateDir,
+    lock: MasterLock,
+    sidecar: Option<Sidecar>,
+) -> ExitCode {
+    let store = match ShadowStore::open(lock.dir()) {
+        Ok(store) => store,
+        Err(e) => return fail(&e),
+    };
     let mut history = store.load_history();
     let mut services = Vec::new();
     let mut stored_now = Vec::new();
@@ -112,7 +166,7 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
                 }
             }
         }
-        let version = match store.store(&svc.plugin) {
+        let version = match store.store_plugin(&svc) {
             Ok(v) => v,
             Err(e) => return fail(&format!("service {}: {e}", svc.name)),
         };
@@ -130,19 +184,10 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
         lived_before.push(saved.live.clone());
         services.push(Arc::new(Service::new(svc, listeners, version, saved)));
     }
-    // Only the user who runs the master may reload or stop it: 0600 on the socket, inside the
-    // state directory's 0700.
-    let control = match UnixListener::bind(state.socket()).and_then(|l| {
-        std::fs::set_permissions(state.socket(), std::fs::Permissions::from_mode(0o600))?;
-        Ok(l)
-    }) {
-        Ok(l) => l,
-        Err(e) => {
-            return fail(&format!(
-                "could not create control socket {}: {e}",
-                state.socket().display()
-            ))
-        }
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<OwnedWriteHalf>();
+    let home = match home::Home::new(state, lock, stop_tx) {
+        Ok(home) => home,
+        Err(e) => return fail(&e),
     };
     let master = Arc::new(Master {
         started: Instant::now(),
@@ -153,9 +198,13 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
         stopping: watch::Sender::new(false),
         jobs: Jobs::default(),
         events: Mutex::new(history.events),
+        home,
+        cut_short: Default::default(),
     });
-    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<OwnedWriteHalf>();
-    tokio::spawn(control::serve(master.clone(), control, stop_tx));
+    if let Err(e) = master.serve_control() {
+        return fail(&e);
+    }
+    tokio::spawn(master.clone().guard_home());
 
     let (mut hup, mut usr1, mut term, mut int) = match (
         signal(SignalKind::hangup()),
@@ -224,15 +273,25 @@ async fn run(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitC
         }
     }
     master.save_history();
-    tracing::info!("stopped");
+    let cut = master.cut_short.load(std::sync::atomic::Ordering::SeqCst);
+    let summary = if cut {
+        "stopped at once: workers were killed with requests in flight"
+    } else {
+        "stopped: every worker exited"
+    };
+    tracing::info!("{summary}");
     let done = ControlReply::Done {
-        ok: true,
-        summary: "stopped: every worker exited".into(),
+        ok: !cut,
+        summary: summary.into(),
     };
     for mut reply in stop_replies {
         let _ = control::send(&mut reply, &done).await;
     }
-    ExitCode::SUCCESS
+    if cut {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// Binds a listener the way every worker will share it: no SO_REUSEPORT (with one socket per
@@ -313,9 +372,15 @@ impl Master {
             .join("; ")
     }
 
-    /// Drains every worker (`graceful`) or kills them, and waits until none is left.
+    /// Drains every worker (`graceful`) or kills them, and waits until none is left. The
+    /// master's listeners close first: from then on new connections are refused (not queued for
+    /// workers that will never accept them), and each worker accepts what is queued before it
+    /// closes its own copies.
     async fn stop(self: &Arc<Self>, graceful: bool) {
         self.stopping.send_replace(true);
+        for svc in self.services() {
+            svc.close_listeners();
+        }
         if graceful {
             for pid in self.live_pids() {
                 self.drain_worker(pid);
@@ -328,7 +393,21 @@ impl Master {
     }
 
     fn kill_all(self: &Arc<Self>, why: &str) {
-        tracing::warn!("{why}: killing every worker now");
+        let busy = self
+            .registry
+            .lock()
+            .unwrap()
+            .workers
+            .values()
+            .filter(|w| w.connections > 0 || w.state != WorkerState::Draining)
+            .count();
+        if busy > 0 {
+            self.cut_short
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        tracing::warn!(
+            "{why}: stopping now; killing every worker ({busy} still had connections open)"
+        );
         for pid in self.live_pids() {
             self.kill_worker(pid, why);
         }
@@ -347,27 +426,33 @@ impl Master {
         self.store.save_history(&history);
     }
 
-    /// Removes shadow copies that no live worker, no service's history and no trial (the
-    /// version a probation would roll back to) uses any more.
-    fn prune_store(&self) {
-        let mut keep: HashSet<_> = HashSet::new();
+    /// Every version something still uses: live, kept for rollback, on trial (and what it
+    /// would roll back to), or run by a live worker.
+    fn versions_in_use(&self) -> Vec<PluginVersion> {
+        let mut used = Vec::new();
         for svc in self.services() {
             let st = svc.state();
-            keep.insert(st.live.path.clone());
-            keep.extend(st.previous.iter().map(|v| v.path.clone()));
+            used.push(st.live.clone());
+            used.extend(st.previous.iter().cloned());
             if let Some(trial) = &st.trial {
-                keep.insert(trial.from.path.clone());
-                keep.insert(trial.to.path.clone());
+                used.push(trial.from.clone());
+                used.push(trial.to.clone());
             }
         }
-        keep.extend(
+        used.extend(
             self.registry
                 .lock()
                 .unwrap()
                 .workers
                 .values()
-                .map(|w| w.version.path.clone()),
+                .map(|w| w.version.clone()),
         );
+        used
+    }
+
+    /// Removes shadow copies that nothing uses any more.
+    fn prune_store(&self) {
+        let keep: HashSet<String> = self.versions_in_use().into_iter().map(|v| v.hash).collect();
         self.store.prune(&keep);
     }
 }

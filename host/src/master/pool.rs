@@ -129,8 +129,15 @@ impl Master {
         version: &PluginVersion,
     ) -> Result<u32, String> {
         let spec = worker_spec(&svc.config, slot, version, svc.listen_addrs());
-        let spawned = process::spawn(&spec, &svc.listeners)
-            .map_err(|e| format!("could not start a worker process: {e}"))?;
+        let plugin = self.store.open_verified(version)?;
+        let spawned = {
+            let listeners = svc.listeners();
+            if listeners.is_empty() {
+                return Err("the service's listeners are closed (the host is stopping)".into());
+            }
+            process::spawn(&spec, &plugin, &listeners)
+                .map_err(|e| format!("could not start a worker process: {e}"))?
+        };
         let pid = spawned.child.id().unwrap_or(0);
         let (to_worker, from_master) = mpsc::unbounded_channel();
         let _ = to_worker.send(ToWorker::Start(Box::new(spec)));
@@ -376,6 +383,11 @@ pub fn worker_spec(
         heartbeat_ms: heartbeat_interval(config.liveness_timeout).as_millis() as u64,
         handler_timeout_ms: config.handler_timeout.as_millis() as u64,
         max_requests: request_limit(config, slot),
+        header_timeout_ms: config.header_timeout.as_millis() as u64,
+        body_timeout_ms: config.body_timeout.as_millis() as u64,
+        keepalive_timeout_ms: config.keepalive_timeout.as_millis() as u64,
+        max_connections: config.max_connections,
+        run_as: config.run_as.as_ref().map(|r| (r.uid, r.gid)),
         master_pid: std::process::id(),
         check_only: false,
     }

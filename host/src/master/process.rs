@@ -1,5 +1,5 @@
-//! Starting one worker process: `/proc/self/exe worker ...` with its channel at fd 3 and the
-//! service's listeners at fds 4, 5, ...
+//! Starting one worker process: `/proc/self/exe worker ...` with its channel at fd 3, the
+//! verified plugin copy at fd 4 and the service's listeners at fds 5, 6, ...
 //!
 //! The master executes its own executable afresh (never fork without exec in a process that
 //! runs tokio), through `/proc/self/exe` so that workers run exactly the host code the master
@@ -11,6 +11,7 @@
 //! master, which drains the workers in order instead of every process stopping at once.
 
 use std::{
+    fs::File,
     io,
     net::TcpListener,
     os::{fd::OwnedFd, unix::net::UnixStream as StdUnixStream},
@@ -20,7 +21,7 @@ use std::{
 use command_fds::{CommandFdExt, FdMapping};
 use tokio::{net::UnixStream, process::Child};
 
-use crate::protocol::{WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD};
+use crate::protocol::{WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD, PLUGIN_FD};
 
 /// A started worker process and the master's end of its channel.
 pub struct Spawned {
@@ -28,13 +29,20 @@ pub struct Spawned {
     pub channel: UnixStream,
 }
 
-/// Starts `host worker` for `spec`, passing `listeners` (in the order of `spec.listen`).
-pub fn spawn(spec: &WorkerSpec, listeners: &[TcpListener]) -> io::Result<Spawned> {
+/// Starts `host worker` for `spec`, passing the verified `plugin` copy and `listeners` (in the
+/// order of `spec.listen`).
+pub fn spawn(spec: &WorkerSpec, plugin: &File, listeners: &[TcpListener]) -> io::Result<Spawned> {
     let (master_end, worker_end) = StdUnixStream::pair()?;
-    let mut mappings = vec![FdMapping {
-        parent_fd: OwnedFd::from(worker_end),
-        child_fd: CHANNEL_FD,
-    }];
+    let mut mappings = vec![
+        FdMapping {
+            parent_fd: OwnedFd::from(worker_end),
+            child_fd: CHANNEL_FD,
+        },
+        FdMapping {
+            parent_fd: OwnedFd::from(plugin.try_clone()?),
+            child_fd: PLUGIN_FD,
+        },
+    ];
     for (i, listener) in listeners.iter().enumerate() {
         mappings.push(FdMapping {
             parent_fd: OwnedFd::from(listener.try_clone()?),

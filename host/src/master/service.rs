@@ -63,7 +63,11 @@ pub struct ServiceState {
 /// One configured service and what the master holds for it.
 pub struct Service {
     pub config: ServiceConfig,
-    pub listeners: Vec<TcpListener>,
+    /// The master's listeners; closed (emptied) when the host stops, so that new connections
+    /// are refused at once rather than queued for nobody.
+    listeners: Mutex<Vec<TcpListener>>,
+    /// The bound addresses (with the real port when the config said port 0).
+    addrs: Vec<String>,
     state: Mutex<ServiceState>,
     /// Held while the service's workers change (see the module comment).
     pub lock: tokio::sync::Mutex<()>,
@@ -101,9 +105,15 @@ impl Service {
         state.previous.retain(|v| v.hash != state.live.hash);
         let excess = (state.previous.len() + 1).saturating_sub(config.keep_versions);
         state.previous.drain(..excess);
+        let addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect();
         Service {
             config,
-            listeners,
+            listeners: Mutex::new(listeners),
+            addrs,
             state: Mutex::new(state),
             lock: tokio::sync::Mutex::new(()),
             trial_failed: Notify::new(),
@@ -125,11 +135,17 @@ impl Service {
 
     /// The bound addresses (with the real port when the config said port 0).
     pub fn listen_addrs(&self) -> Vec<String> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .collect()
+        self.addrs.clone()
+    }
+
+    /// The master's listeners, for a new worker to inherit (empty once closed).
+    pub fn listeners(&self) -> MutexGuard<'_, Vec<TcpListener>> {
+        self.listeners.lock().unwrap()
+    }
+
+    /// Closes the master's copies of the listeners (see the field).
+    pub fn close_listeners(&self) {
+        self.listeners.lock().unwrap().clear();
     }
 
     /// What the history file keeps of this service.

@@ -119,7 +119,7 @@ async fn run(
         if *master.stopping.borrow() {
             return;
         }
-        let new = match master.store.store(&svc.config.plugin) {
+        let new = match master.store.store_plugin(&svc.config) {
             Ok(v) => v,
             // Removed or unreadable mid-build: the next event brings us back.
             Err(e) => {

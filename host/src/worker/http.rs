@@ -1,9 +1,17 @@
-//! The worker's HTTP/1.1 server: accept on the inherited listeners, call the plugin on the
-//! blocking pool, and drain without resetting a request.
+//! The worker's HTTP/1.1 server: accept on the inherited listeners, keep each connection within
+//! its limits, hand requests to `worker::respond`, and drain without resetting a request.
+//!
+//! Limits per connection, enforced by a small supervisor around hyper's connection (hyper's own
+//! header timeout also runs between keep-alive requests, so it cannot tell a slow request head
+//! from an idle connection): the head of a request must arrive within `header_timeout` of its
+//! first byte (or of the accept); an idle keep-alive connection is closed after
+//! `keepalive_timeout`; a worker holds at most `max_connections` and stops accepting beyond.
 //!
 //! Draining, in order:
-//! 1. the accept loops stop and drop their listener fds; the master still holds the sockets, so
-//!    connections that arrive now wait in the shared accept queue for another worker;
+//! 1. each accept loop takes what is already queued on its listener, then stops and drops the
+//!    listener fd; while the master still holds the socket (a reload), connections that arrive
+//!    wait in the shared accept queue for another worker; on stop the master has closed its
+//!    copy, so once the last worker's is closed new connections are refused;
 //! 2. a connection that is busy gets `Connection: close` on its next response, and hyper closes
 //!    it after that response: the client knows not to reuse it, nothing is cut;
 //! 3. a connection that is idle stays open: its client's next request is answered (with
@@ -17,37 +25,33 @@
 
 use std::{
     convert::Infallible,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use plugin_api::ffi::{FfiHeader, FfiRequest, FfiResponse};
+use http::{header, HeaderValue};
+use http_body_util::Full;
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore},
 };
 use tracing::Instrument;
 
-use super::{
-    in_worker_span,
-    link::Link,
-    liveness::{ask_for_replacement, INLINE_CALLS},
-    plugin::Plugin,
-};
-use crate::protocol::WorkerSpec;
+use super::{in_worker_span, link::Link, liveness::ask_for_replacement, plugin::Plugin, respond};
+use crate::protocol::{monotonic_ns, WorkerSpec};
 
-type Response = hyper::Response<Full<Bytes>>;
+pub type Response = hyper::Response<Full<Bytes>>;
 
-/// How long a client may take to send a request's headers (slowloris protection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Failed accepts are logged at most this often (with how many there were).
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// State every connection of the worker shares.
 pub struct Shared {
@@ -56,11 +60,13 @@ pub struct Shared {
     pub requests: AtomicU64,
     /// Connections open now.
     pub connections: AtomicU64,
+    /// One permit per connection the worker may hold (`max_connections`).
+    pub connection_slots: Arc<Semaphore>,
     pub draining: watch::Sender<bool>,
     /// Draining idle connections close now, not after the idle grace.
     pub close_idle: watch::Sender<bool>,
     pub started: Instant,
-    /// The slow-inline-call warning was logged (see `call_plugin`).
+    /// The slow-inline-call warning was logged (see `respond::call_plugin`).
     pub warned_inline: AtomicBool,
     /// The worker asked to be replaced (see `liveness::ask_for_replacement`).
     pub replacement_asked: AtomicBool,
@@ -92,24 +98,81 @@ pub async fn serve(
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sender<()>) {
     let mut draining = shared.draining.subscribe();
+    let mut failures = AcceptFailures::default();
     loop {
+        // At max_connections, wait for one to close before accepting: new connections wait in
+        // the shared queue, where another worker may take them.
+        let permit = tokio::select! {
+            permit = shared.connection_slots.clone().acquire_owned() => permit.ok(),
+            _ = until_draining(&mut draining) => break,
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    // Not instrumented with the worker span: entering a span on every poll of
-                    // every connection costs ~1 µs per request; the few lines logged from a
-                    // connection enter it themselves (`in_worker_span`).
-                    tokio::spawn(connection(stream, shared.clone(), done.clone()));
+                    failures.succeeded();
+                    start_connection(stream, &shared, &done, permit);
                 }
-                // Out of fds or a connection reset before accept: log, pause, go on.
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                // Out of fds, or a connection reset before it was accepted: wait a little,
+                // longer while it goes on, and say so once a second, not once per failure.
+                Err(e) => tokio::time::sleep(failures.failed(e)).await,
             },
-            _ = until_draining(&mut draining) => return,
+            _ = until_draining(&mut draining) => break,
         }
+    }
+    // What is queued already was meant for this worker's accept: serve it rather than leave it
+    // to be reset when the last copy of the listener closes. (`timeout` with zero polls once.)
+    while let Ok(Ok((stream, _))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+        start_connection(stream, &shared, &done, None);
+    }
+}
+
+fn start_connection(
+    stream: TcpStream,
+    shared: &Arc<Shared>,
+    done: &mpsc::Sender<()>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let _ = stream.set_nodelay(true);
+    // Not instrumented with the worker span: entering a span on every poll of every connection
+    // costs ~1 µs per request; the few lines logged from a connection enter it themselves
+    // (`in_worker_span`).
+    tokio::spawn(connection(stream, shared.clone(), done.clone(), permit));
+}
+
+/// Failed accepts: the backoff, and the once-a-second log line.
+#[derive(Default)]
+struct AcceptFailures {
+    in_a_row: u32,
+    since_log: u64,
+    last_log: Option<Instant>,
+}
+
+impl AcceptFailures {
+    fn succeeded(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    fn failed(&mut self, e: std::io::Error) -> Duration {
+        self.in_a_row += 1;
+        self.since_log += 1;
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= ACCEPT_LOG_EVERY)
+        {
+            tracing::warn!(
+                "accept failed {} time(s) since the last report: {e}{}",
+                self.since_log,
+                if e.raw_os_error() == Some(nix::libc::EMFILE) {
+                    " (out of file descriptors: raise the open-file limit, or lower \
+                     max_connections)"
+                } else {
+                    ""
+                }
+            );
+            self.since_log = 0;
+            self.last_log = Some(Instant::now());
+        }
+        Duration::from_millis(10 * 2u64.pow(self.in_a_row.min(7))).min(Duration::from_secs(1))
     }
 }
 
@@ -119,10 +182,12 @@ pub async fn until_draining(draining: &mut watch::Receiver<bool>) {
     let _ = draining.wait_for(|d| *d).await;
 }
 
-/// Per-connection activity, read by the drain logic.
+/// Per-connection activity, read by the connection's supervisor.
 struct ConnState {
     in_flight: AtomicUsize,
     last_active: Mutex<Instant>,
+    /// When the first byte of the next request head arrived (monotonic ns; 0: none yet).
+    head_started: AtomicU64,
 }
 
 impl ConnState {
@@ -132,6 +197,14 @@ impl ConnState {
         }
         Some(self.last_active.lock().unwrap().elapsed())
     }
+
+    /// How long the current request head has been arriving, if one is.
+    fn head_for(&self) -> Option<Duration> {
+        match self.head_started.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(Duration::from_nanos(monotonic_ns().saturating_sub(t))),
+        }
+    }
 }
 
 /// Marks a request in flight on its connection for as long as it lives.
@@ -140,6 +213,7 @@ struct InFlight(Arc<ConnState>);
 impl InFlight {
     fn begin(conn: &Arc<ConnState>) -> InFlight {
         conn.in_flight.fetch_add(1, Ordering::SeqCst);
+        conn.head_started.store(0, Ordering::Relaxed);
         InFlight(conn.clone())
     }
 }
@@ -148,6 +222,67 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         *self.0.last_active.lock().unwrap() = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The connection's socket, noting when a new request head starts to arrive.
+struct Watched {
+    io: TokioIo<TcpStream>,
+    state: Arc<ConnState>,
+}
+
+impl hyper::rt::Read for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let state = &this.state;
+        // Only between requests does a read start a head; reads within a request are its body.
+        if state.in_flight.load(Ordering::Relaxed) == 0
+            && state.head_started.load(Ordering::Relaxed) == 0
+        {
+            let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+            // A read that returned data (or EOF) while idle: the head's clock starts now.
+            if polled.is_ready() {
+                state
+                    .head_started
+                    .store(monotonic_ns().max(1), Ordering::Relaxed);
+            }
+            return polled;
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<Result<usize, std::io::Error>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<Result<usize, std::io::Error>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -160,12 +295,19 @@ impl Drop for Open {
     }
 }
 
-async fn connection(stream: TcpStream, shared: Arc<Shared>, _done: mpsc::Sender<()>) {
+async fn connection(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    _done: mpsc::Sender<()>,
+    _permit: Option<OwnedSemaphorePermit>,
+) {
     shared.connections.fetch_add(1, Ordering::Relaxed);
     let _open = Open(shared.clone());
     let state = Arc::new(ConnState {
         in_flight: AtomicUsize::new(0),
         last_active: Mutex::new(Instant::now()),
+        // The first request's head is timed from the accept.
+        head_started: AtomicU64::new(monotonic_ns().max(1)),
     });
     let service = {
         let (shared, state) = (shared.clone(), state.clone());
@@ -173,7 +315,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _done: mpsc::Sender<
             let (shared, state) = (shared.clone(), state.clone());
             async move {
                 let _in_flight = InFlight::begin(&state);
-                let mut resp = respond(req, &shared).await;
+                let mut resp = respond::respond(req, &shared).await;
                 let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 if served == shared.spec.max_requests {
                     ask_for_replacement(
@@ -190,36 +332,54 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, _done: mpsc::Sender<
             }
         })
     };
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
+    let io = Watched {
+        io: TokioIo::new(stream),
+        state: state.clone(),
+    };
+    let conn = http1::Builder::new().serve_connection(io, service);
     tokio::pin!(conn);
+    let spec = &shared.spec;
+    let header_timeout = Duration::from_millis(spec.header_timeout_ms);
+    let keepalive = Duration::from_millis(spec.keepalive_timeout_ms);
     let mut draining = shared.draining.subscribe();
-    tokio::select! {
-        res = conn.as_mut() => return log_conn_end(res),
-        _ = until_draining(&mut draining) => {}
-    }
     let mut close_idle = shared.close_idle.subscribe();
     loop {
         let grace = if *close_idle.borrow() {
             Duration::ZERO
+        } else if *draining.borrow() {
+            Duration::from_millis(spec.idle_grace_ms).min(keepalive)
         } else {
-            Duration::from_millis(shared.spec.idle_grace_ms)
+            keepalive
         };
-        let wait = match state.idle_for() {
-            Some(idle) if idle >= grace => {
-                conn.as_mut().graceful_shutdown();
-                break;
+        let wait = if let Some(head) = state.head_for().filter(|_| state.idle_for().is_some()) {
+            // A request head is arriving (or is awaited after the accept).
+            if head >= header_timeout {
+                in_worker_span(|| {
+                    tracing::debug!("closing a connection: no request head within header_timeout")
+                });
+                return;
             }
-            Some(idle) => grace - idle,
-            // Busy: its response will carry `Connection: close`; look again soon.
-            None => grace.clamp(Duration::from_millis(10), Duration::from_millis(500)),
+            header_timeout - head
+        } else {
+            match state.idle_for() {
+                Some(idle) if idle >= grace => {
+                    conn.as_mut().graceful_shutdown();
+                    break;
+                }
+                // Idle: wake up before the grace ends, and often enough to notice a request
+                // head that started meanwhile and is late (so a slow head is cut within 1.5 x
+                // header_timeout without waking this loop on every request).
+                Some(idle) => (grace - idle).min(header_timeout / 2),
+                // Busy: look again later (its response will carry `Connection: close` if the
+                // worker drains meanwhile).
+                None => grace.clamp(Duration::from_millis(10), Duration::from_secs(1)),
+            }
         };
         tokio::select! {
             res = conn.as_mut() => return log_conn_end(res),
             _ = tokio::time::sleep(wait) => {}
-            _ = close_idle.wait_for(|c| *c) => {}
+            _ = until_draining(&mut draining), if !*draining.borrow() => {}
+            _ = close_idle.wait_for(|c| *c), if !*close_idle.borrow() => {}
         }
     }
     log_conn_end(conn.await)
@@ -229,197 +389,4 @@ fn log_conn_end(res: Result<(), hyper::Error>) {
     if let Err(e) = res {
         in_worker_span(|| tracing::debug!("connection ended: {e}"));
     }
-}
-
-async fn respond(req: hyper::Request<Incoming>, shared: &Shared) -> Response {
-    if let Some(path) = req.uri().path().strip_prefix("/__host/") {
-        return builtin(path, req.method(), shared);
-    }
-    let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, shared.spec.max_body_bytes)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body is larger than this service's limit of {} bytes\n",
-                    shared.spec.max_body_bytes
-                ),
-            )
-        }
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("could not read the request body: {e}\n"),
-            )
-        }
-    };
-    let request = FfiRequest {
-        method: parts.method.as_str().into(),
-        path: parts.uri.path().into(),
-        query: parts.uri.query().unwrap_or("").into(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(name, value)| FfiHeader {
-                name: name.as_str().into(),
-                value: value.as_bytes().into(),
-            })
-            .collect(),
-        body: body.to_vec().into(),
-    };
-    let result = call_plugin(shared, request, &parts).await;
-    let failure = match result {
-        Ok(response) => match into_hyper(response) {
-            Ok(response) => return response,
-            Err(e) => format!("the plugin returned an invalid response: {e}"),
-        },
-        Err(e) if e == TIMED_OUT => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the handler did not answer in time (handler_timeout)\n",
-            )
-        }
-        Err(e) => e,
-    };
-    in_worker_span(|| tracing::error!("{} {} -> 500: {failure}", parts.method, parts.uri.path()));
-    text(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the plugin failed on this request; the host's log has the details\n",
-    )
-}
-
-/// What `call_plugin` returns when the handler overran `handler_timeout` (the client gets 503).
-const TIMED_OUT: &str = "handler timed out";
-
-/// An inline call that takes longer than this is reported: the plugin said it never blocks.
-const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
-
-/// Calls the handler where the plugin says it belongs. A handler that may block runs on the
-/// blocking pool, so the worker's other connections keep being served; one that never blocks
-/// runs right here, on the async thread, which saves the handoff to the pool and back (about
-/// two thirds of the host's CPU time per request for a small handler: docs/benchmarks.md).
-async fn call_plugin(
-    shared: &Shared,
-    request: FfiRequest,
-    parts: &http::request::Parts,
-) -> Result<FfiResponse, String> {
-    let plugin = shared.plugin;
-    if plugin.blocking() {
-        let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
-        let call = tokio::task::spawn_blocking(move || in_worker_span(|| plugin.handle(&request)));
-        return match tokio::time::timeout(timeout, call).await {
-            Ok(joined) => {
-                joined.unwrap_or_else(|join| Err(format!("the handler thread failed: {join}")))
-            }
-            Err(_) => {
-                // The thread is lost for good (a thread cannot be cancelled): answer the client,
-                // and have this worker replaced before it runs out of threads.
-                in_worker_span(|| {
-                    ask_for_replacement(
-                        &shared.link,
-                        &shared.replacement_asked,
-                        format!(
-                            "a handler call for {} {} has run longer than handler_timeout ({}): \
-                             its thread is lost",
-                            parts.method,
-                            parts.uri.path(),
-                            humantime::format_duration(timeout)
-                        ),
-                    )
-                });
-                Err(TIMED_OUT.to_string())
-            }
-        };
-    }
-    let started = Instant::now();
-    let result = {
-        let _call = INLINE_CALLS.begin();
-        plugin.handle(&request)
-    };
-    let took = started.elapsed();
-    if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
-        in_worker_span(|| {
-            tracing::warn!(
-            "{} {} took {} ms in plugin {}, which declares BLOCKING = false, so it held one of \
-             the worker's async threads (and other requests) for that long. If its handler can \
-             block, remove `const BLOCKING: bool = false` from the plugin. (Said once per worker.)",
-            parts.method,
-            parts.uri.path(),
-            took.as_millis(),
-            plugin.name()
-        )
-        });
-    }
-    result
-}
-
-fn into_hyper(ffi: FfiResponse) -> Result<Response, String> {
-    let status = StatusCode::from_u16(ffi.status)
-        .map_err(|_| format!("status {} is not an HTTP status", ffi.status))?;
-    let mut response = hyper::Response::new(Full::new(Bytes::from(ffi.body.into_vec())));
-    *response.status_mut() = status;
-    for h in ffi.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("header name {:?} is not valid", h.name.as_str()))?;
-        let value = HeaderValue::from_bytes(&h.value)
-            .map_err(|_| format!("the value of header {name} is not valid"))?;
-        response.headers_mut().append(name, value);
-    }
-    Ok(response)
-}
-
-/// Routes the host answers from its own code, whatever the plugin. `/__host/info` comes from the
-/// host binary alone and stays the same across reloads (Workerman's start script);
-/// `/__host/worker` describes the worker process that answered, which a reload replaces.
-fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
-    if method != Method::GET && method != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "host routes answer GET only\n",
-        );
-    }
-    let body = match path {
-        "info" => serde_json::json!({
-            "host_version": env!("CARGO_PKG_VERSION"),
-            "plugin_api_version": plugin_api::API_VERSION,
-            "master_pid": shared.spec.master_pid,
-            "service": shared.spec.service,
-        }),
-        "worker" => serde_json::json!({
-            "pid": std::process::id(),
-            "slot": shared.spec.slot,
-            "plugin": shared.plugin.name(),
-            "plugin_crate_version": shared.plugin.crate_version(),
-            "plugin_version": shared.spec.plugin_version,
-            "blocking_handlers": shared.plugin.blocking(),
-            "uptime_ms": shared.started.elapsed().as_millis() as u64,
-            "requests": shared.requests.load(Ordering::Relaxed),
-        }),
-        _ => {
-            return text(
-                StatusCode::NOT_FOUND,
-                "host routes: /__host/info, /__host/worker\n",
-            )
-        }
-    };
-    let mut response = hyper::Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn text(status: StatusCode, body: impl Into<String>) -> Response {
-    let mut response = hyper::Response::new(Full::new(Bytes::from(body.into())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

@@ -16,6 +16,7 @@ mod http;
 mod link;
 mod liveness;
 pub mod plugin;
+mod respond;
 
 use std::{
     io::Read,
@@ -51,6 +52,7 @@ use tracing::Instrument;
 use self::{link::Link, plugin::Plugin};
 use crate::protocol::{
     monotonic_ns, FromWorker, StartTimings, ToWorker, WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD,
+    PLUGIN_FD,
 };
 
 static WORKER_SPAN: OnceLock<tracing::Span> = OnceLock::new();
@@ -94,6 +96,17 @@ pub fn main(master_pid: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some((uid, gid)) = spec.run_as {
+        if let Err(e) = drop_privileges(uid, gid, master_pid) {
+            let reason = format!("could not run as uid {uid}, gid {gid}: {e}");
+            eprintln!("host worker: {reason}");
+            let _ = std::io::Write::write_all(
+                &mut &channel,
+                &crate::protocol::encode(&FromWorker::Failed { reason }),
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     let link = match channel.try_clone() {
         Ok(writer) => Link::install(writer),
         Err(e) => {
@@ -113,7 +126,9 @@ pub fn main(master_pid: u32) -> ExitCode {
 
     // The on-start hook: everything from here to READY is what a reload re-runs with new code.
     let started = Instant::now();
-    let plugin = match Plugin::load_and_start(&spec, || timings.loaded = monotonic_ns()) {
+    let plugin = match inherited_plugin()
+        .and_then(|path| Plugin::load_and_start(&spec, &path, || timings.loaded = monotonic_ns()))
+    {
         Ok(p) => p,
         Err(reason) => {
             tracing::error!("{reason}");
@@ -178,11 +193,15 @@ async fn serve(
     };
     let (draining, _) = watch::channel(false);
     let (close_idle, _) = watch::channel(false);
+    let max_connections = spec
+        .max_connections
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
     let shared = Arc::new(http::Shared {
         plugin,
         spec,
         requests: AtomicU64::new(0),
         connections: AtomicU64::new(0),
+        connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         draining,
         close_idle,
         started: Instant::now(),
@@ -306,6 +325,46 @@ fn inherited_channel() -> Result<StdUnixStream, String> {
     // SAFETY: fd 3 was checked above to be an open socket; the master maps the worker's end of
     // its channel there (protocol::CHANNEL_FD) and nothing else in this process owns it.
     Ok(unsafe { StdUnixStream::from_raw_fd(CHANNEL_FD) })
+}
+
+/// Drops from root to the service's user, for good, before any plugin code is loaded:
+/// supplementary groups, then the group, then the user (in that order: once the user changed,
+/// the rest is no longer allowed). The parent-death signal is cleared by the change of
+/// credentials, so it is set again.
+fn drop_privileges(uid: u32, gid: u32, master_pid: u32) -> Result<(), String> {
+    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+    setgid(gid).map_err(|e| format!("setgid: {e}"))?;
+    setuid(uid).map_err(|e| format!("setuid: {e}"))?;
+    if setuid(Uid::from_raw(0)).is_ok() && !uid.is_root() {
+        return Err("could get root back after dropping it".into());
+    }
+    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+        .map_err(|e| format!("could not set the parent-death signal again: {e}"))?;
+    if getppid().as_raw() as u32 != master_pid {
+        return Err("the master is gone".into());
+    }
+    Ok(())
+}
+
+/// The path the worker loads its plugin from: the verified copy the master passed at
+/// `PLUGIN_FD`, through `/proc/self/fd`, so that it loads exactly the bytes the master checked
+/// (and needs no access to the state directory).
+fn inherited_plugin() -> Result<std::path::PathBuf, String> {
+    // SAFETY: the borrow lives only for the two calls below; on a closed fd they fail with
+    // EBADF, which means "not inherited", and nothing is closed through this handle.
+    let fd = unsafe { BorrowedFd::borrow_raw(PLUGIN_FD) };
+    let is_file = fstat(fd)
+        .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG)
+        .unwrap_or(false);
+    if !is_file || fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_err() {
+        return Err(format!(
+            "fd {PLUGIN_FD} is not the plugin copy the master passes; `host worker` is started \
+             by `host start`, not by hand"
+        ));
+    }
+    Ok(format!("/proc/self/fd/{PLUGIN_FD}").into())
 }
 
 fn inherited_listeners(spec: &WorkerSpec) -> Result<Vec<tokio::net::TcpListener>, String> {

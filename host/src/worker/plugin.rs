@@ -6,7 +6,10 @@
 //! A library is never unloaded (unloading Rust dylibs is unsound); the worker process is the unit
 //! that is thrown away.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::{
+    panic::{catch_unwind, AssertUnwindSafe},
+    path::Path,
+};
 
 use abi_stable::{
     library::{lib_header_from_path, LibraryError},
@@ -26,10 +29,14 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    /// Loads the shadow copy named in `spec` and calls the plugin's `on_start`; `loaded` runs
-    /// between the two (for the start-up timings).
-    pub fn load_and_start(spec: &WorkerSpec, loaded: impl FnOnce()) -> Result<Plugin, String> {
-        let header = lib_header_from_path(&spec.plugin_path).map_err(|e| explain(e, spec, None))?;
+    /// Loads the library at `path` (the verified copy of `spec`'s plugin) and calls the
+    /// plugin's `on_start`; `loaded` runs between the two (for the start-up timings).
+    pub fn load_and_start(
+        spec: &WorkerSpec,
+        path: &Path,
+        loaded: impl FnOnce(),
+    ) -> Result<Plugin, String> {
+        let header = lib_header_from_path(path).map_err(|e| explain(e, spec, None))?;
         // What the library says it was built against, for errors about it.
         let declared = header.version_strings().to_string();
         let module = header

@@ -1,0 +1,211 @@
+//! Configuration: the raw TOML file or flags, checked into [`Config`].
+//!
+//! Two stages, as ripgrep does with its flags: [`RawConfig`] (`raw.rs`) is what serde reads,
+//! [`Config`] is what the master uses, and [`Config::check`] (`check.rs`) turns one into the
+//! other with errors that name the bad field. Relative plugin paths in a file are relative to the
+//! file, not to the cwd, so a config works wherever `host start` runs.
+
+mod check;
+mod raw;
+
+pub use raw::{RawConfig, RawService};
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+/// Defaults, also quoted in the README.
+pub const DEFAULT_WORKERS: usize = 2;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+pub const DEFAULT_KEEP_VERSIONS: usize = 5;
+pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_millis(100);
+pub const DEFAULT_CANARY_PROBATION: Duration = Duration::from_secs(1);
+pub const DEFAULT_PROBATION: Duration = Duration::from_secs(30);
+pub const DEFAULT_CRASH_LOOP_CRASHES: u32 = 3;
+pub const DEFAULT_CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One checked service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: Vec<SocketAddr>,
+    /// Absolute path of the library cargo builds (never loaded directly, see [`crate::shadow`]).
+    pub plugin: PathBuf,
+    pub workers: usize,
+    /// `false`: reload leaves this service's workers alone (Workerman's `reloadable = false`).
+    pub reloadable: bool,
+    /// How long a draining worker may take to finish its requests before it is killed.
+    pub drain_timeout: Duration,
+    /// How long a new worker may take to load its plugin and report READY.
+    pub ready_timeout: Duration,
+    /// How long a draining worker keeps an idle keep-alive connection open (see `worker::http`).
+    pub idle_grace: Duration,
+    pub max_body_bytes: usize,
+    /// How many versions the shadow store keeps for rollback, the live one included.
+    pub keep_versions: usize,
+    /// Reload by itself when the plugin file is rebuilt (`master::watcher`).
+    pub watch: bool,
+    /// How long the plugin file must stay quiet before the watcher looks at it.
+    pub watch_debounce: Duration,
+    /// How long the first new worker of a reload serves alone before the others are replaced.
+    pub canary_probation: Duration,
+    /// How long a new version stays on trial after its last worker was replaced: a crash or a
+    /// liveness failure in this window rolls the service back (`master::rollout`).
+    pub probation: Duration,
+    /// `crash_loop_crashes` crashes within `crash_loop_window` are a crash loop.
+    pub crash_loop_crashes: u32,
+    pub crash_loop_window: Duration,
+    /// A worker whose heartbeat is older than this is killed and replaced.
+    pub liveness_timeout: Duration,
+    /// A handler call longer than this gets its client a 503, and its worker is replaced.
+    pub handler_timeout: Duration,
+    /// A worker that served this many requests (plus up to `max_requests_jitter`) is replaced;
+    /// 0 is off.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    /// A worker whose resident memory exceeds this many bytes is replaced; 0 is off.
+    pub max_rss: u64,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// How long a client may pause between two parts of a request body (408 after).
+    pub body_timeout: Duration,
+    /// How long an idle keep-alive connection stays open.
+    pub keepalive_timeout: Duration,
+    /// Connections one worker holds at most; beyond, it stops accepting until one closes.
+    pub max_connections: usize,
+    /// Whom the workers run as (a root master drops to this user before loading the plugin).
+    pub run_as: Option<RunAs>,
+    /// Load the plugin even from a path other users could write (warned at every load).
+    pub allow_insecure_plugin_path: bool,
+    /// The `[service.config]` table handed to the plugin.
+    pub plugin_config: toml::Table,
+}
+
+/// A user (and group) that workers run as, looked up when the config is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What is wrong with a configuration, in words that point at the field.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "could not read config file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| {
+            ConfigError(format!("config file {} is not valid: {e}", path.display()))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::check(raw, base).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// The one-service configuration that `--plugin --listen --workers` describe (in
+    /// `service`), with the file-wide settings the flags give (`globals`; its services ignored).
+    pub fn from_flags(service: RawService, globals: RawConfig) -> Result<Config, ConfigError> {
+        Config::check(
+            RawConfig {
+                services: vec![service],
+                ..globals
+            },
+            Path::new("."),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::check(
+            toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?,
+            Path::new("/etc"),
+        )
+    }
+
+    #[test]
+    fn full_service() {
+        let c = parse(
+            r#"
+            [[service]]
+            name = "api"
+            listen = ["127.0.0.1:8080", "[::1]:8080"]
+            plugin = "plugins/libapi.so"
+            workers = 4
+            reloadable = false
+            drain_timeout = "5s"
+            ready_timeout = "2s"
+            [service.config]
+            greeting = "hi"
+            "#,
+        )
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!(s.listen.len(), 2);
+        assert_eq!(s.plugin, Path::new("/etc/plugins/libapi.so"));
+        assert_eq!(s.workers, 4);
+        assert!(!s.reloadable);
+        assert_eq!(s.drain_timeout, Duration::from_secs(5));
+        assert_eq!(s.plugin_config["greeting"].as_str(), Some("hi"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let no_port = parse("[[service]]\nname='a'\nlisten=['127.0.0.1']\nplugin='x.so'");
+        assert!(no_port.unwrap_err().0.contains("listen \"127.0.0.1\""));
+        let zero = parse("[[service]]\nname='a'\nlisten=['127.0.0.1:1']\nplugin='x.so'\nworkers=0");
+        assert!(zero.unwrap_err().0.contains("workers must be"));
+        let dup = parse(
+            "[[service]]\nname='a'\nlisten=['127.0.0.1:1']\nplugin='x'\n\
+             [[service]]\nname='a'\nlisten=['127.0.0.1:2']\nplugin='x'",
+        );
+        assert!(dup.unwrap_err().0.contains("two services"));
+        assert!(parse("").unwrap_err().0.contains("no service"));
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let e: Result<RawConfig, _> =
+            toml::from_str("[[service]]\nname='a'\nlisten=[]\nplugin='x'\nworker=2");
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `worker`"));
+    }
+}

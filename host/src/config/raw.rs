@@ -1,0 +1,68 @@
+//! The config file (and the flags) as written: what serde reads, before any checking. Unknown
+//! keys are errors, so a typo never silently falls back to a default.
+
+use std::{path::PathBuf, time::Duration};
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+/// The config file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Every service's workers run as this user (a root master only), unless the service says
+    /// otherwise.
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// Load plugins from paths other users could write (a warning at every load).
+    pub allow_insecure_plugin_path: Option<bool>,
+    #[serde(default, rename = "service")]
+    pub services: Vec<RawService>,
+}
+
+/// One `[[service]]` table as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: String,
+    pub listen: Vec<String>,
+    pub plugin: PathBuf,
+    pub workers: Option<usize>,
+    pub reloadable: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub ready_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_grace: Option<Duration>,
+    pub max_body_bytes: Option<ByteSize>,
+    pub keep_versions: Option<usize>,
+    pub watch: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub watch_debounce: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub canary_probation: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub probation: Option<Duration>,
+    pub crash_loop_crashes: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub crash_loop_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub liveness_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub handler_timeout: Option<Duration>,
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: Option<u64>,
+    pub max_rss: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    pub header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub body_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub keepalive_timeout: Option<Duration>,
+    pub max_connections: Option<usize>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub allow_insecure_plugin_path: Option<bool>,
+    pub config: Option<toml::Table>,
+}

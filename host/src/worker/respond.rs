@@ -1,0 +1,257 @@
+//! One request, start to finish: the host's own routes, reading the body within its limits,
+//! calling the plugin where it belongs (inline, or on the blocking pool under
+//! `handler_timeout`), and turning its answer into a response.
+//!
+//! Limits, each with its status: a body declared (Content-Length) or found larger than
+//! `max_body_bytes` is a 413, before any of it is read when it is declared (so a client that
+//! sent `Expect: 100-continue` is told at once, without a 100); a body that stalls longer than
+//! `body_timeout` between two parts is a 408; a handler that overruns `handler_timeout` is a 503.
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Incoming};
+use plugin_api::ffi::{FfiHeader, FfiRequest, FfiResponse};
+
+use super::{
+    http::{Response, Shared},
+    in_worker_span,
+    liveness::{ask_for_replacement, INLINE_CALLS},
+};
+
+/// What `call_plugin` returns when the handler overran `handler_timeout` (the client gets 503).
+const TIMED_OUT: &str = "handler timed out";
+
+/// An inline call that takes longer than this is reported: the plugin said it never blocks.
+const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
+
+pub async fn respond(req: hyper::Request<Incoming>, shared: &Arc<Shared>) -> Response {
+    if let Some(path) = req.uri().path().strip_prefix("/__host/") {
+        return builtin(path, req.method(), shared);
+    }
+    let (parts, body) = req.into_parts();
+    let body = match read_body(&parts, body, shared).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let request = FfiRequest {
+        method: parts.method.as_str().into(),
+        path: parts.uri.path().into(),
+        query: parts.uri.query().unwrap_or("").into(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(name, value)| FfiHeader {
+                name: name.as_str().into(),
+                value: value.as_bytes().into(),
+            })
+            .collect(),
+        body: body.to_vec().into(),
+    };
+    let result = call_plugin(shared, request, &parts).await;
+    let failure = match result {
+        Ok(response) => match into_hyper(response) {
+            Ok(response) => return response,
+            Err(e) => format!("the plugin returned an invalid response: {e}"),
+        },
+        Err(e) if e == TIMED_OUT => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the handler did not answer in time (handler_timeout)\n",
+            )
+        }
+        Err(e) => e,
+    };
+    in_worker_span(|| tracing::error!("{} {} -> 500: {failure}", parts.method, parts.uri.path()));
+    text(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the plugin failed on this request; the host's log has the details\n",
+    )
+}
+
+/// The whole request body, within `max_body_bytes` and `body_timeout` (see the module comment).
+async fn read_body(
+    parts: &http::request::Parts,
+    mut body: Incoming,
+    shared: &Shared,
+) -> Result<Bytes, Response> {
+    let limit = shared.spec.max_body_bytes;
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than this service's limit of {limit} bytes\n"),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let stall = Duration::from_millis(shared.spec.body_timeout_ms);
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    loop {
+        match tokio::time::timeout(stall, body.frame()).await {
+            Err(_) => {
+                return Err(text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the request body stalled for longer than {} (body_timeout)\n",
+                        humantime::format_duration(stall)
+                    ),
+                ))
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(text(
+                    StatusCode::BAD_REQUEST,
+                    format!("could not read the request body: {e}\n"),
+                ))
+            }
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > limit {
+                        return Err(too_large());
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+}
+
+/// Calls the handler where the plugin says it belongs. A handler that may block runs on the
+/// blocking pool, so the worker's other connections keep being served; one that never blocks
+/// runs right here, on the async thread, which saves the handoff to the pool and back (about
+/// two thirds of the host's CPU time per request for a small handler: docs/benchmarks.md).
+async fn call_plugin(
+    shared: &Shared,
+    request: FfiRequest,
+    parts: &http::request::Parts,
+) -> Result<FfiResponse, String> {
+    let plugin = shared.plugin;
+    if plugin.blocking() {
+        let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
+        let call = tokio::task::spawn_blocking(move || in_worker_span(|| plugin.handle(&request)));
+        return match tokio::time::timeout(timeout, call).await {
+            Ok(joined) => {
+                joined.unwrap_or_else(|join| Err(format!("the handler thread failed: {join}")))
+            }
+            Err(_) => {
+                // The thread is lost for good (a thread cannot be cancelled): answer the client,
+                // and have this worker replaced before it runs out of threads.
+                in_worker_span(|| {
+                    ask_for_replacement(
+                        &shared.link,
+                        &shared.replacement_asked,
+                        format!(
+                            "a handler call for {} {} has run longer than handler_timeout ({}): \
+                             its thread is lost",
+                            parts.method,
+                            parts.uri.path(),
+                            humantime::format_duration(timeout)
+                        ),
+                    )
+                });
+                Err(TIMED_OUT.to_string())
+            }
+        };
+    }
+    let started = Instant::now();
+    let result = {
+        let _call = INLINE_CALLS.begin();
+        plugin.handle(&request)
+    };
+    let took = started.elapsed();
+    if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
+        in_worker_span(|| {
+            tracing::warn!(
+            "{} {} took {} ms in plugin {}, which declares BLOCKING = false, so it held one of \
+             the worker's async threads (and other requests) for that long. If its handler can \
+             block, remove `const BLOCKING: bool = false` from the plugin. (Said once per worker.)",
+            parts.method,
+            parts.uri.path(),
+            took.as_millis(),
+            plugin.name()
+        )
+        });
+    }
+    result
+}
+
+fn into_hyper(ffi: FfiResponse) -> Result<Response, String> {
+    let status = StatusCode::from_u16(ffi.status)
+        .map_err(|_| format!("status {} is not an HTTP status", ffi.status))?;
+    let mut response = hyper::Response::new(Full::new(Bytes::from(ffi.body.into_vec())));
+    *response.status_mut() = status;
+    for h in ffi.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("header name {:?} is not valid", h.name.as_str()))?;
+        let value = HeaderValue::from_bytes(&h.value)
+            .map_err(|_| format!("the value of header {name} is not valid"))?;
+        response.headers_mut().append(name, value);
+    }
+    Ok(response)
+}
+
+/// Routes the host answers from its own code, whatever the plugin. `/__host/info` comes from the
+/// host binary alone and stays the same across reloads (Workerman's start script);
+/// `/__host/worker` describes the worker process that answered, which a reload replaces.
+fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "host routes answer GET only\n",
+        );
+    }
+    let body = match path {
+        "info" => serde_json::json!({
+            "host_version": env!("CARGO_PKG_VERSION"),
+            "plugin_api_version": plugin_api::API_VERSION,
+            "master_pid": shared.spec.master_pid,
+            "service": shared.spec.service,
+        }),
+        "worker" => serde_json::json!({
+            "pid": std::process::id(),
+            "slot": shared.spec.slot,
+            "plugin": shared.plugin.name(),
+            "plugin_crate_version": shared.plugin.crate_version(),
+            "plugin_version": shared.spec.plugin_version,
+            "blocking_handlers": shared.plugin.blocking(),
+            "uptime_ms": shared.started.elapsed().as_millis() as u64,
+            "requests": shared.requests.load(Ordering::Relaxed),
+        }),
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "host routes: /__host/info, /__host/worker\n",
+            )
+        }
+    };
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body.into())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
