@@ -129,6 +129,8 @@ pub struct WorkerStatus {
     pub requests: Option<u64>,
     /// Resident memory at the last heartbeat.
     pub rss_bytes: u64,
+    /// Open connections at the last heartbeat.
+    pub connections: u64,
     /// Milliseconds since the last heartbeat (`None` before the first).
     pub heartbeat_age_ms: Option<u64>,
 }

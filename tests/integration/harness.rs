@@ -204,13 +204,17 @@ impl Host {
         Host::start(dir, &args)
     }
 
-    /// Sends `GET /?ms=N` to a `slow` service on its own connection and returns once the handler
-    /// is running (the plugin logs "sleeping N ms"); join the handle for the response.
+    /// Sends `GET /?ms=N` to the first service (a `slow` one) on its own connection and returns
+    /// once the handler is running (the plugin logs "sleeping N ms"); join the handle for the
+    /// response.
     pub fn slow_request_in_flight(
         &self,
         ms: u64,
     ) -> thread::JoinHandle<Result<crate::http::Resp, String>> {
-        let addr = self.addr("plugin");
+        let addr = self.status()["services"][0]["listen"][0]
+            .as_str()
+            .unwrap()
+            .to_string();
         let request =
             thread::spawn(move || crate::http::Conn::new(&addr).get(&format!("/?ms={ms}")));
         let marker = format!("sleeping {ms} ms");
@@ -235,6 +239,19 @@ impl Host {
         Host::launch("start", dir, args, &[])
     }
 
+    /// `host start <args>` run through `wrapper` (a command that ends by executing its
+    /// arguments, such as `sh -c '...; exec "$0" "$@"'`), until its ready line.
+    pub fn launch_wrapped(wrapper: &[&str], dir: TempDir, args: &[&str]) -> Host {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]).arg(&artifacts().host);
+        Host::launch_command(cmd, "start", dir, args).unwrap_or_else(|(host, why)| {
+            panic!(
+                "host did not become ready: {why}\n--- host log ---\n{}",
+                host.logs()
+            )
+        })
+    }
+
     /// `host <subcommand> <args>` (`start` or `dev`) in `dir`, until its ready line.
     pub fn launch(
         subcommand: &str,
@@ -244,6 +261,15 @@ impl Host {
     ) -> Result<Host, (Host, String)> {
         let mut cmd = Command::new(&artifacts().host);
         cmd.envs(env.iter().copied());
+        Host::launch_command(cmd, subcommand, dir, args)
+    }
+
+    fn launch_command(
+        mut cmd: Command,
+        subcommand: &str,
+        dir: TempDir,
+        args: &[&str],
+    ) -> Result<Host, (Host, String)> {
         cmd.arg(subcommand)
             .args(args)
             .arg("--state-dir")

@@ -275,7 +275,7 @@ async fn run(
     master.save_history();
     let cut = master.cut_short.load(std::sync::atomic::Ordering::SeqCst);
     let summary = if cut {
-        "stopped at once: workers were killed with requests in flight"
+        "stopped at once: workers were killed before they finished draining"
     } else {
         "stopped: every worker exited"
     };
@@ -392,23 +392,19 @@ impl Master {
         let _ = count.wait_for(|n| *n == 0).await;
     }
 
+    /// Kills every worker now. Any still running had not finished its drain: whatever it was
+    /// serving is cut, and the stop says so (and the master exits non-zero).
     fn kill_all(self: &Arc<Self>, why: &str) {
-        let busy = self
-            .registry
-            .lock()
-            .unwrap()
-            .workers
-            .values()
-            .filter(|w| w.connections > 0 || w.state != WorkerState::Draining)
-            .count();
-        if busy > 0 {
+        let pids = self.live_pids();
+        if !pids.is_empty() {
             self.cut_short
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         tracing::warn!(
-            "{why}: stopping now; killing every worker ({busy} still had connections open)"
+            "{why}: stopping now; killing {} workers that had not finished draining",
+            pids.len()
         );
-        for pid in self.live_pids() {
+        for pid in pids {
             self.kill_worker(pid, why);
         }
     }

@@ -35,6 +35,7 @@ impl Master {
                         uptime_ms: w.started.elapsed().as_millis() as u64,
                         requests: counts.get(pid).copied(),
                         rss_bytes: w.rss_bytes,
+                        connections: w.connections,
                         heartbeat_age_ms: w.last_heartbeat.map(|t| t.elapsed().as_millis() as u64),
                     })
                     .collect();

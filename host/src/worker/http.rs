@@ -359,7 +359,9 @@ async fn connection(
                 });
                 return;
             }
-            header_timeout - head
+            // The head may complete and its request end before then: wake in time for the
+            // idle grace too.
+            (header_timeout - head).min(grace.max(Duration::from_millis(10)))
         } else {
             match state.idle_for() {
                 Some(idle) if idle >= grace => {
