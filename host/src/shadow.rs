@@ -209,6 +209,34 @@ impl ShadowStore {
         Ok(())
     }
 
+    /// Writes again, from its verified open file, the copy of every version in `versions`
+    /// whose file is gone from the store; returns their short hashes.
+    pub fn restore_missing(&self, versions: &[PluginVersion]) -> Vec<String> {
+        let dir = self.dir();
+        let mut restored = Vec::new();
+        let mut seen = HashSet::new();
+        for version in versions {
+            if !seen.insert(version.hash.clone()) {
+                continue;
+            }
+            let name = file_name(version);
+            if dir.open_file(&name, OFlag::O_RDONLY, 0).is_ok() {
+                continue;
+            }
+            let Some(file) = self.verified.lock().unwrap().get(&version.hash).cloned() else {
+                continue;
+            };
+            let mut bytes = vec![0u8; version.size as usize];
+            let copied = std::os::unix::fs::FileExt::read_exact_at(&*file, &mut bytes, 0)
+                .and_then(|()| dir.write_atomically(&name, &bytes, 0o444));
+            match copied {
+                Ok(()) => restored.push(version.short().to_string()),
+                Err(e) => tracing::warn!("could not restore the copy of {version}: {e}"),
+            }
+        }
+        restored
+    }
+
     /// The history as last saved; versions whose copy is gone are dropped. A missing or
     /// unreadable file is an empty history (it is a convenience, not state the host needs to
     /// run). The first format (previous versions only) still reads.

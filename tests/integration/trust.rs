@@ -308,3 +308,30 @@ fn workers_run_as_an_unprivileged_user() {
         "{text}"
     );
 }
+
+#[test]
+fn a_deleted_plugin_copy_is_restored_once_not_respawned_forever() {
+    let host = Host::serving("versioned", 1, &[]);
+    let plugins = host.state_dir().join("plugins");
+    let copy = fs::read_dir(&plugins)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "so"))
+        .unwrap();
+    fs::remove_file(&copy).unwrap();
+    host.wait_for_log("plugin copies were deleted from the state directory; restored 1");
+    assert!(copy.exists());
+    // Workers still start from it.
+    let pids = host.ready_pids("plugin");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the slot is refilled", || {
+        let now = host.ready_pids("plugin");
+        now.len() == 1 && now != pids
+    });
+    assert!(get(&host.addr("plugin"), "/").body.contains("versioned v1"));
+}

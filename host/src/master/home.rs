@@ -6,7 +6,8 @@
 //! path would take a new lock and run beside it. So every second the master checks that the
 //! directory at its path is still the one it locked; if not, it makes a new one: the lock, the
 //! pid file, the control socket, and the plugin copies written again from the verified files
-//! it holds open (`ShadowStore::rehome`). It says so once in the log.
+//! it holds open (`ShadowStore::rehome`). It says so once in the log. A single plugin copy
+//! deleted from the directory is restored the same way.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -86,6 +87,16 @@ impl Master {
             let locked = self.home.lock.lock().unwrap().identity;
             if self.home.state.identity_now() == Some(locked) {
                 reported = false;
+                // Single copies deleted from it come back from the verified open files.
+                let restored = self.store.restore_missing(&self.versions_in_use());
+                if !restored.is_empty() {
+                    tracing::warn!(
+                        "plugin copies were deleted from the state directory; restored {} from \
+                         the verified files the master holds: {}",
+                        restored.len(),
+                        restored.join(", ")
+                    );
+                }
                 continue;
             }
             match self.recreate_home() {
