@@ -17,6 +17,7 @@
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod inherit;
 pub mod logging;
 pub mod master;
 pub mod plugin_file;

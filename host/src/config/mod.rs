@@ -37,13 +37,13 @@ pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// The checked configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
 /// One checked service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
     pub listen: Vec<SocketAddr>,

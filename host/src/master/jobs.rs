@@ -18,7 +18,11 @@ use std::{
 
 use tokio::sync::{mpsc, Notify};
 
-use super::{rollout::Outcome, service::Service, Master};
+use super::{
+    rollout::Outcome,
+    service::{Release, Service},
+    Master,
+};
 use crate::protocol::ControlReply;
 
 /// What a job does.
@@ -161,7 +165,7 @@ impl Master {
         let mut failed = Vec::new();
         for svc in self.services() {
             if !targets.iter().any(|t| Arc::ptr_eq(t, &svc)) {
-                if !svc.config.reloadable {
+                if !svc.config().reloadable {
                     progress.line(format!(
                         "{}: kept as it is (reloadable = false)",
                         svc.name()
@@ -170,8 +174,12 @@ impl Master {
                 continue;
             }
             let _turn = svc.lock.lock().await;
-            let outcome = match self.store.store_plugin(&svc.config) {
-                Ok(new) => self.roll_out(&svc, new, "reload", progress).await,
+            let config = svc.config();
+            let outcome = match self.store.store_plugin(&config) {
+                Ok(version) => {
+                    let new = Release { version, config };
+                    self.roll_out(&svc, new, "reload", progress).await
+                }
                 Err(e) => Outcome::Failed(format!(
                     "{}: reload failed: {e}\n{}: nothing changed; still serving {}",
                     svc.name(),
@@ -233,7 +241,15 @@ impl Master {
                 return (false, format!("{}: {version} is already live", svc.name()))
             }
             Ok(version) => match self
-                .roll_out(&svc, version, "rollback", progress)
+                .roll_out(
+                    &svc,
+                    Release {
+                        version,
+                        config: svc.config(),
+                    },
+                    "rollback",
+                    progress,
+                )
                 .await
                 .problem()
             {
@@ -254,7 +270,7 @@ impl Master {
             return Ok(self
                 .services()
                 .into_iter()
-                .filter(|s| s.config.reloadable)
+                .filter(|s| s.config().reloadable)
                 .collect());
         }
         names
@@ -277,7 +293,7 @@ impl Master {
 
     fn reloadable_service(&self, name: &str) -> Result<Arc<Service>, String> {
         match self.service(name) {
-            Some(s) if s.config.reloadable => Ok(s),
+            Some(s) if s.config().reloadable => Ok(s),
             Some(_) => Err(format!(
                 "service {name} has reloadable = false, so reload leaves it alone; restart the \
                  host to change its code"

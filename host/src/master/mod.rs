@@ -12,6 +12,7 @@
 mod control;
 mod home;
 mod jobs;
+mod listeners;
 mod pool;
 mod process;
 mod rollout;
@@ -22,13 +23,11 @@ mod watcher;
 
 use std::{
     collections::HashSet,
-    net::{SocketAddr, TcpListener},
     process::ExitCode,
     sync::{Arc, Mutex, RwLock},
     time::Instant,
 };
 
-use socket2::{Domain, Socket, Type};
 use tokio::{
     net::unix::OwnedWriteHalf,
     signal::unix::{signal, SignalKind},
@@ -47,9 +46,6 @@ use crate::{
     shadow::{History, PluginVersion, ShadowStore},
     state_dir::{MasterLock, StateDir},
 };
-
-/// The listen backlog: connections wait here while workers are replaced.
-const BACKLOG: i32 = 1024;
 
 /// Everything the master's tasks share.
 pub struct Master {
@@ -152,18 +148,16 @@ async fn run(
     let mut services = Vec::new();
     let mut stored_now = Vec::new();
     let mut lived_before = Vec::new();
+    let mut given = match listeners::Given::collect(&[]) {
+        Ok(given) => given,
+        Err(e) => return fail(&e),
+    };
     for svc in config.services {
         let mut listeners = Vec::new();
         for addr in &svc.listen {
-            match bind(*addr) {
+            match given.open(&svc.name, *addr) {
                 Ok(l) => listeners.push(l),
-                Err(e) => {
-                    return fail(&format!(
-                        "could not listen on {addr} for service {}: {e}. Is another server using \
-                         this address? Change `listen`, or stop the other server.",
-                        svc.name
-                    ))
-                }
+                Err(e) => return fail(&e),
             }
         }
         let version = match store.store_plugin(&svc) {
@@ -183,6 +177,11 @@ async fn run(
         }
         lived_before.push(saved.live.clone());
         services.push(Arc::new(Service::new(svc, listeners, version, saved)));
+    }
+    for addr in given.unclaimed() {
+        tracing::warn!(
+            "systemd passed a socket for {addr}, but no service listens there; closing it"
+        );
     }
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<OwnedWriteHalf>();
     let home = match home::Home::new(state, lock, stop_tx) {
@@ -234,7 +233,7 @@ async fn run(
     tokio::spawn(master.clone().run_jobs());
     tokio::spawn(master.clone().check_liveness());
     for svc in master.services() {
-        if svc.config.watch {
+        if svc.config().watch {
             if let Err(e) = watcher::spawn(master.clone(), svc.clone()) {
                 tracing::error!(service = %svc.name(), "{e}; reload it by hand");
             }
@@ -294,29 +293,16 @@ async fn run(
     }
 }
 
-/// Binds a listener the way every worker will share it: no SO_REUSEPORT (with one socket per
-/// worker, connections queued on a closing worker's socket would be reset), a deep backlog.
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(socket.into())
-}
-
 impl Master {
     /// Starts every slot of every service and waits until all are READY.
     async fn start_all(self: &Arc<Self>) -> Result<(), String> {
         let mut starting = JoinSet::new();
         for svc in self.services() {
-            let version = svc.live();
-            for slot in 0..svc.config.workers {
-                let (master, version, svc) = (self.clone(), version.clone(), svc.clone());
+            let release = svc.release();
+            for slot in 0..release.config.workers {
+                let (master, release, svc) = (self.clone(), release.clone(), svc.clone());
                 starting.spawn(async move {
-                    let started = master.start_worker(&svc, slot, &version).await;
+                    let started = master.start_worker(&svc, slot, &release).await;
                     (svc, slot, started)
                 });
             }
@@ -366,7 +352,7 @@ impl Master {
                     .iter()
                     .map(|a| format!("http://{a}"))
                     .collect();
-                format!("{} on {}", s.config.name, urls.join(", "))
+                format!("{} on {}", s.config().name, urls.join(", "))
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -431,8 +417,8 @@ impl Master {
             used.push(st.live.clone());
             used.extend(st.previous.iter().cloned());
             if let Some(trial) = &st.trial {
-                used.push(trial.from.clone());
-                used.push(trial.to.clone());
+                used.push(trial.from.version.clone());
+                used.push(trial.to.version.clone());
             }
         }
         used.extend(

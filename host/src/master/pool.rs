@@ -14,7 +14,11 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::{process, service::Service, Master};
+use super::{
+    process,
+    service::{Release, Service},
+    Master,
+};
 use crate::{
     config::ServiceConfig,
     protocol::{monotonic_ns, ToWorker, WorkerSpec},
@@ -51,6 +55,8 @@ pub struct WorkerEntry {
     pub slot: usize,
     pub state: WorkerState,
     pub version: PluginVersion,
+    /// The configuration it was started with.
+    pub config: Arc<ServiceConfig>,
     pub started: Instant,
     /// When the master spawned it, on the clock of `StartTimings`.
     pub spawned_ns: u64,
@@ -71,6 +77,16 @@ pub struct WorkerEntry {
     pub replacing: bool,
     /// The plugin's last panic message and when it came, quoted if the worker dies soon after.
     pub last_panic: Option<(String, Instant)>,
+}
+
+impl WorkerEntry {
+    /// What this worker runs.
+    pub fn release(&self) -> Release {
+        Release {
+            version: self.version.clone(),
+            config: self.config.clone(),
+        }
+    }
 }
 
 /// How a slot's workers have fared.
@@ -120,24 +136,26 @@ pub struct SlotChange {
 }
 
 impl Master {
-    /// Starts a worker for `(service, slot)` running `version` and waits until it is READY.
+    /// Starts a worker for `(service, slot)` running `release` and waits until it is READY.
     /// On failure the process is gone (killed if it had to be) and the error says why.
     pub async fn start_worker(
         self: &Arc<Self>,
         svc: &Arc<Service>,
         slot: usize,
-        version: &PluginVersion,
+        release: &Release,
     ) -> Result<u32, String> {
-        let spec = worker_spec(&svc.config, slot, version, svc.listen_addrs());
+        let (version, config) = (&release.version, &release.config);
+        let sockets = svc
+            .sockets_for(config)
+            .map_err(|e| format!("could not pass the listeners to a worker: {e}"))?;
+        if sockets.is_empty() {
+            return Err("the service's listeners are closed (the host is stopping)".into());
+        }
+        let (addrs, listeners): (Vec<String>, Vec<_>) = sockets.into_iter().unzip();
+        let spec = worker_spec(config, slot, version, addrs);
         let plugin = self.store.open_verified(version)?;
-        let spawned = {
-            let listeners = svc.listeners();
-            if listeners.is_empty() {
-                return Err("the service's listeners are closed (the host is stopping)".into());
-            }
-            process::spawn(&spec, &plugin, &listeners)
-                .map_err(|e| format!("could not start a worker process: {e}"))?
-        };
+        let spawned = process::spawn(&spec, &plugin, listeners)
+            .map_err(|e| format!("could not start a worker process: {e}"))?;
         let pid = spawned.child.id().unwrap_or(0);
         let (to_worker, from_master) = mpsc::unbounded_channel();
         let _ = to_worker.send(ToWorker::Start(Box::new(spec)));
@@ -150,6 +168,7 @@ impl Master {
                 slot,
                 state: WorkerState::Starting,
                 version: version.clone(),
+                config: config.clone(),
                 started: Instant::now(),
                 spawned_ns: monotonic_ns(),
                 drain_started: None,
@@ -176,7 +195,7 @@ impl Master {
             kill.clone(),
         ));
 
-        let timeout = svc.config.ready_timeout;
+        let timeout = config.ready_timeout;
         match tokio::time::timeout(timeout, ready_rx).await {
             Ok(Ok(Ok(()))) => {
                 if let Some(w) = self.registry.lock().unwrap().workers.get_mut(&pid) {
@@ -224,10 +243,10 @@ impl Master {
         self: &Arc<Self>,
         svc: &Arc<Service>,
         slot: usize,
-        version: &PluginVersion,
+        release: &Release,
     ) -> Result<SlotChange, String> {
         let t = Instant::now();
-        let new = self.start_worker(svc, slot, version).await?;
+        let new = self.start_worker(svc, slot, release).await?;
         let ready_ms = t.elapsed().as_millis();
         let old = self.install(svc, slot, new);
         if let Some(old) = old {
@@ -281,7 +300,7 @@ impl Master {
                 let _ = w.to_worker.send(ToWorker::CloseIdle);
             }
         }
-        let timeout = svc.config.drain_timeout;
+        let timeout = svc.config().drain_timeout;
         tokio::spawn(async move {
             tokio::time::sleep(timeout).await;
             // Notifying the Notify of a worker that already exited does nothing, so there is no
@@ -335,13 +354,13 @@ impl Master {
             .collect()
     }
 
-    /// The slot holders of a service, with their versions: `None` for an empty slot.
-    pub fn holders(&self, svc: &Service) -> Vec<Option<(u32, PluginVersion)>> {
+    /// The slot holders of a service, with what they run: `None` for an empty slot.
+    pub fn holders(&self, svc: &Service) -> Vec<Option<(u32, Release)>> {
         let reg = self.registry.lock().unwrap();
-        (0..svc.config.workers)
+        (0..svc.config().workers)
             .map(|slot| {
                 reg.holder(svc.name(), slot)
-                    .and_then(|pid| reg.workers.get(&pid).map(|w| (pid, w.version.clone())))
+                    .and_then(|pid| reg.workers.get(&pid).map(|w| (pid, w.release())))
             })
             .collect()
     }

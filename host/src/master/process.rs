@@ -31,7 +31,7 @@ pub struct Spawned {
 
 /// Starts `host worker` for `spec`, passing the verified `plugin` copy and `listeners` (in the
 /// order of `spec.listen`).
-pub fn spawn(spec: &WorkerSpec, plugin: &File, listeners: &[TcpListener]) -> io::Result<Spawned> {
+pub fn spawn(spec: &WorkerSpec, plugin: &File, listeners: Vec<TcpListener>) -> io::Result<Spawned> {
     let (master_end, worker_end) = StdUnixStream::pair()?;
     let mut mappings = vec![
         FdMapping {
@@ -43,9 +43,9 @@ pub fn spawn(spec: &WorkerSpec, plugin: &File, listeners: &[TcpListener]) -> io:
             child_fd: PLUGIN_FD,
         },
     ];
-    for (i, listener) in listeners.iter().enumerate() {
+    for (i, listener) in listeners.into_iter().enumerate() {
         mappings.push(FdMapping {
-            parent_fd: OwnedFd::from(listener.try_clone()?),
+            parent_fd: OwnedFd::from(listener),
             child_fd: FIRST_LISTENER_FD + i as i32,
         });
     }

@@ -11,7 +11,11 @@
 //! 4. **Probation** (`probation`): every worker runs the new version; the previous version's
 //!    copy is kept. When it ends, the new version is *healthy*.
 //!
-//! From the canary's READY to the end of probation the version is on *trial*
+//! What rolls out is a [`Release`]: a plugin version with the service's configuration, so a
+//! config reload that changes the plugin's config table, the limits or the worker count goes
+//! the same way, and a rollback restores the configuration too.
+//!
+//! From the canary's READY to the end of probation the release is on *trial*
 //! ([`super::service::Trial`]). A crash of one of its workers, a liveness failure, or a slot
 //! that fails twice *rolls the service back*: the live version switches back at once (so a
 //! crashed slot restarts on the old version), then every worker on the new version is replaced
@@ -27,10 +31,10 @@ use std::{
 
 use super::{
     jobs::Progress,
-    service::{Service, TrialPhase},
+    service::{Release, Service, TrialPhase},
     Master,
 };
-use crate::{protocol::RolloutEvent, shadow::PluginVersion};
+use crate::protocol::RolloutEvent;
 
 /// How a rollout ended.
 pub enum Outcome {
@@ -50,7 +54,7 @@ impl Master {
     pub async fn roll_out(
         self: &Arc<Self>,
         svc: &Arc<Service>,
-        new: PluginVersion,
+        new: Release,
         kind: &str,
         progress: &Progress,
     ) -> Outcome {
@@ -59,18 +63,21 @@ impl Master {
         }
         let name = svc.name();
         let started = Instant::now();
-        let workers = svc.config.workers;
-        let (old, earlier_trial) = {
-            let st = svc.state();
-            (st.live.clone(), st.trial.clone())
-        };
+        let workers = new.config.workers;
+        let (old, earlier_trial) = (svc.release(), svc.state().trial.clone());
+        let config_changed = *old.config != *new.config;
         progress.line(format!(
-            "{name}: reloading {workers} workers, plugin {old} -> {new}"
+            "{name}: reloading {workers} workers, plugin {old} -> {new}{}",
+            if config_changed {
+                ", new configuration"
+            } else {
+                ""
+            }
         ));
-        // The same version again (a plain `host reload` of an unchanged file) restarts the
+        // The same release again (a plain `host reload` of an unchanged file) restarts the
         // workers; there is nothing to prove and nothing to roll back to.
-        let on_trial = new.hash != old.hash;
-        // If the live version is itself on trial and already failed, a rollback is under way;
+        let on_trial = !new.same_as(&old);
+        // If the live release is itself on trial and already failed, a rollback is under way;
         // a failure of `new` should go back to what that rollback goes back to.
         let from = match &earlier_trial {
             Some(t) if t.failure.is_some() => t.from.clone(),
@@ -86,26 +93,24 @@ impl Master {
             Ok(pid) => pid,
             Err(reason) => {
                 let mut st = svc.state();
-                // The earlier trial (a version still on probation) goes on.
+                // The earlier trial (a release still on probation) goes on.
                 st.trial = earlier_trial;
-                if on_trial {
-                    st.failed.insert(new.hash.clone(), reason.clone());
+                if on_trial && !config_changed {
+                    st.failed.insert(new.version.hash.clone(), reason.clone());
                 }
                 drop(st);
                 self.save_history();
                 let text = format!(
                     "{name}: reload rejected, the first new worker failed: {reason}\n\
-                     {name}: nothing changed; still serving {old} with all {workers} workers"
+                     {name}: nothing changed; still serving {old} with all {} workers",
+                    old.config.workers
                 );
                 self.record_event(svc, kind, &old, &new, "rejected", started, Some(&reason));
                 return Outcome::Rejected(text);
             }
         };
-        {
-            let mut st = svc.state();
-            st.went_live(new.clone(), svc.config.keep_versions);
-            st.failed.remove(&new.hash);
-        }
+        svc.go_live(&new);
+        svc.state().failed.remove(&new.version.hash);
         self.save_history();
         let displaced = self.install(svc, 0, canary);
         if let Some(old_pid) = displaced {
@@ -114,7 +119,7 @@ impl Master {
         progress.line(slot_line(name, 0, displaced, canary, &new, t));
 
         // 2. The canary serves alone for a while.
-        let canary_probation = svc.config.canary_probation;
+        let canary_probation = new.config.canary_probation;
         if on_trial && !canary_probation.is_zero() && workers > 1 {
             progress.line(format!(
                 "{name}: canary {canary} serves alone for {} (canary_probation)",
@@ -129,7 +134,7 @@ impl Master {
             }
         }
 
-        // 3. The other slots.
+        // 3. The other slots (more or fewer than before, if the worker count changed).
         for slot in 1..workers {
             if let Some(failure) = self.trial_failure(svc) {
                 return self
@@ -160,15 +165,16 @@ impl Master {
                 }
             }
         }
+        self.trim_slots(svc, workers).await;
 
         // 4. Probation. The failure check and the phase change are one step under the state
         // lock, so a failure noted in between is never left to a probation nobody watches.
-        let probation = svc.config.probation;
+        let probation = new.config.probation;
         let until = Instant::now() + probation;
         let trial = {
             let mut st = svc.state();
             match st.trial.as_mut() {
-                Some(t) if t.to.hash == new.hash => match &t.failure {
+                Some(t) if t.to.same_as(&new) => match &t.failure {
                     Some(failure) => Err(failure.clone()),
                     None => {
                         t.phase = TrialPhase::Probation { until };
@@ -204,6 +210,21 @@ impl Master {
         Outcome::Done
     }
 
+    /// Drains the workers of slots at or beyond `workers` (after the worker count shrank).
+    pub(super) async fn trim_slots(&self, svc: &Service, workers: usize) {
+        let extra: Vec<u32> = {
+            let reg = self.registry.lock().unwrap();
+            reg.slots
+                .iter()
+                .filter(|((service, slot), _)| service == svc.name() && *slot >= workers)
+                .filter_map(|(_, s)| s.pid)
+                .collect()
+        };
+        for pid in extra {
+            self.drain_and_wait(svc, pid).await;
+        }
+    }
+
     /// Waits `how_long` unless the trial fails first; returns the failure.
     async fn trial_wait(&self, svc: &Service, how_long: Duration) -> Option<String> {
         let deadline = tokio::time::Instant::now() + how_long;
@@ -226,17 +247,16 @@ impl Master {
         svc.state().trial.as_ref().and_then(|t| t.failure.clone())
     }
 
-    /// Records the first failure of the version on trial: the live version switches back to
-    /// the one the trial came from, at once, so that a crashed slot restarts on it. Returns
+    /// Records the first failure of the release on trial: the service switches back to the
+    /// release the trial came from, at once, so that a crashed slot restarts on it. Returns
     /// whether it was the trial's first failure and the trial is in probation (then the caller
     /// starts the rollback; a running rollout does it itself).
-    fn note_trial_failure(&self, svc: &Service, version: &PluginVersion, failure: &str) -> bool {
+    fn note_trial_failure(&self, svc: &Service, failed: &Release, failure: &str) -> bool {
         let mut st = svc.state();
-        let keep = svc.config.keep_versions;
         let Some(trial) = st.trial.as_mut() else {
             return false;
         };
-        if trial.to.hash != version.hash || trial.failure.is_some() {
+        if !trial.to.same_as(failed) || trial.failure.is_some() {
             return false;
         }
         trial.failure = Some(failure.to_string());
@@ -244,22 +264,22 @@ impl Master {
             trial.from.clone(),
             matches!(trial.phase, TrialPhase::Probation { .. }),
         );
-        st.went_live(from, keep);
-        st.failed
-            .insert(version.hash.clone(), format!("rolled back: {failure}"));
+        if from.version.hash != failed.version.hash {
+            st.failed.insert(
+                failed.version.hash.clone(),
+                format!("rolled back: {failure}"),
+            );
+        }
         drop(st);
+        svc.go_live(&from);
         svc.trial_failed.notify_waiters();
         in_probation
     }
 
-    /// What a crash of a slot holder means for its service: a failed trial (roll back), part
-    /// of a crash loop (roll back to the last healthy version), or just a crash.
-    pub(super) fn judge_crash(
-        self: &Arc<Self>,
-        svc: &Arc<Service>,
-        version: &PluginVersion,
-        what: &str,
-    ) {
+    /// What a crash of a slot holder running `release` means for its service: a failed trial
+    /// (roll back), part of a crash loop (roll back to the last healthy version), or just a
+    /// crash.
+    pub(super) fn judge_crash(self: &Arc<Self>, svc: &Arc<Service>, release: &Release, what: &str) {
         if *self.stopping.borrow() {
             return;
         }
@@ -268,45 +288,50 @@ impl Master {
             .state()
             .trial
             .as_ref()
-            .is_some_and(|t| t.to.hash == version.hash);
+            .is_some_and(|t| t.to.same_as(release));
         if on_trial {
-            if self.note_trial_failure(svc, version, what) {
-                let (from, to) = {
-                    let st = svc.state();
-                    (st.live.clone(), version.clone())
-                };
-                tracing::error!(service = %svc.name(), "{to} failed on probation: {what}; rolling back to {from}");
-                self.spawn_roll_back(svc, to, from, what.to_string());
+            if self.note_trial_failure(svc, release, what) {
+                let from = svc.release();
+                tracing::error!(service = %svc.name(), "{release} failed on probation: {what}; rolling back to {from}");
+                self.spawn_roll_back(svc, release.clone(), from, what.to_string());
             }
             return;
         }
+        let current = svc.release();
+        if !current.same_as(release) {
+            return;
+        }
+        let config = &current.config;
         let mut st = svc.state();
-        if st.live.hash != version.hash {
+        let crashes = st.record_crash(config.crash_loop_window);
+        if crashes < config.crash_loop_crashes as usize {
             return;
         }
-        let crashes = st.record_crash(svc.config.crash_loop_window);
-        if crashes < svc.config.crash_loop_crashes as usize {
-            return;
-        }
-        let window = humantime::format_duration(svc.config.crash_loop_window);
+        let window = humantime::format_duration(config.crash_loop_window);
         match st.last_healthy() {
-            Some(target) => {
+            Some(version) => {
                 let reason = format!(
                     "crash loop: {crashes} crashes within {window} (crash_loop_crashes), the last: {what}"
                 );
-                st.went_live(target.clone(), svc.config.keep_versions);
-                st.failed
-                    .insert(version.hash.clone(), format!("rolled back: {reason}"));
+                st.failed.insert(
+                    release.version.hash.clone(),
+                    format!("rolled back: {reason}"),
+                );
                 drop(st);
-                tracing::error!(service = %svc.name(), "{version} is in a {reason}; rolling back to {target}, the last version that served healthily");
-                self.spawn_roll_back(svc, version.clone(), target, reason);
+                let target = Release {
+                    version,
+                    config: config.clone(),
+                };
+                svc.go_live(&target);
+                tracing::error!(service = %svc.name(), "{release} is in a {reason}; rolling back to {target}, the last version that served healthily");
+                self.spawn_roll_back(svc, release.clone(), target, reason);
             }
             None => {
                 drop(st);
                 tracing::error!(
                     service = %svc.name(),
-                    "{version} is in a crash loop ({crashes} crashes within {window}) and there is \
-                     no earlier healthy version to roll back to; restarting with backoff"
+                    "{release} is in a crash loop ({crashes} crashes within {window}) and there \
+                     is no earlier healthy version to roll back to; restarting with backoff"
                 );
             }
         }
@@ -318,8 +343,8 @@ impl Master {
         self: &Arc<Self>,
         svc: &Arc<Service>,
         kind: &str,
-        from: &PluginVersion,
-        new: &PluginVersion,
+        from: &Release,
+        new: &Release,
         failure: String,
         started: Instant,
         progress: &Progress,
@@ -335,7 +360,7 @@ impl Master {
         let outcome = match back {
             Ok(()) => format!(
                 "rolled back to {from}: all {} workers run {from} again",
-                svc.config.workers
+                from.config.workers
             ),
             Err(e) => format!("the rollback to {from} did not finish: {e}"),
         };
@@ -344,18 +369,19 @@ impl Master {
         ))
     }
 
-    /// A rollback the master starts by itself (probation failure, crash loop).
+    /// A rollback the master starts by itself (probation failure, crash loop); the service
+    /// already went live on `target`.
     fn spawn_roll_back(
         self: &Arc<Self>,
         svc: &Arc<Service>,
-        bad: PluginVersion,
-        target: PluginVersion,
+        bad: Release,
+        target: Release,
         reason: String,
     ) {
         let (master, svc) = (self.clone(), svc.clone());
         tokio::spawn(async move {
             let _turn = svc.lock.lock().await;
-            if svc.live().hash != target.hash || *master.stopping.borrow() {
+            if !svc.release().same_as(&target) || *master.stopping.borrow() {
                 return; // superseded by a newer reload, or stopping
             }
             let started = Instant::now();
@@ -363,7 +389,7 @@ impl Master {
             let result = master.roll_back_workers(&svc, &target, &progress).await;
             {
                 let mut st = svc.state();
-                if st.trial.as_ref().is_some_and(|t| t.to.hash == bad.hash) {
+                if st.trial.as_ref().is_some_and(|t| t.to.same_as(&bad)) {
                     st.trial = None;
                 }
             }
@@ -397,21 +423,22 @@ impl Master {
     async fn roll_back_workers(
         self: &Arc<Self>,
         svc: &Arc<Service>,
-        target: &PluginVersion,
+        target: &Release,
         progress: &Progress,
     ) -> Result<(), String> {
         let name = svc.name();
+        let workers = target.config.workers;
         let mut failed = Vec::new();
-        for slot in 0..svc.config.workers {
+        for slot in 0..workers {
             let (holder, respawning) = {
                 let mut reg = self.registry.lock().unwrap();
                 let state = reg.slot(name, slot);
                 let (pid, respawning) = (state.pid, state.respawning);
-                let version = pid.and_then(|p| reg.workers.get(&p).map(|w| w.version.hash.clone()));
-                (version, respawning)
+                let runs = pid.and_then(|p| reg.workers.get(&p).map(|w| w.release()));
+                (runs, respawning)
             };
             match holder {
-                Some(hash) if hash == target.hash => continue,
+                Some(release) if release.same_as(target) => continue,
                 None if respawning => continue,
                 _ => {}
             }
@@ -426,6 +453,7 @@ impl Master {
                 }
             }
         }
+        self.trim_slots(svc, workers).await;
         if !failed.is_empty() {
             return Err(format!(
                 "slots {failed:?} could not start {target}; they are retried with backoff"
@@ -433,12 +461,13 @@ impl Master {
         }
         // Slots left to their respawn (a crashed worker's): "rolled back" means every slot
         // serves the target again, so wait for them too.
-        let deadline = Instant::now() + svc.config.ready_timeout + Duration::from_secs(1);
+        let deadline = Instant::now() + target.config.ready_timeout + Duration::from_secs(1);
         loop {
             let pending = self
                 .holders(svc)
                 .iter()
-                .filter(|h| h.as_ref().is_none_or(|(_, v)| v.hash != target.hash))
+                .take(workers)
+                .filter(|h| h.as_ref().is_none_or(|(_, r)| !r.same_as(target)))
                 .count();
             if pending == 0 {
                 return Ok(());
@@ -452,59 +481,64 @@ impl Master {
         }
     }
 
-    /// Ends a probation that saw no failure: the version is healthy.
+    /// Ends a probation that saw no failure: the release is healthy.
     async fn end_probation(self: Arc<Self>, svc: Arc<Service>, id: u64, after: Duration) {
         tokio::time::sleep(after).await;
-        let version = {
+        let release = {
             let st = svc.state();
             match &st.trial {
                 Some(t) if t.id == id && t.failure.is_none() => t.to.clone(),
                 _ => return,
             }
         };
-        self.pass_probation(&svc, &version);
+        self.pass_probation(&svc, &release);
     }
 
-    fn pass_probation(&self, svc: &Service, version: &PluginVersion) {
+    fn pass_probation(&self, svc: &Service, release: &Release) {
         {
             let mut st = svc.state();
-            if st.trial.as_ref().is_some_and(|t| t.to.hash == version.hash) {
+            if st.trial.as_ref().is_some_and(|t| t.to.same_as(release)) {
                 st.trial = None;
             }
-            st.healthy.insert(version.hash.clone());
+            st.healthy.insert(release.version.hash.clone());
         }
-        tracing::info!(service = %svc.name(), "{version} passed its probation: healthy");
+        tracing::info!(service = %svc.name(), "{release} passed its probation: healthy");
         self.save_history();
         self.prune_store();
     }
 
-    /// Starts the probation of the version a service started with. When the history says
+    /// Starts the probation of the release a service started with. When the history says
     /// another version was live before, it is a trial (a crash rolls back to that version, so
     /// a restart onto a bad build can fall back); otherwise the version becomes healthy if it
     /// does not crash within the probation.
     pub(super) fn probation_at_start(
         self: &Arc<Self>,
         svc: &Arc<Service>,
-        before: Option<PluginVersion>,
+        before: Option<crate::shadow::PluginVersion>,
     ) {
-        let probation = svc.config.probation;
-        let live = svc.live();
-        if svc.state().healthy.contains(&live.hash) {
+        let live = svc.release();
+        let probation = live.config.probation;
+        if svc.state().healthy.contains(&live.version.hash) {
             return;
         }
-        let Some(before) = before.filter(|b| b.hash != live.hash && !probation.is_zero()) else {
+        let Some(before) = before.filter(|b| b.hash != live.version.hash && !probation.is_zero())
+        else {
             let (master, svc) = (self.clone(), svc.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(probation).await;
                 let calm = {
                     let st = svc.state();
-                    st.live.hash == live.hash && st.crashes_within(probation) == 0
+                    st.live.hash == live.version.hash && st.crashes_within(probation) == 0
                 };
                 if calm {
                     master.pass_probation(&svc, &live);
                 }
             });
             return;
+        };
+        let before = Release {
+            version: before,
+            config: live.config.clone(),
         };
         let until = Instant::now() + probation;
         let id = svc.begin_trial(
@@ -525,8 +559,8 @@ impl Master {
         &self,
         svc: &Service,
         kind: &str,
-        from: &PluginVersion,
-        to: &PluginVersion,
+        from: &Release,
+        to: &Release,
         outcome: &str,
         started: Instant,
         detail: Option<&str>,
@@ -537,8 +571,8 @@ impl Master {
                 .map_or(0, |d| d.as_secs()),
             service: svc.name().to_string(),
             kind: kind.to_string(),
-            from: from.short().to_string(),
-            to: to.short().to_string(),
+            from: from.version.short().to_string(),
+            to: to.version.short().to_string(),
             outcome: outcome.to_string(),
             duration_ms: started.elapsed().as_millis() as u64,
             detail: detail.map(str::to_string),
@@ -553,7 +587,7 @@ fn slot_line(
     slot: usize,
     old: Option<u32>,
     new: u32,
-    version: &PluginVersion,
+    version: &Release,
     since: Instant,
 ) -> String {
     let old = old.map_or_else(|| "(empty)".to_string(), |p| p.to_string());

@@ -8,10 +8,10 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    net::TcpListener,
+    net::{SocketAddr, TcpListener},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, RwLock,
     },
     time::{Duration, Instant},
 };
@@ -20,14 +20,35 @@ use tokio::sync::Notify;
 
 use crate::{config::ServiceConfig, shadow::PluginVersion, shadow::SavedService};
 
-/// A new version on trial: from its canary's READY until its probation ends.
+/// What a service's workers run: a plugin version with a configuration. A reload rolls out a
+/// new release (a rebuilt plugin, a changed config, or both); a rollback returns to an old one.
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub version: PluginVersion,
+    pub config: Arc<ServiceConfig>,
+}
+
+impl Release {
+    pub fn same_as(&self, other: &Release) -> bool {
+        self.version.hash == other.version.hash
+            && (Arc::ptr_eq(&self.config, &other.config) || self.config == other.config)
+    }
+}
+
+impl std::fmt::Display for Release {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.version.fmt(f)
+    }
+}
+
+/// A new release on trial: from its canary's READY until its probation ends.
 #[derive(Debug, Clone)]
 pub struct Trial {
     /// Tells this trial from a later one (timers check it before they act).
     pub id: u64,
     /// What a failure rolls back to.
-    pub from: PluginVersion,
-    pub to: PluginVersion,
+    pub from: Release,
+    pub to: Release,
     pub phase: TrialPhase,
     /// The first failure, in words (which worker, what happened, when).
     pub failure: Option<String>,
@@ -60,14 +81,23 @@ pub struct ServiceState {
     pub recent_crashes: VecDeque<Instant>,
 }
 
+/// One listening socket of a service, held by the master and inherited by its workers.
+pub struct Listener {
+    /// The address as configured (port 0 stays 0 here).
+    pub configured: SocketAddr,
+    /// The address it is bound to (with the real port).
+    pub bound: String,
+    pub socket: TcpListener,
+}
+
 /// One configured service and what the master holds for it.
 pub struct Service {
-    pub config: ServiceConfig,
+    name: String,
+    /// The configuration new workers start with; a config reload or a rollback replaces it.
+    config: RwLock<Arc<ServiceConfig>>,
     /// The master's listeners; closed (emptied) when the host stops, so that new connections
     /// are refused at once rather than queued for nobody.
-    listeners: Mutex<Vec<TcpListener>>,
-    /// The bound addresses (with the real port when the config said port 0).
-    addrs: Vec<String>,
+    listeners: Mutex<Vec<Listener>>,
     state: Mutex<ServiceState>,
     /// Held while the service's workers change (see the module comment).
     pub lock: tokio::sync::Mutex<()>,
@@ -81,7 +111,7 @@ impl Service {
     /// A service serving `version`, with what the saved history remembers of it.
     pub fn new(
         config: ServiceConfig,
-        listeners: Vec<TcpListener>,
+        listeners: Vec<Listener>,
         version: PluginVersion,
         saved: SavedService,
     ) -> Service {
@@ -105,15 +135,10 @@ impl Service {
         state.previous.retain(|v| v.hash != state.live.hash);
         let excess = (state.previous.len() + 1).saturating_sub(config.keep_versions);
         state.previous.drain(..excess);
-        let addrs = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .collect();
         Service {
-            config,
+            name: config.name.clone(),
+            config: RwLock::new(Arc::new(config)),
             listeners: Mutex::new(listeners),
-            addrs,
             state: Mutex::new(state),
             lock: tokio::sync::Mutex::new(()),
             trial_failed: Notify::new(),
@@ -121,7 +146,31 @@ impl Service {
     }
 
     pub fn name(&self) -> &str {
-        &self.config.name
+        &self.name
+    }
+
+    /// The configuration new workers start with.
+    pub fn config(&self) -> Arc<ServiceConfig> {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn set_config(&self, config: Arc<ServiceConfig>) {
+        *self.config.write().unwrap() = config;
+    }
+
+    /// The release new workers start: the live version with the current configuration.
+    pub fn release(&self) -> Release {
+        Release {
+            version: self.live(),
+            config: self.config(),
+        }
+    }
+
+    /// Makes `release` the one new workers start (its version heads the history).
+    pub fn go_live(&self, release: &Release) {
+        self.state()
+            .went_live(release.version.clone(), release.config.keep_versions);
+        self.set_config(release.config.clone());
     }
 
     pub fn state(&self) -> MutexGuard<'_, ServiceState> {
@@ -135,12 +184,31 @@ impl Service {
 
     /// The bound addresses (with the real port when the config said port 0).
     pub fn listen_addrs(&self) -> Vec<String> {
-        self.addrs.clone()
+        self.listeners().iter().map(|l| l.bound.clone()).collect()
     }
 
-    /// The master's listeners, for a new worker to inherit (empty once closed).
-    pub fn listeners(&self) -> MutexGuard<'_, Vec<TcpListener>> {
+    /// The master's listeners (empty once closed).
+    pub fn listeners(&self) -> MutexGuard<'_, Vec<Listener>> {
         self.listeners.lock().unwrap()
+    }
+
+    /// What a new worker started with `config` inherits: the bound address and a dup of the
+    /// socket of each of its listen addresses, in the config's order. Empty once the listeners
+    /// are closed.
+    pub fn sockets_for(
+        &self,
+        config: &ServiceConfig,
+    ) -> std::io::Result<Vec<(String, TcpListener)>> {
+        let listeners = self.listeners();
+        if listeners.is_empty() {
+            return Ok(Vec::new());
+        }
+        config
+            .listen
+            .iter()
+            .filter_map(|addr| listeners.iter().find(|l| l.configured == *addr))
+            .map(|l| Ok((l.bound.clone(), l.socket.try_clone()?)))
+            .collect()
     }
 
     /// Closes the master's copies of the listeners (see the field).
@@ -159,9 +227,9 @@ impl Service {
         }
     }
 
-    /// Starts a trial of `to` (replacing any trial still running: a newer version supersedes
+    /// Starts a trial of `to` (replacing any trial still running: a newer release supersedes
     /// an older one on probation).
-    pub fn begin_trial(&self, from: PluginVersion, to: PluginVersion, phase: TrialPhase) -> u64 {
+    pub fn begin_trial(&self, from: Release, to: Release, phase: TrialPhase) -> u64 {
         let id = TRIAL_IDS.fetch_add(1, Ordering::Relaxed);
         self.state().trial = Some(Trial {
             id,

@@ -40,7 +40,7 @@ impl Master {
                     })
                     .collect();
                 workers.sort_by_key(|w| (w.slot, w.uptime_ms));
-                let slots = (0..svc.config.workers)
+                let slots = (0..svc.config().workers)
                     .map(|slot| {
                         let s = reg.slots.get(&(name.to_string(), slot));
                         SlotStatus {
@@ -68,12 +68,15 @@ impl Master {
                 ServiceStatus {
                     name: name.to_string(),
                     listen: svc.listen_addrs(),
-                    plugin: svc.config.plugin.clone(),
-                    reloadable: svc.config.reloadable,
+                    plugin: svc.config().plugin.clone(),
+                    reloadable: svc.config().reloadable,
                     version: st.live.short().to_string(),
                     version_healthy: st.healthy.contains(&st.live.hash),
                     probation_left_ms,
-                    probation_fallback: st.trial.as_ref().map(|t| t.from.short().to_string()),
+                    probation_fallback: st
+                        .trial
+                        .as_ref()
+                        .map(|t| t.from.version.short().to_string()),
                     crashes_last_minute: st.crashes_last_minute(),
                     previous: st.previous.iter().rev().map(info).collect(),
                     slots,

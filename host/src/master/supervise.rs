@@ -167,7 +167,7 @@ impl Master {
             } => {
                 w.last_heartbeat = Some(Instant::now());
                 (w.requests, w.rss_bytes, w.connections) = (requests, rss_bytes, connections);
-                let max_rss = w.service.config.max_rss;
+                let max_rss = w.config.max_rss;
                 if max_rss > 0 && rss_bytes > max_rss {
                     let why = format!(
                         "it uses {} of memory (max_rss = {})",
@@ -214,7 +214,7 @@ impl Master {
                 }
                 w.slot
             };
-            match master.replace_slot(&svc, slot, &svc.live()).await {
+            match master.replace_slot(&svc, slot, &svc.release()).await {
                 Ok(change) => tracing::info!(
                     service = %svc.name(),
                     "worker {pid} replaced by {} (slot {slot}; ready in {} ms)",
@@ -270,17 +270,18 @@ impl Master {
                     );
                     slot.last_exit = Some((what.clone(), Instant::now()));
                     slot.respawning = true;
-                    Some((w.service, w.slot, w.version, what))
+                    let release = w.release();
+                    Some((w.service, w.slot, release, what))
                 }
                 _ => None,
             }
         };
         self.worker_count.send_modify(|n| *n = n.saturating_sub(1));
-        if let Some((svc, slot, version, what)) = crashed {
+        if let Some((svc, slot, release, what)) = crashed {
             tracing::error!(service = %svc.name(), "{what}; starting a replacement");
-            // Judge first: a failed trial switches the live version back, so the replacement
-            // below already starts the version that served before.
-            self.judge_crash(&svc, &version, &what);
+            // Judge first: a failed trial switches the live release back, so the replacement
+            // below already starts the release that served before.
+            self.judge_crash(&svc, &release, &what);
             tokio::spawn(self.clone().respawn(svc, slot));
         }
     }
@@ -312,8 +313,9 @@ impl Master {
             if *self.stopping.borrow() {
                 return;
             }
-            let version = svc.live();
-            match self.start_worker(&svc, slot, &version).await {
+            let release = svc.release();
+            let version = &release.version;
+            match self.start_worker(&svc, slot, &release).await {
                 Ok(pid) => {
                     let mut reg = self.registry.lock().unwrap();
                     let state = reg.slot(&name, slot);
@@ -351,7 +353,7 @@ impl Master {
         let tick = self
             .services()
             .iter()
-            .map(|s| s.config.liveness_timeout / 4)
+            .map(|s| s.config().liveness_timeout / 4)
             .min()
             .unwrap_or(LIVENESS_TICK)
             .clamp(Duration::from_millis(5), LIVENESS_TICK);
@@ -365,7 +367,7 @@ impl Master {
                     .iter()
                     .filter(|(_, w)| w.kill_reason.is_none())
                     .filter_map(|(pid, w)| {
-                        let timeout = w.service.config.liveness_timeout;
+                        let timeout = w.config.liveness_timeout;
                         let age = w.last_heartbeat?.elapsed();
                         (age > timeout).then_some((*pid, timeout))
                     })

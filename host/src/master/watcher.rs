@@ -31,7 +31,7 @@ const DIR_CHECK: Duration = Duration::from_secs(2);
 
 /// Starts watching the plugin file of `svc`.
 pub fn spawn(master: Arc<Master>, svc: Arc<Service>) -> Result<(), String> {
-    let plugin = svc.config.plugin.clone();
+    let plugin = svc.config().plugin.clone();
     let (dir, file) = match (plugin.parent(), plugin.file_name()) {
         (Some(dir), Some(file)) => (dir.to_path_buf(), file.to_os_string()),
         _ => {
@@ -88,8 +88,8 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<()>,
 ) {
     let name = svc.name().to_string();
-    let debounce = svc.config.watch_debounce;
-    tracing::info!(service = %name, "watching {} for rebuilds", svc.config.plugin.display());
+    let debounce = svc.config().watch_debounce;
+    tracing::info!(service = %name, "watching {} for rebuilds", svc.config().plugin.display());
     let mut identity = dir_identity(&dir);
     let mut check = tokio::time::interval(DIR_CHECK);
     loop {
@@ -119,7 +119,7 @@ async fn run(
         if *master.stopping.borrow() {
             return;
         }
-        let new = match master.store.store_plugin(&svc.config) {
+        let new = match master.store.store_plugin(&svc.config()) {
             Ok(v) => v,
             // Removed or unreadable mid-build: the next event brings us back.
             Err(e) => {
@@ -139,7 +139,7 @@ async fn run(
         tracing::info!(
             service = %name,
             "plugin {name} rebuilt ({old} -> {new}), reloading {} workers",
-            svc.config.workers
+            svc.config().workers
         );
         let started = Instant::now();
         let (tx, mut replies) = mpsc::unbounded_channel();

@@ -21,10 +21,7 @@ mod respond;
 use std::{
     io::Read,
     net::TcpListener as StdTcpListener,
-    os::{
-        fd::{BorrowedFd, FromRawFd, RawFd},
-        unix::net::UnixStream as StdUnixStream,
-    },
+    os::unix::net::UnixStream as StdUnixStream,
     process::ExitCode,
     sync::{
         atomic::{AtomicBool, AtomicU64},
@@ -33,14 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::{
-    fcntl::{fcntl, FcntlArg, FdFlag},
-    sys::{
-        signal::Signal,
-        stat::{fstat, SFlag},
-    },
-    unistd::getppid,
-};
+use nix::{sys::signal::Signal, unistd::getppid};
 use tokio::{
     io::{AsyncBufReadExt, BufReader as AsyncBufReader},
     net::UnixStream,
@@ -50,6 +40,7 @@ use tokio::{
 use tracing::Instrument;
 
 use self::{link::Link, plugin::Plugin};
+use crate::inherit::{self, Kind};
 use crate::protocol::{
     monotonic_ns, FromWorker, StartTimings, ToWorker, WorkerSpec, CHANNEL_FD, FIRST_LISTENER_FD,
     PLUGIN_FD,
@@ -315,16 +306,13 @@ async fn talk_to_master(
 }
 
 fn inherited_channel() -> Result<StdUnixStream, String> {
-    if !take_inherited_socket(CHANNEL_FD) {
-        return Err(
-            "fd 3 is not the master's channel; `host worker` is started by `host start`, \
-                    not by hand"
-                .into(),
-        );
-    }
-    // SAFETY: fd 3 was checked above to be an open socket; the master maps the worker's end of
-    // its channel there (protocol::CHANNEL_FD) and nothing else in this process owns it.
-    Ok(unsafe { StdUnixStream::from_raw_fd(CHANNEL_FD) })
+    inherit::adopt(CHANNEL_FD, Kind::Socket)
+        .map(StdUnixStream::from)
+        .ok_or_else(|| {
+            "fd 3 is not the master's channel; `host worker` is started by `host start`, not by \
+             hand"
+                .into()
+        })
 }
 
 /// Drops from root to the service's user, for good, before any plugin code is loaded:
@@ -350,35 +338,28 @@ fn drop_privileges(uid: u32, gid: u32, master_pid: u32) -> Result<(), String> {
 
 /// The path the worker loads its plugin from: the verified copy the master passed at
 /// `PLUGIN_FD`, through `/proc/self/fd`, so that it loads exactly the bytes the master checked
-/// (and needs no access to the state directory).
+/// (and needs no access to the state directory). The fd stays open for the life of the worker.
 fn inherited_plugin() -> Result<std::path::PathBuf, String> {
-    // SAFETY: the borrow lives only for the two calls below; on a closed fd they fail with
-    // EBADF, which means "not inherited", and nothing is closed through this handle.
-    let fd = unsafe { BorrowedFd::borrow_raw(PLUGIN_FD) };
-    let is_file = fstat(fd)
-        .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG)
-        .unwrap_or(false);
-    if !is_file || fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_err() {
-        return Err(format!(
+    let fd = inherit::adopt(PLUGIN_FD, Kind::File).ok_or_else(|| {
+        format!(
             "fd {PLUGIN_FD} is not the plugin copy the master passes; `host worker` is started \
              by `host start`, not by hand"
-        ));
-    }
-    Ok(format!("/proc/self/fd/{PLUGIN_FD}").into())
+        )
+    })?;
+    // Kept open for good (ownership released): the loader maps the library through this path.
+    let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    Ok(format!("/proc/self/fd/{raw}").into())
 }
 
 fn inherited_listeners(spec: &WorkerSpec) -> Result<Vec<tokio::net::TcpListener>, String> {
     let mut listeners = Vec::new();
     for (i, addr) in spec.listen.iter().enumerate() {
         let fd = FIRST_LISTENER_FD + i as i32;
-        if !take_inherited_socket(fd) {
-            return Err(format!(
-                "fd {fd} (listener {addr}) was not inherited from the master"
-            ));
-        }
-        // SAFETY: the master maps the listener for `spec.listen[i]` at FIRST_LISTENER_FD + i, it
-        // was checked above to be an open socket, and this is the only place that takes it.
-        let std_listener = unsafe { StdTcpListener::from_raw_fd(fd) };
+        let std_listener = inherit::adopt(fd, Kind::Socket)
+            .map(StdTcpListener::from)
+            .ok_or_else(|| {
+                format!("fd {fd} (listener {addr}) was not inherited from the master")
+            })?;
         // tokio requires a non-blocking socket; the flag lives on the shared open file
         // description, which is fine: nobody else accepts on it in blocking mode.
         std_listener
@@ -388,18 +369,6 @@ fn inherited_listeners(spec: &WorkerSpec) -> Result<Vec<tokio::net::TcpListener>
             .map_err(|e| format!("could not use the inherited listener {addr}: {e}"))?;
     }
     Ok(listeners)
-}
-
-/// Whether `fd` is an open socket; if so, marks it close-on-exec, so that a process the plugin
-/// spawns does not inherit the master's channel or a listener (and keep the port open).
-fn take_inherited_socket(fd: RawFd) -> bool {
-    // SAFETY: the borrow lives only for the two calls below; on a closed fd they fail with
-    // EBADF, which means "not inherited", and nothing is closed through this handle.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let is_socket = fstat(borrowed)
-        .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK)
-        .unwrap_or(false);
-    is_socket && fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok()
 }
 
 /// Reads the first line byte by byte: a buffered reader could swallow the start of the next

@@ -1,0 +1,117 @@
+//! Where a service's listening sockets come from, in this order: the master this one replaces
+//! in a `host upgrade` (its sockets are inherited, so no connection is ever refused), systemd's
+//! socket activation (`LISTEN_FDS`, matched by address), or a new bind.
+//!
+//! A bind is done the way every worker will share the socket: no SO_REUSEPORT (with one socket
+//! per worker, connections queued on a closing worker's socket would be reset), and a deep
+//! backlog, where connections wait while workers are replaced.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    os::fd::OwnedFd,
+};
+
+use socket2::{Domain, Socket, Type};
+
+use super::service::Listener;
+use crate::inherit::{adopt, Kind};
+
+/// The listen backlog: connections wait here while workers are replaced.
+const BACKLOG: i32 = 1024;
+
+/// One socket handed over by the master this one upgrades.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Handed {
+    pub service: String,
+    /// The address as configured (port 0 stays 0).
+    pub listen: SocketAddr,
+    pub fd: i32,
+}
+
+/// Sockets this master was given, waiting to be claimed by the services that listen on them.
+#[derive(Default)]
+pub struct Given {
+    handed: Vec<(String, SocketAddr, TcpListener)>,
+    activated: Vec<(SocketAddr, TcpListener)>,
+}
+
+impl Given {
+    /// The sockets of an upgrade (`handed`) and of systemd's socket activation.
+    pub fn collect(handed: &[Handed]) -> Result<Given, String> {
+        let mut given = Given::default();
+        for h in handed {
+            let fd = adopt(h.fd, Kind::Socket).ok_or_else(|| {
+                format!(
+                    "the listener for {} ({}) was not passed at fd {}",
+                    h.service, h.listen, h.fd
+                )
+            })?;
+            given
+                .handed
+                .push((h.service.clone(), h.listen, TcpListener::from(fd)));
+        }
+        let fds = sd_notify::listen_fds()
+            .map_err(|e| format!("could not read systemd's LISTEN_FDS: {e}"))?;
+        for raw in fds {
+            let Some(fd) = adopt(raw, Kind::Socket) else {
+                return Err(format!(
+                    "systemd passed fd {raw} (LISTEN_FDS), which is not a socket"
+                ));
+            };
+            let socket = TcpListener::from(OwnedFd::from(fd));
+            let addr = socket.local_addr().map_err(|e| {
+                format!("systemd passed fd {raw}, which is not a TCP listener ({e})")
+            })?;
+            given.activated.push((addr, socket));
+        }
+        Ok(given)
+    }
+
+    /// The socket for `service` listening on `addr`: a handed or activated one, or a new bind.
+    pub fn open(&mut self, service: &str, addr: SocketAddr) -> Result<Listener, String> {
+        let socket = if let Some(i) = self
+            .handed
+            .iter()
+            .position(|(s, a, _)| s == service && *a == addr)
+        {
+            self.handed.swap_remove(i).2
+        } else if let Some(i) = self.activated.iter().position(|(a, _)| *a == addr) {
+            tracing::info!(service, "using the socket systemd passed for {addr}");
+            self.activated.swap_remove(i).1
+        } else {
+            bind(addr).map_err(|e| {
+                format!(
+                    "could not listen on {addr} for service {service}: {e}. Is another server \
+                     using this address? Change `listen`, or stop the other server."
+                )
+            })?
+        };
+        let bound = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| addr.to_string());
+        Ok(Listener {
+            configured: addr,
+            bound,
+            socket,
+        })
+    }
+
+    /// Systemd sockets no service claimed (a unit that names an address the config does not);
+    /// they are closed, and the start says so.
+    pub fn unclaimed(&self) -> Vec<SocketAddr> {
+        self.activated.iter().map(|(a, _)| *a).collect()
+    }
+}
+
+/// Binds a listener (see the module comment).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
