@@ -6,10 +6,7 @@
 //! per worker, connections queued on a closing worker's socket would be reset), and a deep
 //! backlog, where connections wait while workers are replaced.
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    os::fd::OwnedFd,
-};
+use std::net::{SocketAddr, TcpListener};
 
 use socket2::{Domain, Socket, Type};
 
@@ -58,7 +55,7 @@ impl Given {
                     "systemd passed fd {raw} (LISTEN_FDS), which is not a socket"
                 ));
             };
-            let socket = TcpListener::from(OwnedFd::from(fd));
+            let socket = TcpListener::from(fd);
             let addr = socket.local_addr().map_err(|e| {
                 format!("systemd passed fd {raw}, which is not a TCP listener ({e})")
             })?;
