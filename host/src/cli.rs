@@ -15,7 +15,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Config, RawConfig, RawService, DEFAULT_WORKERS},
+    config::{Config, RawConfig, RawService, Source, DEFAULT_WORKERS},
     protocol::{ControlReply, ControlRequest, FromWorker, StatusReport, ToWorker},
     state_dir::StateDir,
 };
@@ -124,21 +124,16 @@ struct ServiceArgs {
 }
 
 impl ServiceArgs {
-    fn config(self) -> Result<Config, String> {
+    /// The configuration, and where it came from (so that a reload can read it again).
+    fn config(self, watch: bool) -> Result<(Config, Source), String> {
         if let Some(path) = self.config {
-            let mut config = Config::from_file(&path).map_err(|e| e.to_string())?;
-            // The flags apply to every service of the file.
-            if let Some(user) = &self.user {
-                let one = Config::run_as(Some(user), self.group.as_deref())
-                    .map_err(|e| format!("--user: {e}"))?;
-                for svc in &mut config.services {
-                    svc.run_as = one.clone();
-                }
-            }
-            for svc in &mut config.services {
-                svc.allow_insecure_plugin_path |= self.allow_insecure_plugin_path;
-            }
-            return Ok(config);
+            let source = Source {
+                file: Some(std::path::absolute(&path).unwrap_or(path)),
+                user: self.user.map(|u| (u, self.group)),
+                allow_insecure_plugin_path: self.allow_insecure_plugin_path,
+                watch,
+            };
+            return Ok((source.load()?, source));
         }
         let plugin = self
             .plugin
@@ -163,7 +158,11 @@ impl ServiceArgs {
             allow_insecure_plugin_path: Some(self.allow_insecure_plugin_path),
             ..RawConfig::default()
         };
-        Config::from_flags(service, globals).map_err(|e| e.to_string())
+        let mut config = Config::from_flags(service, globals).map_err(|e| e.to_string())?;
+        for svc in &mut config.services {
+            svc.watch |= watch;
+        }
+        Ok((config, Source::default()))
     }
 }
 
@@ -174,13 +173,8 @@ pub fn main() -> ExitCode {
     let state = StateDir::new(cli.state_dir);
     match cli.command {
         Command::Worker { master_pid, .. } => crate::worker::main(master_pid),
-        Command::Start { service, watch } => match service.config() {
-            Ok(mut config) => {
-                for svc in &mut config.services {
-                    svc.watch |= watch;
-                }
-                crate::master::main(config, state, None)
-            }
+        Command::Start { service, watch } => match service.config(watch) {
+            Ok((config, source)) => crate::master::main(config, source, state, None),
             Err(e) => usage_error(&e),
         },
         Command::Dev {
@@ -188,8 +182,8 @@ pub fn main() -> ExitCode {
             listen,
             workers,
         } => crate::dev::main(&path, listen, workers, state),
-        Command::Check(args) => match args.config() {
-            Ok(config) => check(config),
+        Command::Check(args) => match args.config(false) {
+            Ok((config, _)) => check(config),
             Err(e) => usage_error(&e),
         },
         Command::Reload { services } => {

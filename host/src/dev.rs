@@ -59,6 +59,7 @@ pub fn main(path: &Path, listen: Vec<String>, workers: usize, state: StateDir) -
     let crate_dir = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
     crate::master::main(
         config,
+        Default::default(),
         state,
         Some(Box::pin(rebuild_on_change(crate_dir, manifest))),
     )

@@ -6,6 +6,7 @@ mod http;
 mod load;
 
 mod cli;
+mod config_reload;
 mod failures;
 mod lifecycle;
 mod limits;

@@ -99,6 +99,40 @@ pub struct ServiceConfig {
     pub plugin_config: toml::Table,
 }
 
+/// Where the master's configuration comes from, so that a reload can read it again.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    /// The config file; `None` for the flags form (a reload then re-reads only the plugins).
+    pub file: Option<PathBuf>,
+    /// Flags applied over the file: `--user` (and `--group`), `--allow-insecure-plugin-path`,
+    /// `--watch`.
+    pub user: Option<(String, Option<String>)>,
+    pub allow_insecure_plugin_path: bool,
+    pub watch: bool,
+}
+
+impl Source {
+    /// Reads and checks the config file, with the flags applied over it.
+    pub fn load(&self) -> Result<Config, String> {
+        let Some(path) = &self.file else {
+            return Err("the master was started from flags, with no config file to read".into());
+        };
+        let mut config = Config::from_file(path).map_err(|e| e.to_string())?;
+        if let Some((user, group)) = &self.user {
+            let one =
+                Config::run_as(Some(user), group.as_deref()).map_err(|e| format!("--user: {e}"))?;
+            for svc in &mut config.services {
+                svc.run_as = one.clone();
+            }
+        }
+        for svc in &mut config.services {
+            svc.allow_insecure_plugin_path |= self.allow_insecure_plugin_path;
+            svc.watch |= self.watch;
+        }
+        Ok(config)
+    }
+}
+
 /// A user (and group) that workers run as, looked up when the config is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {

@@ -154,48 +154,6 @@ impl Master {
         }
     }
 
-    /// Reloads the named services (every reloadable one when `names` is empty) from their
-    /// plugin files. Returns whether all succeeded, and a summary.
-    async fn reload(self: &Arc<Self>, names: &[String], progress: &Progress) -> (bool, String) {
-        let targets = match self.reload_targets(names) {
-            Ok(t) => t,
-            Err(e) => return (false, e),
-        };
-        let started = Instant::now();
-        let mut failed = Vec::new();
-        for svc in self.services() {
-            if !targets.iter().any(|t| Arc::ptr_eq(t, &svc)) {
-                if !svc.config().reloadable {
-                    progress.line(format!(
-                        "{}: kept as it is (reloadable = false)",
-                        svc.name()
-                    ));
-                }
-                continue;
-            }
-            let _turn = svc.lock.lock().await;
-            let config = svc.config();
-            let outcome = match self.store.store_plugin(&config) {
-                Ok(version) => {
-                    let new = Release { version, config };
-                    self.roll_out(&svc, new, "reload", progress).await
-                }
-                Err(e) => Outcome::Failed(format!(
-                    "{}: reload failed: {e}\n{}: nothing changed; still serving {}",
-                    svc.name(),
-                    svc.name(),
-                    svc.live()
-                )),
-            };
-            if let Some(problem) = outcome.problem() {
-                progress.line(problem);
-                failed.push(svc.name().to_string());
-            }
-        }
-        self.prune_store();
-        summary("reload", started, &failed)
-    }
-
     /// Rolls a service back to its previous version, or to the kept version whose hash starts
     /// with `to`.
     async fn rollback(
@@ -265,20 +223,6 @@ impl Master {
         summary("rollback", started, &failed)
     }
 
-    fn reload_targets(&self, names: &[String]) -> Result<Vec<Arc<Service>>, String> {
-        if names.is_empty() {
-            return Ok(self
-                .services()
-                .into_iter()
-                .filter(|s| s.config().reloadable)
-                .collect());
-        }
-        names
-            .iter()
-            .map(|name| self.reloadable_service(name))
-            .collect()
-    }
-
     fn rollback_target(&self, name: Option<&str>) -> Result<Arc<Service>, String> {
         let services = self.services();
         match name {
@@ -291,7 +235,7 @@ impl Master {
         }
     }
 
-    fn reloadable_service(&self, name: &str) -> Result<Arc<Service>, String> {
+    pub(super) fn reloadable_service(&self, name: &str) -> Result<Arc<Service>, String> {
         match self.service(name) {
             Some(s) if s.config().reloadable => Ok(s),
             Some(_) => Err(format!(
@@ -305,7 +249,7 @@ impl Master {
         }
     }
 
-    fn service_names(&self) -> String {
+    pub(super) fn service_names(&self) -> String {
         self.services()
             .iter()
             .map(|s| s.name().to_string())
@@ -326,7 +270,7 @@ impl Outcome {
     }
 }
 
-fn summary(what: &str, started: Instant, failed: &[String]) -> (bool, String) {
+pub(super) fn summary(what: &str, started: Instant, failed: &[String]) -> (bool, String) {
     let ms = started.elapsed().as_millis();
     if failed.is_empty() {
         (true, format!("{what} done in {ms} ms"))

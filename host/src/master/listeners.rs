@@ -101,6 +101,20 @@ impl Given {
     }
 }
 
+/// Makes a listener take no new connections, while those already queued stay queued for the
+/// workers to accept: a socket filter that drops every packet to it, so a new client's SYN goes
+/// unanswered (it retries, and finds the port closed once the last worker closed its copy).
+/// Closing the socket instead would reset every connection still in its queue; the workers,
+/// which each take what is queued before closing their copy, would race new arrivals.
+/// (Connections accepted earlier have sockets of their own: the filter does not touch them.)
+pub fn stop_new_connections(listener: &TcpListener) {
+    // BPF_RET | BPF_K with 0: accept no bytes of any packet.
+    let drop_all = [socket2::SockFilter::new(0x06, 0, 0, 0)];
+    if let Err(e) = socket2::SockRef::from(listener).attach_filter(&drop_all) {
+        tracing::warn!("could not stop new connections on a listener before closing it: {e}");
+    }
+}
+
 /// Binds a listener (see the module comment).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;

@@ -9,6 +9,7 @@
 //! *thread* that forked a worker exits, so every fork must come from a thread that lives as long
 //! as the master.
 
+mod config_reload;
 mod control;
 mod home;
 mod jobs;
@@ -41,7 +42,7 @@ pub use self::process::{spawn as spawn_worker_process, Spawned};
 pub use self::supervise::describe_exit;
 use self::{jobs::Jobs, pool::Registry, service::Service};
 use crate::{
-    config::Config,
+    config::{Config, Source},
     protocol::{ControlReply, RolloutEvent},
     shadow::{History, PluginVersion, ShadowStore},
     state_dir::{MasterLock, StateDir},
@@ -63,13 +64,15 @@ pub struct Master {
     home: home::Home,
     /// A stop cut requests short (a second signal killed workers that still had connections).
     cut_short: std::sync::atomic::AtomicBool,
+    /// Where the configuration came from, to read again on reload.
+    source: Source,
 }
 
 /// Work that runs beside the master once it serves (`host dev`'s rebuild loop).
 pub type Sidecar = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The `host start` entry point.
-pub fn main(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
+pub fn main(config: Config, source: Source, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
     if let Err(e) = check_user(&config) {
         return fail(&e);
     }
@@ -85,7 +88,7 @@ pub fn main(config: Config, state: StateDir, sidecar: Option<Sidecar>) -> ExitCo
         Ok(rt) => rt,
         Err(e) => return fail(&format!("could not start the async runtime: {e}")),
     };
-    let code = runtime.block_on(run(config, state.clone(), lock, sidecar));
+    let code = runtime.block_on(run(config, source, state.clone(), lock, sidecar));
     let _ = std::fs::remove_file(state.socket());
     code
 }
@@ -136,6 +139,7 @@ fn fail(message: &str) -> ExitCode {
 
 async fn run(
     config: Config,
+    source: Source,
     state: StateDir,
     lock: MasterLock,
     sidecar: Option<Sidecar>,
@@ -199,6 +203,7 @@ async fn run(
         events: Mutex::new(history.events),
         home,
         cut_short: Default::default(),
+        source,
     });
     if let Err(e) = master.serve_control() {
         return fail(&e);
@@ -234,9 +239,7 @@ async fn run(
     tokio::spawn(master.clone().check_liveness());
     for svc in master.services() {
         if svc.config().watch {
-            if let Err(e) = watcher::spawn(master.clone(), svc.clone()) {
-                tracing::error!(service = %svc.name(), "{e}; reload it by hand");
-            }
+            master.watch(&svc);
         }
     }
     if let Some(sidecar) = sidecar {
@@ -326,6 +329,13 @@ impl Master {
         match first_error {
             None => Ok(()),
             Some(e) => Err(e),
+        }
+    }
+
+    /// Starts (or restarts, on a new path) the watcher of a service's plugin file.
+    fn watch(self: &Arc<Self>, svc: &Arc<Service>) {
+        if let Err(e) = watcher::spawn(self.clone(), svc.clone()) {
+            tracing::error!(service = %svc.name(), "{e}; reload it by hand");
         }
     }
 

@@ -145,9 +145,7 @@ impl Master {
         release: &Release,
     ) -> Result<u32, String> {
         let (version, config) = (&release.version, &release.config);
-        let sockets = svc
-            .sockets_for(config)
-            .map_err(|e| format!("could not pass the listeners to a worker: {e}"))?;
+        let sockets = svc.sockets_for(config)?;
         if sockets.is_empty() {
             return Err("the service's listeners are closed (the host is stopping)".into());
         }

@@ -112,6 +112,9 @@ impl Master {
         svc.go_live(&new);
         svc.state().failed.remove(&new.version.hash);
         self.save_history();
+        if workers == 1 {
+            svc.close_listeners_not_in(&new.config);
+        }
         let displaced = self.install(svc, 0, canary);
         if let Some(old_pid) = displaced {
             self.drain_and_wait(svc, old_pid).await;
@@ -140,6 +143,9 @@ impl Master {
                 return self
                     .fail_rollout(svc, kind, &from, &new, failure, started, progress)
                     .await;
+            }
+            if slot == workers - 1 {
+                svc.close_listeners_not_in(&new.config);
             }
             let t = Instant::now();
             let mut change = self.replace_slot(svc, slot, &new).await;

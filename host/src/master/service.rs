@@ -103,6 +103,10 @@ pub struct Service {
     pub lock: tokio::sync::Mutex<()>,
     /// Wakes a running rollout when its trial fails.
     pub trial_failed: Notify,
+    /// The watcher task (`--watch`), if one runs.
+    pub watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Removed from the configuration: its workers drain, nothing restarts them.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 static TRIAL_IDS: AtomicU64 = AtomicU64::new(1);
@@ -142,6 +146,8 @@ impl Service {
             state: Mutex::new(state),
             lock: tokio::sync::Mutex::new(()),
             trial_failed: Notify::new(),
+            watcher: Mutex::new(None),
+            removed: Default::default(),
         }
     }
 
@@ -193,27 +199,68 @@ impl Service {
     }
 
     /// What a new worker started with `config` inherits: the bound address and a dup of the
-    /// socket of each of its listen addresses, in the config's order. Empty once the listeners
-    /// are closed.
+    /// socket of each of its listen addresses, in the config's order. An address the master no
+    /// longer holds (a rollback to a configuration with an address a reload removed) is bound
+    /// again. Empty once the listeners are closed by a stop.
     pub fn sockets_for(
         &self,
         config: &ServiceConfig,
-    ) -> std::io::Result<Vec<(String, TcpListener)>> {
-        let listeners = self.listeners();
+    ) -> Result<Vec<(String, TcpListener)>, String> {
+        let mut listeners = self.listeners();
         if listeners.is_empty() {
             return Ok(Vec::new());
         }
-        config
-            .listen
-            .iter()
-            .filter_map(|addr| listeners.iter().find(|l| l.configured == *addr))
-            .map(|l| Ok((l.bound.clone(), l.socket.try_clone()?)))
-            .collect()
+        let mut sockets = Vec::new();
+        for addr in &config.listen {
+            if !listeners.iter().any(|l| l.configured == *addr) {
+                listeners.push(super::listeners::Given::default().open(&self.name, *addr)?);
+            }
+            let l = listeners
+                .iter()
+                .find(|l| l.configured == *addr)
+                .expect("just added");
+            let dup = l
+                .socket
+                .try_clone()
+                .map_err(|e| format!("could not pass the listener {} to a worker: {e}", l.bound))?;
+            sockets.push((l.bound.clone(), dup));
+        }
+        Ok(sockets)
     }
 
-    /// Closes the master's copies of the listeners (see the field).
+    /// Closes the master's copies of the listeners `config` does not use (a reload removed
+    /// their addresses). Done just before the last worker that accepts on them drains: that
+    /// worker takes what is queued, then closes the last copy, so nothing queued is reset.
+    pub fn close_listeners_not_in(&self, config: &ServiceConfig) {
+        self.listeners().retain(|l| {
+            let keep = config.listen.contains(&l.configured);
+            if !keep {
+                super::listeners::stop_new_connections(&l.socket);
+            }
+            keep
+        });
+    }
+
+    /// Marks the service as removed from the configuration.
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::SeqCst);
+        if let Some(watcher) = self.watcher.lock().unwrap().take() {
+            watcher.abort();
+        }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::SeqCst)
+    }
+
+    /// Closes the master's copies of the listeners (see the field), after telling the sockets
+    /// to take no new connections (`listeners::stop_new_connections`).
     pub fn close_listeners(&self) {
-        self.listeners.lock().unwrap().clear();
+        let mut listeners = self.listeners.lock().unwrap();
+        for l in listeners.iter() {
+            super::listeners::stop_new_connections(&l.socket);
+        }
+        listeners.clear();
     }
 
     /// What the history file keeps of this service.

@@ -287,7 +287,7 @@ impl Master {
     }
 
     /// Fills an empty slot again, backing off while the slot's workers keep dying young.
-    async fn respawn(self: Arc<Self>, svc: Arc<Service>, slot: usize) {
+    pub(super) async fn respawn(self: Arc<Self>, svc: Arc<Service>, slot: usize) {
         let name = svc.name().to_string();
         loop {
             let crashes = {
@@ -310,7 +310,8 @@ impl Master {
                 tracing::warn!(service = %name, "slot {slot}: waiting {delay:?} before the next start ({crashes} short-lived workers in a row)");
                 tokio::time::sleep(delay).await;
             }
-            if *self.stopping.borrow() {
+            if *self.stopping.borrow() || svc.is_removed() || slot >= svc.config().workers {
+                self.registry.lock().unwrap().slot(&name, slot).respawning = false;
                 return;
             }
             let release = svc.release();

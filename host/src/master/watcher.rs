@@ -29,7 +29,8 @@ use crate::protocol::ControlReply;
 /// How often the watched directory's identity is checked (to survive `cargo clean`).
 const DIR_CHECK: Duration = Duration::from_secs(2);
 
-/// Starts watching the plugin file of `svc`.
+/// Starts watching the plugin file of `svc`; the task is the service's watcher (replacing any
+/// earlier one).
 pub fn spawn(master: Arc<Master>, svc: Arc<Service>) -> Result<(), String> {
     let plugin = svc.config().plugin.clone();
     let (dir, file) = match (plugin.parent(), plugin.file_name()) {
@@ -43,7 +44,10 @@ pub fn spawn(master: Arc<Master>, svc: Arc<Service>) -> Result<(), String> {
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let watcher = watch_dir(&dir, &file, tx.clone())?;
-    tokio::spawn(run(master, svc, dir, file, watcher, tx, rx));
+    let task = tokio::spawn(run(master, svc.clone(), dir, file, watcher, tx, rx));
+    if let Some(old) = svc.watcher.lock().unwrap().replace(task) {
+        old.abort();
+    }
     Ok(())
 }
 

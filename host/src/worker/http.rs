@@ -120,9 +120,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sen
         }
     }
     // What is queued already was meant for this worker's accept: serve it rather than leave it
-    // to be reset when the last copy of the listener closes. (`timeout` with zero polls once.)
-    while let Ok(Ok((stream, _))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-        start_connection(stream, &shared, &done, None);
+    // to be reset when the last copy of the listener closes. Plain accept(2) calls until the
+    // queue is empty: tokio's accept would wait for the reactor to report readiness first, and
+    // could miss connections that arrived since it last looked.
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    while let Ok((stream, _)) = listener.accept() {
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream));
+        if let Ok(stream) = stream {
+            start_connection(stream, &shared, &done, None);
+        }
     }
 }
 
