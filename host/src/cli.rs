@@ -72,6 +72,13 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Replace the master itself with a new one (a new host binary, the config read again),
+    /// without refusing a connection; waits for the outcome.
+    Upgrade {
+        /// The executable to start (default: the one the master was started from).
+        #[arg(long)]
+        exe: Option<PathBuf>,
+    },
     /// Show the master, its services and workers.
     Status {
         /// Print JSON instead of a table.
@@ -175,7 +182,10 @@ pub fn main() -> ExitCode {
         Command::Worker { master_pid, .. } => crate::worker::main(master_pid),
         Command::Start { service, watch } => match service.config(watch) {
             Ok((config, source)) => crate::master::main(config, source, state, None),
-            Err(e) => usage_error(&e),
+            Err(e) => {
+                crate::master::refuse_upgrade(&e);
+                usage_error(&e)
+            }
         },
         Command::Dev {
             path,
@@ -190,6 +200,10 @@ pub fn main() -> ExitCode {
             finish(stream(&state, &ControlRequest::Reload { services }))
         }
         Command::Stop => finish(stream(&state, &ControlRequest::Stop)),
+        Command::Upgrade { exe } => {
+            let exe = exe.map(|e| std::path::absolute(&e).unwrap_or(e));
+            finish(stream(&state, &ControlRequest::Upgrade { exe }))
+        }
         Command::Rollback { service, to } => {
             finish(stream(&state, &ControlRequest::Rollback { service, to }))
         }
@@ -334,10 +348,12 @@ fn ago(ms: u64) -> String {
 
 fn render_status(r: &StatusReport) -> String {
     let mut out = format!(
-        "master pid {}, up {}, host {}\n",
+        "master pid {}, up {}, host {} (build {}, {})\n",
         r.master_pid,
         ago(r.uptime_ms),
-        r.host_version
+        r.host_version,
+        r.build_id,
+        r.executable.display()
     );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

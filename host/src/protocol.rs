@@ -26,6 +26,25 @@ pub enum ControlRequest {
         to: Option<String>,
     },
     Stop,
+    /// Replace the master with a new one from `exe` (default: the executable it started from).
+    Upgrade {
+        exe: Option<PathBuf>,
+    },
+}
+
+/// Between a master and the new master it starts for an upgrade, on their own socketpair.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum UpgradeMessage {
+    /// New -> old: a line for the user.
+    Progress(String),
+    /// New -> old: every service has all its workers ready and its canary probation passed.
+    Ready,
+    /// New -> old: the new master cannot serve; it exits after this.
+    Failed(String),
+    /// Old -> new: take the control socket and the pid file; the old master then drains.
+    TakeOver,
+    /// New -> old: done; the control socket and pid file are the new master's.
+    TookOver,
 }
 
 /// An answer from the master.
@@ -48,6 +67,11 @@ pub struct StatusReport {
     pub master_pid: u32,
     pub uptime_ms: u64,
     pub host_version: String,
+    /// The first 12 hex digits of the SHA-256 of the master's executable: tells two builds of
+    /// the same version apart.
+    pub build_id: String,
+    /// The executable `host upgrade` starts by default.
+    pub executable: PathBuf,
     pub services: Vec<ServiceStatus>,
 }
 

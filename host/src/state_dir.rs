@@ -40,9 +40,11 @@ pub struct StateDir {
 /// Held by the running master; dropping it releases the lock and removes the pid file.
 pub struct MasterLock {
     dir: Dir,
-    _lock: Flock<File>,
+    lock: Flock<File>,
     /// (device, inode) of the directory, to notice it being deleted or replaced.
     pub identity: (u64, u64),
+    /// Leave the pid file when dropped (it names a new master now).
+    leave_files: bool,
 }
 
 impl MasterLock {
@@ -50,11 +52,39 @@ impl MasterLock {
     pub fn dir(&self) -> &Dir {
         &self.dir
     }
+
+    /// The lock file (the lock belongs to its open file description).
+    pub fn file(&self) -> &File {
+        &self.lock
+    }
+
+    /// Writes this process's pid into the pid file (temp file, then rename).
+    pub fn write_pid(&self) -> Result<(), String> {
+        self.dir
+            .write_atomically(
+                "host.pid",
+                format!("{}\n", std::process::id()).as_bytes(),
+                0o644,
+            )
+            .map_err(|e| {
+                format!(
+                    "could not write {}: {e}",
+                    self.dir.path().join("host.pid").display()
+                )
+            })
+    }
+
+    /// Drop without removing the pid file: a new master took the directory over.
+    pub fn leave_files(&mut self) {
+        self.leave_files = true;
+    }
 }
 
 impl Drop for MasterLock {
     fn drop(&mut self) {
-        let _ = self.dir.remove("host.pid");
+        if !self.leave_files {
+            let _ = self.dir.remove("host.pid");
+        }
     }
 }
 
@@ -108,17 +138,43 @@ impl StateDir {
         // We hold the lock, so any socket or pid file here was left by a master that died.
         dir.remove("host.sock")
             .map_err(|e| format!("could not remove stale {}: {e}", self.socket().display()))?;
-        dir.write_atomically(
-            "host.pid",
-            format!("{}\n", std::process::id()).as_bytes(),
-            0o644,
-        )
-        .map_err(|e| format!("could not write {}: {e}", self.pid_file().display()))?;
+        let identity = dir.identity()?;
+        let lock = MasterLock {
+            dir,
+            lock,
+            identity,
+            leave_files: false,
+        };
+        lock.write_pid()?;
+        Ok(lock)
+    }
+
+    /// For a new master in an upgrade: the lock file it inherited, checked to be this state
+    /// directory's (the old master holds the same lock until it exits). The pid file is written
+    /// at the takeover.
+    pub fn adopt_lock(&self, file: File) -> Result<MasterLock, String> {
+        crate::trust::check_state_dir(&self.root, geteuid())?;
+        let dir = Dir::open(&self.root)?;
+        let here = dir.open_file("host.lock", OFlag::O_RDONLY, 0)?;
+        let (a, b) = (
+            fstat(&here).map_err(|e| e.to_string())?,
+            fstat(&file).map_err(|e| e.to_string())?,
+        );
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
+            return Err(format!(
+                "the lock passed in the upgrade is not {}",
+                self.root.join("host.lock").display()
+            ));
+        }
+        // Taking the lock again on the same open file succeeds: it is already held by it.
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| format!("could not hold the inherited lock: {e}"))?;
         let identity = dir.identity()?;
         Ok(MasterLock {
             dir,
-            _lock: lock,
+            lock,
             identity,
+            leave_files: false,
         })
     }
 

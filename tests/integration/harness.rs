@@ -407,9 +407,11 @@ impl Host {
         });
         match rx.recv_timeout(DEADLINE) {
             Ok(status) => {
-                // Every process that held the pipes is gone: read the output to its end.
-                for reader in self.readers.drain(..) {
-                    let _ = reader.join();
+                // Read the output to its end once every process that held the pipes is gone;
+                // after an upgrade the new master still holds them, so do not wait for long.
+                let until = Instant::now() + Duration::from_secs(2);
+                while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < until {
+                    thread::sleep(Duration::from_millis(10));
                 }
                 status.map(|s| s.success()).unwrap_or(false)
             }
@@ -437,6 +439,13 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         if self.child.is_some() {
+            // After an upgrade, the master the pid file names is another process.
+            let current = fs::read_to_string(self.state_dir().join("host.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            if let Some(current) = current.filter(|p| *p != self.pid) {
+                kill_master_and_workers(current);
+            }
             kill_master_and_workers(self.pid);
         }
         if let Some(mut child) = self.child.take() {

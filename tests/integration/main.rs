@@ -15,4 +15,5 @@ mod plugins;
 mod reload;
 mod rollout;
 mod trust;
+mod upgrade;
 mod watch;

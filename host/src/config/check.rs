@@ -167,7 +167,16 @@ impl Config {
                 plugin_config: s.config.unwrap_or_default(),
             });
         }
-        Ok(Config { services })
+        let upgrade_timeout = match raw.upgrade_timeout {
+            Some(d) if d.is_zero() => {
+                return Err(ConfigError("upgrade_timeout must be longer than 0".into()))
+            }
+            d => d.unwrap_or(DEFAULT_UPGRADE_TIMEOUT),
+        };
+        Ok(Config {
+            services,
+            upgrade_timeout,
+        })
     }
 }
 

@@ -35,11 +35,14 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(75);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The checked configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub services: Vec<ServiceConfig>,
+    /// How long a new master has, in `host upgrade`, to report every service ready.
+    pub upgrade_timeout: Duration,
 }
 
 /// One checked service.

@@ -16,6 +16,9 @@ pub struct RawConfig {
     pub group: Option<String>,
     /// Load plugins from paths other users could write (a warning at every load).
     pub allow_insecure_plugin_path: Option<bool>,
+    /// How long a new master has, in `host upgrade`, to report every service ready.
+    #[serde(default, with = "humantime_serde")]
+    pub upgrade_timeout: Option<Duration>,
     #[serde(default, rename = "service")]
     pub services: Vec<RawService>,
 }

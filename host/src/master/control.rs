@@ -123,13 +123,16 @@ async fn handle(
             let report = master.status().await;
             let _ = send(&mut write, &ControlReply::Status(report)).await;
         }
-        ControlRequest::Reload { .. } | ControlRequest::Rollback { .. } => {
+        ControlRequest::Reload { .. }
+        | ControlRequest::Rollback { .. }
+        | ControlRequest::Upgrade { .. } => {
             let (tx, mut rx) = mpsc::unbounded_channel();
             let (op, why) = match request {
                 ControlRequest::Reload { services } => (Op::Reload(services), "host reload"),
                 ControlRequest::Rollback { service, to } => {
                     (Op::Rollback { service, to }, "host rollback")
                 }
+                ControlRequest::Upgrade { exe } => (Op::Upgrade(exe), "host upgrade"),
                 ControlRequest::Status | ControlRequest::Stop => unreachable!("matched above"),
             };
             // The job queue runs it, so it completes even if this client disconnects.

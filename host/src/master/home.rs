@@ -33,6 +33,10 @@ pub struct Home {
     /// Where `host stop` connections go (the run loop answers them when the host stopped).
     stops: mpsc::UnboundedSender<OwnedWriteHalf>,
     control: Mutex<Option<JoinHandle<()>>>,
+    /// The control socket, bound under a temporary name until it is published.
+    unpublished: Mutex<Option<std::path::PathBuf>>,
+    /// The pid of the master this one handed over to, once it did.
+    handed_over_to: Mutex<Option<u32>>,
 }
 
 impl Home {
@@ -40,25 +44,49 @@ impl Home {
         state: StateDir,
         lock: MasterLock,
         stops: mpsc::UnboundedSender<OwnedWriteHalf>,
-    ) -> Result<Home, String> {
-        Ok(Home {
+    ) -> Home {
+        Home {
             state,
             lock: Mutex::new(lock),
             stops,
             control: Mutex::new(None),
-        })
+            unpublished: Mutex::new(None),
+            handed_over_to: Mutex::new(None),
+        }
+    }
+
+    /// A second open file of the lock (for a new master in an upgrade: the lock belongs to the
+    /// open file, so both hold it until this one exits).
+    pub fn lock_file(&self) -> std::io::Result<std::fs::File> {
+        self.lock.lock().unwrap().file().try_clone()
+    }
+
+    /// From now on the state directory's files are the new master's: this one leaves the pid
+    /// file and the socket alone when it exits, and no longer guards the directory.
+    pub fn hand_over(&self, new_pid: u32) {
+        self.lock.lock().unwrap().leave_files();
+        *self.handed_over_to.lock().unwrap() = Some(new_pid);
+    }
+
+    pub fn handed_over_to(&self) -> Option<u32> {
+        *self.handed_over_to.lock().unwrap()
     }
 }
 
 impl Master {
     /// Binds the control socket in the state directory and serves it. Only the user who runs
     /// the master may use it: 0600 on the socket, inside the directory's 0700, and each peer's
-    /// credentials are checked (`master::control`).
-    pub(super) fn serve_control(self: &Arc<Self>) -> Result<(), String> {
+    /// credentials are checked (`master::control`). It is bound under a temporary name, then
+    /// renamed into place, so the CLI never finds a half-made socket; with `publish` false the
+    /// rename waits for [`Master::publish_home`] (a new master in an upgrade, until the
+    /// takeover).
+    pub(super) fn serve_control(self: &Arc<Self>, publish: bool) -> Result<(), String> {
         let path = self.home.state.socket();
-        let listener = UnixListener::bind(&path)
+        let temp = path.with_file_name(format!(".host.sock.{}", std::process::id()));
+        let _ = std::fs::remove_file(&temp);
+        let listener = UnixListener::bind(&temp)
             .and_then(|l| {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))?;
                 Ok(l)
             })
             .map_err(|e| format!("could not create control socket {}: {e}", path.display()))?;
@@ -70,7 +98,27 @@ impl Master {
         if let Some(old) = self.home.control.lock().unwrap().replace(task) {
             old.abort();
         }
+        *self.home.unpublished.lock().unwrap() = Some(temp);
+        if publish {
+            self.publish_control()?;
+        }
         Ok(())
+    }
+
+    fn publish_control(&self) -> Result<(), String> {
+        if let Some(temp) = self.home.unpublished.lock().unwrap().take() {
+            let path = self.home.state.socket();
+            std::fs::rename(&temp, &path)
+                .map_err(|e| format!("could not create control socket {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// A new master's takeover in an upgrade: its control socket replaces the old one's, and
+    /// the pid file names it (each an atomic rename).
+    pub(super) fn publish_home(&self) -> Result<(), String> {
+        self.publish_control()?;
+        self.home.lock.lock().unwrap().write_pid()
     }
 
     /// Checks the state directory every second, for the life of the master (see the module
@@ -81,7 +129,7 @@ impl Master {
         let mut reported = false;
         loop {
             tick.tick().await;
-            if *self.stopping.borrow() {
+            if *self.stopping.borrow() || self.is_handed_over() {
                 return;
             }
             let locked = self.home.lock.lock().unwrap().identity;
@@ -125,7 +173,7 @@ impl Master {
         let versions = self.versions_in_use();
         self.store.rehome(lock.dir(), &versions)?;
         *self.home.lock.lock().unwrap() = lock;
-        self.serve_control()?;
+        self.serve_control(true)?;
         self.save_history();
         Ok(versions.len())
     }

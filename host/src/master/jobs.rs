@@ -35,6 +35,8 @@ pub enum Op {
         service: Option<String>,
         to: Option<String>,
     },
+    /// Replace the master with a new one from this executable (default: its own).
+    Upgrade(Option<std::path::PathBuf>),
 }
 
 struct Job {
@@ -54,6 +56,7 @@ pub struct Jobs {
 struct JobQueue {
     waiting: VecDeque<Job>,
     running: bool,
+    running_upgrade: bool,
 }
 
 /// Where progress lines go: every caller waiting on the job (if any), and always the log.
@@ -91,6 +94,31 @@ impl Master {
             }
         };
         let mut q = self.jobs.queue.lock().unwrap();
+        // An upgrade runs alone, and nothing comes after it: the new master takes over.
+        let upgrading = q.waiting.iter().any(|j| matches!(j.op, Op::Upgrade(_)))
+            || q.running_upgrade
+            || self.is_handed_over();
+        if upgrading {
+            let refusal = if self.is_handed_over() {
+                format!(
+                    "this master handed over to a new one (pid {}) and is draining; talk to that \
+                     one (`host` commands find it through the same state directory)",
+                    self.home.handed_over_to().unwrap_or(0)
+                )
+            } else {
+                "an upgrade of the master is in progress; try again when it has finished \
+                 (`host status` shows the master's pid)"
+                    .to_string()
+            };
+            tracing::warn!("{why}: refused: {refusal}");
+            if let Some(tx) = &reply {
+                let _ = tx.send(ControlReply::Done {
+                    ok: false,
+                    summary: refusal,
+                });
+            }
+            return;
+        }
         if matches!(op, Op::Reload(_)) {
             if let Some(job) = q.waiting.iter_mut().find(|j| j.op == op) {
                 say("a reload of the same services is already waiting to run; this request joins it");
@@ -119,6 +147,7 @@ impl Master {
                 match q.waiting.pop_front() {
                     Some(job) => {
                         q.running = true;
+                        q.running_upgrade = matches!(job.op, Op::Upgrade(_));
                         Some(job)
                     }
                     None => None,
@@ -131,11 +160,17 @@ impl Master {
             tracing::debug!("running {:?} ({})", job.op, job.why);
             let progress = Progress(job.waiters.clone());
             let (ok, summary) = match &job.op {
-                Op::Reload(names) => self.reload(names, &progress).await,
+                Op::Reload(names) => {
+                    super::systemd::reloading();
+                    let outcome = self.reload(names, &progress).await;
+                    super::systemd::ready(&self);
+                    outcome
+                }
                 Op::Rollback { service, to } => {
                     self.rollback(service.as_deref(), to.as_deref(), &progress)
                         .await
                 }
+                Op::Upgrade(exe) => self.upgrade(exe.clone(), &progress).await,
             };
             if job.waiters.is_empty() {
                 if ok {
@@ -150,7 +185,9 @@ impl Master {
                     summary: summary.clone(),
                 });
             }
-            self.jobs.queue.lock().unwrap().running = false;
+            let mut q = self.jobs.queue.lock().unwrap();
+            q.running = false;
+            q.running_upgrade = false;
         }
     }
 

@@ -95,6 +95,8 @@ impl Master {
             master_pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             host_version: env!("CARGO_PKG_VERSION").to_string(),
+            build_id: self.origin.build_id.clone(),
+            executable: self.origin.exe.clone(),
             services,
         }
     }

@@ -1,0 +1,397 @@
+//! `host start`, from the first line to the exit code: take the state directory (or, in an
+//! upgrade, inherit it), open the listeners, store the plugins, start the workers, say ready
+//! (on stdout, to systemd, or to the master being upgraded), then serve signals and the
+//! control socket until a stop, and drain.
+
+use std::{
+    process::ExitCode,
+    sync::{atomic::Ordering, Arc, Mutex, RwLock},
+    time::Instant,
+};
+
+use tokio::{
+    net::unix::OwnedWriteHalf,
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, watch},
+};
+
+use super::{
+    control, home, jobs::Jobs, listeners, service::Service, systemd, upgrade, Master, Op, Sidecar,
+};
+use crate::{
+    config::{Config, Source},
+    protocol::{ControlReply, UpgradeMessage},
+    shadow::ShadowStore,
+    state_dir::{MasterLock, StateDir},
+};
+
+/// The `host start` entry point.
+pub fn main(config: Config, source: Source, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
+    // First, before any thread exists: the handover of an upgrade comes in the environment.
+    let mut handover = match upgrade::Handover::from_env() {
+        Ok(h) => h,
+        Err(e) => return fail(&e),
+    };
+    let started = match start_checks(&config, &state, handover.as_mut()) {
+        Ok(lock) => lock,
+        Err(e) => {
+            if let Some(h) = handover.as_mut() {
+                h.tell(&UpgradeMessage::Failed(e.clone()));
+            }
+            return fail(&e);
+        }
+    };
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("could not start the async runtime: {e}")),
+    };
+    let dev_mode = sidecar.is_some();
+    let (code, handed_over) = runtime.block_on(run(
+        config,
+        source,
+        state.clone(),
+        started,
+        handover,
+        sidecar.map(|s| (s, dev_mode)),
+    ));
+    // After a handover the socket and the pid file are the new master's.
+    if !handed_over {
+        let _ = std::fs::remove_file(state.socket());
+    }
+    code
+}
+
+/// The checks that come before anything starts, and the state directory's lock.
+fn start_checks(
+    config: &Config,
+    state: &StateDir,
+    handover: Option<&mut upgrade::Handover>,
+) -> Result<MasterLock, String> {
+    check_user(config)?;
+    match handover {
+        Some(h) => state.adopt_lock(
+            h.lock
+                .try_clone()
+                .map_err(|e| format!("could not use the inherited lock: {e}"))?,
+        ),
+        None => state.lock_for_master(),
+    }
+}
+
+/// Workers run as another user only under a root master; a root master without one says that
+/// plugin code runs as root.
+fn check_user(config: &Config) -> Result<(), String> {
+    let me = nix::unistd::geteuid();
+    for svc in &config.services {
+        match &svc.run_as {
+            Some(run_as) if !me.is_root() && run_as.uid != me.as_raw() => {
+                return Err(format!(
+                    "service {}: only a master running as root can start workers as user {} \
+                     (this one runs as uid {me}). Start the host as root, or leave user out.",
+                    svc.name, run_as.user
+                ))
+            }
+            None if me.is_root() => tracing::warn!(
+                service = %svc.name,
+                "the host runs as root and no user is set, so plugin code runs as root; set \
+                 user = \"NAME\" (or --user) to run workers as an unprivileged user"
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection is a file, and the
+/// usual soft limit (1024) is far below what a server holds.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!("raised the open-file limit from {soft} to {hard}"),
+                Err(e) => tracing::warn!("could not raise the open-file limit from {soft}: {e}"),
+            }
+        }
+    }
+}
+
+/// Prints why the master cannot run, once, with the program's name (as the CLI's errors are).
+fn fail(message: &str) -> ExitCode {
+    eprintln!("host: {message}");
+    ExitCode::FAILURE
+}
+
+/// Runs the master; returns its exit code and whether it handed over to a new master.
+async fn run(
+    config: Config,
+    source: Source,
+    state: StateDir,
+    lock: MasterLock,
+    mut handover: Option<upgrade::Handover>,
+    sidecar: Option<(Sidecar, bool)>,
+) -> (ExitCode, bool) {
+    // Until the master is ready, a failure is also told to the master being upgraded.
+    macro_rules! fail_start {
+        ($message:expr) => {{
+            let message: String = $message;
+            if let Some(h) = handover.as_mut() {
+                h.tell(&UpgradeMessage::Failed(message.clone()));
+            }
+            return (fail(&message), false);
+        }};
+    }
+    let store = match ShadowStore::open(lock.dir()) {
+        Ok(store) => store,
+        Err(e) => fail_start!(e),
+    };
+    let mut history = store.load_history();
+    let mut services = Vec::new();
+    let mut stored_now = Vec::new();
+    let mut lived_before = Vec::new();
+    let handed = handover.as_ref().map_or(&[][..], |h| &h.listeners[..]);
+    let mut given = match listeners::Given::collect(handed) {
+        Ok(given) => given,
+        Err(e) => fail_start!(e),
+    };
+    for svc in config.services {
+        let mut listeners = Vec::new();
+        for addr in &svc.listen {
+            match given.open(&svc.name, *addr) {
+                Ok(l) => listeners.push(l),
+                Err(e) => fail_start!(e),
+            }
+        }
+        let version = match store.store_plugin(&svc) {
+            Ok(v) => v,
+            Err(e) => fail_start!(format!("service {}: {e}", svc.name)),
+        };
+        let saved = history.services.remove(&svc.name).unwrap_or_default();
+        let known = |hash: &str| {
+            saved
+                .live
+                .iter()
+                .chain(&saved.previous)
+                .any(|v| v.hash == hash)
+        };
+        if !known(&version.hash) {
+            stored_now.push(version.clone());
+        }
+        lived_before.push(saved.live.clone());
+        services.push(Arc::new(Service::new(svc, listeners, version, saved)));
+    }
+    for addr in given.unclaimed() {
+        tracing::warn!(
+            "systemd passed a socket for {addr}, but no service listens there; closing it"
+        );
+    }
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<OwnedWriteHalf>();
+    let (sidecar, dev_mode) = match sidecar {
+        Some((s, dev)) => (Some(s), dev),
+        None => (None, false),
+    };
+    let master = Arc::new(Master {
+        started: Instant::now(),
+        services: RwLock::new(services),
+        store,
+        registry: Mutex::default(),
+        worker_count: watch::Sender::new(0),
+        stopping: watch::Sender::new(false),
+        jobs: Jobs::default(),
+        events: Mutex::new(history.events),
+        home: home::Home::new(state, lock, stop_tx),
+        cut_short: Default::default(),
+        source,
+        origin: upgrade::Origin::here(),
+        upgrade_timeout: config.upgrade_timeout,
+        dev_mode,
+        handed_over: Default::default(),
+    });
+    // In an upgrade the socket is published (renamed into place) only at the takeover.
+    if let Err(e) = master.serve_control(handover.is_none()) {
+        fail_start!(e);
+    }
+    let (mut hup, mut usr1, mut usr2, mut term, mut int) = match (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(a), Ok(b), Ok(c), Ok(d), Ok(e)) => (a, b, c, d, e),
+        _ => fail_start!("could not install signal handlers".into()),
+    };
+    tokio::spawn(master.clone().check_liveness());
+
+    let started = match handover.as_mut() {
+        Some(h) => master.start_with_canaries(h).await,
+        None => master.start_all().await,
+    };
+    if let Err(e) = started {
+        master.stop(false).await;
+        // A start that failed leaves no copy behind that nothing else uses.
+        for version in stored_now {
+            master.store.remove(&version);
+        }
+        fail_start!(e);
+    }
+    // The probations first: a trial keeps the copy of the version it would fall back to,
+    // which the pruning below must not remove.
+    for (svc, before) in master.services().iter().zip(lived_before) {
+        master.probation_at_start(svc, before);
+    }
+    if let Some(h) = handover.as_mut() {
+        if let Err(e) = master.take_over(h).await {
+            master.stop(false).await;
+            fail_start!(e);
+        }
+    }
+    master.save_history();
+    master.prune_store();
+    tokio::spawn(master.clone().guard_home());
+    tokio::spawn(master.clone().run_jobs());
+    for svc in master.services() {
+        if svc.config().watch {
+            master.watch(&svc);
+        }
+    }
+    if let Some(sidecar) = sidecar {
+        tokio::spawn(sidecar);
+    }
+    systemd::ready(&master);
+    println!(
+        "host: ready (master pid {}): {}",
+        std::process::id(),
+        master.describe_listeners()
+    );
+
+    let mut stop_replies = Vec::new();
+    loop {
+        tokio::select! {
+            _ = hup.recv() => master.submit(Op::Reload(vec![]), "SIGHUP", None),
+            _ = usr1.recv() => master.submit(Op::Reload(vec![]), "SIGUSR1", None),
+            _ = usr2.recv() => master.submit(Op::Upgrade(None), "SIGUSR2", None),
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break }
+            _ = master.handed_over.notified() => {
+                tracing::info!("handed over to the new master: draining and exiting");
+                break
+            }
+            Some(reply) = stop_rx.recv() => { stop_replies.push(reply); break }
+        }
+    }
+    let handed_over = master.is_handed_over();
+    if !handed_over {
+        systemd::stopping();
+    }
+    // Stop: drain everything; a second signal (or Ctrl-C) kills what is left. Workers run in
+    // their own process groups, so a Ctrl-C in the terminal reaches only the master, which
+    // passes it on as this orderly drain.
+    let stopping = master.stop(true);
+    tokio::pin!(stopping);
+    loop {
+        tokio::select! {
+            _ = &mut stopping => break,
+            Some(reply) = stop_rx.recv() => stop_replies.push(reply),
+            _ = term.recv() => master.kill_all("second SIGTERM"),
+            _ = int.recv() => master.kill_all("second SIGINT"),
+        }
+    }
+    if !handed_over {
+        master.save_history();
+    }
+    let cut = master.cut_short.load(Ordering::SeqCst);
+    let summary = if cut {
+        "stopped at once: workers were killed before they finished draining"
+    } else {
+        "stopped: every worker exited"
+    };
+    tracing::info!("{summary}");
+    let done = ControlReply::Done {
+        ok: !cut,
+        summary: summary.into(),
+    };
+    for mut reply in stop_replies {
+        let _ = control::send(&mut reply, &done).await;
+    }
+    let code = if cut {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    };
+    (code, handed_over)
+}
+
+impl Master {
+    /// A new master's start in an upgrade: each service's first worker, its canary probation
+    /// (the old master's workers serve beside it), then the others. Progress goes to the old
+    /// master, which shows it to whoever asked for the upgrade.
+    async fn start_with_canaries(
+        self: &Arc<Self>,
+        handover: &mut upgrade::Handover,
+    ) -> Result<(), String> {
+        for svc in self.services() {
+            let release = svc.release();
+            let name = svc.name().to_string();
+            for slot in 0..release.config.workers {
+                let t = Instant::now();
+                let pid = self
+                    .start_worker(&svc, slot, &release)
+                    .await
+                    .map_err(|e| format!("service {name} could not start: {e}"))?;
+                self.install(&svc, slot, pid);
+                handover.tell(&UpgradeMessage::Progress(format!(
+                    "{name}: worker {slot}: {pid} ready in {} ms (plugin {release})",
+                    t.elapsed().as_millis()
+                )));
+                let probation = release.config.canary_probation;
+                if slot == 0 && !probation.is_zero() {
+                    tokio::time::sleep(probation).await;
+                    if self.holders(&svc).first().is_none_or(|h| h.is_none()) {
+                        let why = self
+                            .registry
+                            .lock()
+                            .unwrap()
+                            .slot(&name, 0)
+                            .last_exit
+                            .clone()
+                            .map_or_else(|| "it exited".to_string(), |e| e.0);
+                        return Err(format!(
+                            "service {name}: the first worker failed during its canary \
+                             probation: {why}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the old master this one is ready, waits for its go, and takes the control socket
+    /// and the pid file.
+    async fn take_over(self: &Arc<Self>, handover: &mut upgrade::Handover) -> Result<(), String> {
+        handover.tell(&UpgradeMessage::Ready);
+        let channel = handover.try_clone_channel()?;
+        let told = tokio::task::spawn_blocking(move || channel.wait_for_takeover())
+            .await
+            .unwrap_or(false);
+        if !told {
+            tracing::warn!(
+                "the old master (pid {}) went away before the takeover; taking over anyway",
+                handover.old_pid
+            );
+        }
+        self.publish_home()?;
+        systemd::main_pid();
+        handover.tell(&UpgradeMessage::TookOver);
+        tracing::info!(
+            "took over from master {}: this master now serves",
+            handover.old_pid
+        );
+        Ok(())
+    }
+}

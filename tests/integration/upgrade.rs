@@ -1,0 +1,195 @@
+//! `host upgrade`: a new master from a new executable takes over the listening sockets while a
+//! long request finishes in the old one, under keep-alive load, with no failed request; and
+//! every way an upgrade can fail leaves the old master serving, untouched.
+
+use std::{fs, io::Write, os::unix::fs::PermissionsExt, path::PathBuf, time::Duration};
+
+use crate::{
+    harness::{alive, artifacts, children, dir_with_config, output_text, wait_until, Host},
+    http::get,
+    load::Load,
+};
+
+fn config(plugin_extra: &str) -> String {
+    format!(
+        "upgrade_timeout = \"5s\"\n\
+         [[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\nplugin = \"plugin.so\"\n\
+         workers = 2\ncanary_probation = \"200ms\"\n{plugin_extra}\n"
+    )
+}
+
+fn start(plugin: &str) -> Host {
+    Host::start(
+        dir_with_config(&config(""), &[("plugin.so", plugin)]),
+        &["--config", "host.toml"],
+    )
+}
+
+/// A copy of the host binary with some bytes appended: the same program, another build id.
+fn another_build(dir: &std::path::Path) -> PathBuf {
+    let exe = dir.join("host-next");
+    let mut bytes = fs::read(&artifacts().host).unwrap();
+    bytes.extend_from_slice(b"\0another build\0");
+    fs::write(&exe, bytes).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    exe
+}
+
+/// A script that stands in for a broken host binary.
+fn script(dir: &std::path::Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut f = fs::File::create(&path).unwrap();
+    writeln!(f, "#!/bin/sh\n{body}").unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn master_of(host: &Host) -> (u64, String) {
+    let status = host.status();
+    (
+        status["master_pid"].as_u64().unwrap(),
+        status["build_id"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn an_upgrade_takes_over_while_a_long_request_finishes_and_nothing_fails() {
+    let mut host = start("slow");
+    let addr = host.addr("web");
+    let (old_pid, old_build) = master_of(&host);
+    let load = Load::start_path(&addr, "/?ms=0", 4, Duration::ZERO);
+    load.wait_for_more(200);
+    let slow = host.slow_request_in_flight(10_000);
+
+    let exe = another_build(host.dir.path());
+    let out = host.cli(&["upgrade", "--exe", exe.to_str().unwrap()]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}\n{}", host.logs());
+    assert!(text.contains("upgraded in"), "{text}");
+
+    let (new_pid, new_build) = master_of(&host);
+    assert_ne!(new_pid, old_pid, "the new master answers the CLI");
+    assert_ne!(new_build, old_build, "and says which build it is");
+    let pid_file = fs::read_to_string(host.state_dir().join("host.pid")).unwrap();
+    assert_eq!(pid_file.trim(), new_pid.to_string());
+    load.wait_for_more(200);
+
+    // The 10 s request started before the upgrade gets its whole answer from the old master's
+    // worker, which then exits with its master.
+    let resp = slow
+        .join()
+        .unwrap()
+        .expect("the long request in flight completes");
+    assert_eq!(resp.status, 200);
+    assert!(resp.body.starts_with("slept 10000 ms"), "{}", resp.body);
+    assert!(
+        host.wait_exit(),
+        "the old master exits cleanly once drained"
+    );
+    load.wait_for_more(100);
+    let seen = load.stop();
+    assert!(seen.errors.is_empty(), "failed requests: {:?}", seen.errors);
+    assert_eq!(get(&addr, "/?ms=0").status, 200);
+    // The new master is in charge: a reload goes to it.
+    host.reload_ok();
+}
+
+/// An upgrade that must fail: the old master keeps serving with the same pid and workers, no
+/// request fails, and nothing the new master started is left.
+fn upgrade_fails(host: &Host, args: &[&str], expect: &str) {
+    let addr = host.addr("web");
+    let (pid, _) = master_of(host);
+    let workers = host.ready_pids("web");
+    let load = Load::start(&addr, 2, Duration::ZERO);
+    load.wait_for_more(100);
+    let before = children(host.pid);
+    let mut cli = vec!["upgrade"];
+    cli.extend_from_slice(args);
+    let out = host.cli(&cli);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "the upgrade must fail:\n{text}");
+    assert!(text.contains(expect), "expected {expect:?} in:\n{text}");
+    assert!(text.contains("keeps serving"), "{text}");
+    assert_eq!(master_of(host).0, pid);
+    assert_eq!(host.ready_pids("web"), workers);
+    load.wait_for_more(100);
+    let seen = load.stop();
+    assert!(seen.errors.is_empty(), "{:?}", seen.errors);
+    // The failed new master and its workers are gone.
+    wait_until("nothing of the new master is left", || {
+        children(host.pid)
+            .iter()
+            .all(|p| before.contains(p) || !alive(*p))
+    });
+}
+
+#[test]
+fn an_upgrade_to_a_missing_or_broken_executable_changes_nothing() {
+    let host = start("versioned");
+    let dir = host.dir.path().to_path_buf();
+    upgrade_fails(&host, &["--exe", "/nonexistent/host"], "cannot be used");
+    let not_exec = dir.join("not-executable");
+    fs::write(&not_exec, "text").unwrap();
+    upgrade_fails(
+        &host,
+        &["--exe", not_exec.to_str().unwrap()],
+        "not an executable file",
+    );
+    let exits = script(&dir, "exits", "exit 1");
+    upgrade_fails(
+        &host,
+        &["--exe", exits.to_str().unwrap()],
+        "exited with status 1 before it was ready",
+    );
+    let sleeps = script(&dir, "sleeps", "exec sleep 1000");
+    upgrade_fails(
+        &host,
+        &["--exe", sleeps.to_str().unwrap()],
+        "did not report ready within upgrade_timeout (5s)",
+    );
+}
+
+#[test]
+fn an_upgrade_with_a_bad_config_or_plugin_changes_nothing() {
+    let host = start("versioned");
+    fs::write(
+        host.dir.path().join("host.toml"),
+        config("").replace("workers = 2", "workers = 0"),
+    )
+    .unwrap();
+    upgrade_fails(&host, &[], "workers must be from 1 to 256");
+    fs::write(host.dir.path().join("host.toml"), config("")).unwrap();
+    host.replace_plugin("old-api");
+    upgrade_fails(&host, &[], "built against plugin-api 0.0.3");
+    host.replace_plugin("versioned");
+    let out = host.cli(&["upgrade"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+}
+
+#[test]
+fn a_reload_or_a_second_upgrade_during_an_upgrade_is_refused() {
+    let host = start("versioned");
+    let sleeps = script(host.dir.path(), "sleeps", "exec sleep 1000");
+    let state_dir = host.state_dir();
+    let first = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new(&artifacts().host);
+        cmd.args(["upgrade", "--exe"])
+            .arg(&sleeps)
+            .arg("--state-dir")
+            .arg(state_dir);
+        crate::harness::run(cmd)
+    });
+    host.wait_for_log("upgrade: starting a new master");
+    for args in [&["reload"][..], &["upgrade"][..]] {
+        let out = host.cli(args);
+        let text = output_text(&out);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(
+            text.contains("an upgrade of the master is in progress"),
+            "{text}"
+        );
+    }
+    let first = first.join().unwrap();
+    assert_eq!(first.status.code(), Some(1));
+    host.reload_ok();
+}
