@@ -44,6 +44,14 @@ enum Command {
         /// Reload by itself when a plugin file is rebuilt (every service).
         #[arg(long)]
         watch: bool,
+        /// Run in the background; returns once every service is ready (with the master's pid),
+        /// or with the reason it is not.
+        #[arg(short, long)]
+        daemon: bool,
+        /// Log to this file instead of stderr (default with --daemon: host.log in the state
+        /// directory); `host reopen-logs` opens it again.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
     },
     /// Build a plugin crate, serve it with the watcher on, and rebuild it on every source change.
     Dev {
@@ -72,6 +80,8 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Open the log file again (for logrotate's postrotate).
+    ReopenLogs,
     /// Replace the master itself with a new one (a new host binary, the config read again),
     /// without refusing a connection; waits for the outcome.
     Upgrade {
@@ -180,13 +190,12 @@ pub fn main() -> ExitCode {
     let state = StateDir::new(cli.state_dir);
     match cli.command {
         Command::Worker { master_pid, .. } => crate::worker::main(master_pid),
-        Command::Start { service, watch } => match service.config(watch) {
-            Ok((config, source)) => crate::master::main(config, source, state, None),
-            Err(e) => {
-                crate::master::refuse_upgrade(&e);
-                usage_error(&e)
-            }
-        },
+        Command::Start {
+            service,
+            watch,
+            daemon,
+            log_file,
+        } => start(service, watch, daemon, log_file, state),
         Command::Dev {
             path,
             listen,
@@ -200,6 +209,7 @@ pub fn main() -> ExitCode {
             finish(stream(&state, &ControlRequest::Reload { services }))
         }
         Command::Stop => finish(stream(&state, &ControlRequest::Stop)),
+        Command::ReopenLogs => finish(stream(&state, &ControlRequest::ReopenLogs)),
         Command::Upgrade { exe } => {
             let exe = exe.map(|e| std::path::absolute(&e).unwrap_or(e));
             finish(stream(&state, &ControlRequest::Upgrade { exe }))
@@ -209,6 +219,54 @@ pub fn main() -> ExitCode {
         }
         Command::Status { json } => finish(status(&state, json)),
     }
+}
+
+/// `host start`: in the foreground, or (`--daemon`) in the background once started again by
+/// this command (`crate::daemon`).
+fn start(
+    service: ServiceArgs,
+    watch: bool,
+    daemon: bool,
+    log_file: Option<PathBuf>,
+    state: StateDir,
+) -> ExitCode {
+    let log_file = log_file.map(|p| std::path::absolute(&p).unwrap_or(p));
+    let log_file = match daemon {
+        true => Some(crate::daemon::log_path(&state, log_file)),
+        false => log_file,
+    };
+    // The config is checked here first, so that a daemon start fails in the terminal.
+    let (config, source) = match service.config(watch) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            crate::master::refuse_upgrade(&e);
+            return usage_error(&e);
+        }
+    };
+    // An upgraded master inherits the arguments, `--daemon` included, but is detached already.
+    let upgraded = std::env::var_os("HOST_UPGRADE").is_some();
+    if let (true, false, false, Some(log)) = (
+        daemon,
+        crate::daemon::is_daemon_child(),
+        upgraded,
+        &log_file,
+    ) {
+        return crate::daemon::start(&state, log);
+    }
+    if let Some(log) = &log_file {
+        if let Err(e) = crate::daemon::log_to(log) {
+            return usage_error(&e);
+        }
+    }
+    crate::master::main(
+        config,
+        source,
+        state,
+        crate::master::Options {
+            log_file,
+            sidecar: None,
+        },
+    )
 }
 
 pub(crate) fn usage_error(message: &str) -> ExitCode {

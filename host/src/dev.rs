@@ -61,7 +61,10 @@ pub fn main(path: &Path, listen: Vec<String>, workers: usize, state: StateDir) -
         config,
         Default::default(),
         state,
-        Some(Box::pin(rebuild_on_change(crate_dir, manifest))),
+        crate::master::Options {
+            sidecar: Some(Box::pin(rebuild_on_change(crate_dir, manifest))),
+            ..Default::default()
+        },
     )
 }
 

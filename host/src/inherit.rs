@@ -25,6 +25,7 @@ static ADOPTED: Mutex<Option<HashSet<RawFd>>> = Mutex::new(None);
 pub enum Kind {
     Socket,
     File,
+    Pipe,
 }
 
 /// Adopts `fd` if it is open, of `kind`, and not adopted before.
@@ -43,6 +44,7 @@ pub fn adopt(fd: RawFd, kind: Kind) -> Option<OwnedFd> {
     let want = match kind {
         Kind::Socket => SFlag::S_IFSOCK,
         Kind::File => SFlag::S_IFREG,
+        Kind::Pipe => SFlag::S_IFIFO,
     };
     let is_kind = fstat(borrowed)
         .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == want)

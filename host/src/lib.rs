@@ -16,7 +16,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dev;
+pub mod fdpass;
 pub mod inherit;
 pub mod logging;
 pub mod master;

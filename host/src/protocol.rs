@@ -30,6 +30,8 @@ pub enum ControlRequest {
     Upgrade {
         exe: Option<PathBuf>,
     },
+    /// Open the log file again (after logrotate moved it).
+    ReopenLogs,
 }
 
 /// Between a master and the new master it starts for an upgrade, on their own socketpair.
@@ -209,6 +211,9 @@ pub enum ToWorker {
     /// Draining: close idle keep-alive connections now instead of after the idle grace (the
     /// slot has more draining workers than it keeps).
     CloseIdle,
+    /// Log to the file that comes with this message (SCM_RIGHTS) from now on: the master
+    /// reopened its log file (`host reopen-logs`).
+    ReopenLogs,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

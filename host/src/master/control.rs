@@ -119,6 +119,13 @@ async fn handle(
         }
     };
     match request {
+        ControlRequest::ReopenLogs => {
+            let reply = match master.reopen_logs() {
+                Ok(summary) => ControlReply::Done { ok: true, summary },
+                Err(e) => ControlReply::Error(e),
+            };
+            let _ = send(&mut write, &reply).await;
+        }
         ControlRequest::Status => {
             let report = master.status().await;
             let _ = send(&mut write, &ControlReply::Status(report)).await;
@@ -133,7 +140,9 @@ async fn handle(
                     (Op::Rollback { service, to }, "host rollback")
                 }
                 ControlRequest::Upgrade { exe } => (Op::Upgrade(exe), "host upgrade"),
-                ControlRequest::Status | ControlRequest::Stop => unreachable!("matched above"),
+                ControlRequest::Status | ControlRequest::Stop | ControlRequest::ReopenLogs => {
+                    unreachable!("matched above")
+                }
             };
             // The job queue runs it, so it completes even if this client disconnects.
             master.submit(op, why, Some(tx));

@@ -69,12 +69,14 @@ pub struct Master {
     dev_mode: bool,
     /// Fires once this master handed over to a new one (`master::upgrade`).
     handed_over: tokio::sync::Notify,
+    /// The log file stdout and stderr point to, if any (`host reopen-logs`).
+    log_file: Option<std::path::PathBuf>,
 }
 
 /// Work that runs beside the master once it serves (`host dev`'s rebuild loop).
 pub type Sidecar = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-pub use self::run::main;
+pub use self::run::{main, Options};
 pub use self::upgrade::refuse as refuse_upgrade;
 
 impl Master {
@@ -122,6 +124,34 @@ impl Master {
 
     pub fn is_handed_over(&self) -> bool {
         self.home.handed_over_to().is_some()
+    }
+
+    /// `host reopen-logs`: opens the log file again (logrotate moved the old one), points this
+    /// process's stdout and stderr at it, and hands it to every worker (`fdpass`); workers
+    /// started later inherit it.
+    pub fn reopen_logs(&self) -> Result<String, String> {
+        let Some(path) = &self.log_file else {
+            return Ok(
+                "this master logs to the stderr it was started with (no --log-file, no \
+                       --daemon): there is no file to reopen"
+                    .into(),
+            );
+        };
+        crate::daemon::log_to(path)?;
+        let file = Arc::new(crate::daemon::open_log(path)?);
+        let reg = self.registry.lock().unwrap();
+        for w in reg.workers.values() {
+            let _ = w.to_worker.send(pool::Outgoing(
+                crate::protocol::ToWorker::ReopenLogs,
+                Some(file.clone()),
+            ));
+        }
+        tracing::info!("log file {} reopened", path.display());
+        Ok(format!(
+            "reopened {} in the master and its {} workers",
+            path.display(),
+            reg.workers.len()
+        ))
     }
 
     /// Starts (or restarts, on a new path) the watcher of a service's plugin file.

@@ -61,7 +61,7 @@ pub struct WorkerEntry {
     /// When the master spawned it, on the clock of `StartTimings`.
     pub spawned_ns: u64,
     pub drain_started: Option<Instant>,
-    pub to_worker: mpsc::UnboundedSender<ToWorker>,
+    pub to_worker: mpsc::UnboundedSender<Outgoing>,
     pub kill: Arc<Notify>,
     /// Why the master killed it, for the exit message.
     pub kill_reason: Option<String>,
@@ -79,8 +79,15 @@ pub struct WorkerEntry {
     pub last_panic: Option<(String, Instant)>,
 }
 
+/// A message to a worker, with a file to pass along (`fdpass`) for the ones that need one.
+pub struct Outgoing(pub ToWorker, pub Option<Arc<std::fs::File>>);
+
 impl WorkerEntry {
-    /// What this worker runs.
+    /// Sends a message (dropped if the worker is gone).
+    pub fn tell(&self, message: ToWorker) {
+        let _ = self.to_worker.send(Outgoing(message, None));
+    }
+
     pub fn release(&self) -> Release {
         Release {
             version: self.version.clone(),
@@ -156,7 +163,7 @@ impl Master {
             .map_err(|e| format!("could not start a worker process: {e}"))?;
         let pid = spawned.child.id().unwrap_or(0);
         let (to_worker, from_master) = mpsc::unbounded_channel();
-        let _ = to_worker.send(ToWorker::Start(Box::new(spec)));
+        let _ = to_worker.send(Outgoing(ToWorker::Start(Box::new(spec)), None));
         let (ready_tx, ready_rx) = oneshot::channel();
         let kill = Arc::new(Notify::new());
         self.registry.lock().unwrap().workers.insert(
@@ -284,7 +291,7 @@ impl Master {
         w.stopped_accepting = Some(stopped_tx);
         w.state = WorkerState::Draining;
         w.drain_started = Some(Instant::now());
-        let _ = w.to_worker.send(ToWorker::Drain);
+        w.tell(ToWorker::Drain);
         let (svc, slot, kill) = (w.service.clone(), w.slot, w.kill.clone());
         let state = reg.slot(svc.name(), slot);
         if state.pid == Some(pid) {
@@ -295,7 +302,7 @@ impl Master {
         let oldest: Vec<u32> = state.draining.iter().take(excess).copied().collect();
         for old in oldest {
             if let Some(w) = reg.workers.get(&old) {
-                let _ = w.to_worker.send(ToWorker::CloseIdle);
+                w.tell(ToWorker::CloseIdle);
             }
         }
         let timeout = svc.config().drain_timeout;
@@ -326,7 +333,7 @@ impl Master {
                 if let Some(w) = reg.workers.get_mut(pid) {
                     let (tx, rx) = oneshot::channel();
                     w.stats_waiters.push(tx);
-                    let _ = w.to_worker.send(ToWorker::Stats);
+                    w.tell(ToWorker::Stats);
                     pending.push((*pid, rx));
                 }
             }

@@ -18,6 +18,7 @@ use tokio::{
 use super::{
     control, home, jobs::Jobs, listeners, service::Service, systemd, upgrade, Master, Op, Sidecar,
 };
+use crate::daemon;
 use crate::{
     config::{Config, Source},
     protocol::{ControlReply, UpgradeMessage},
@@ -25,19 +26,48 @@ use crate::{
     state_dir::{MasterLock, StateDir},
 };
 
+/// What `host start` needs beside the configuration.
+#[derive(Default)]
+pub struct Options {
+    /// The log file stdout and stderr point to, which `host reopen-logs` opens again.
+    pub log_file: Option<std::path::PathBuf>,
+    /// Work beside the master (`host dev`'s rebuild loop).
+    pub sidecar: Option<Sidecar>,
+}
+
+/// Who waits to hear whether this master started: the master being upgraded, the command of a
+/// daemon start.
+#[derive(Default)]
+struct Watchers {
+    handover: Option<upgrade::Handover>,
+    daemon: Option<daemon::Readiness>,
+}
+
+impl Watchers {
+    fn failed(&mut self, reason: &str) {
+        if let Some(h) = self.handover.as_mut() {
+            h.tell(&UpgradeMessage::Failed(reason.to_string()));
+        }
+        if let Some(d) = self.daemon.take() {
+            d.failed(reason);
+        }
+    }
+}
+
 /// The `host start` entry point.
-pub fn main(config: Config, source: Source, state: StateDir, sidecar: Option<Sidecar>) -> ExitCode {
-    // First, before any thread exists: the handover of an upgrade comes in the environment.
-    let mut handover = match upgrade::Handover::from_env() {
-        Ok(h) => h,
-        Err(e) => return fail(&e),
+pub fn main(config: Config, source: Source, state: StateDir, options: Options) -> ExitCode {
+    // First, before any thread exists: who waits for this start comes in the environment.
+    let mut watchers = Watchers {
+        handover: match upgrade::Handover::from_env() {
+            Ok(h) => h,
+            Err(e) => return fail(&e),
+        },
+        daemon: daemon::Readiness::from_env(),
     };
-    let started = match start_checks(&config, &state, handover.as_mut()) {
+    let started = match start_checks(&config, &state, watchers.handover.as_mut()) {
         Ok(lock) => lock,
         Err(e) => {
-            if let Some(h) = handover.as_mut() {
-                h.tell(&UpgradeMessage::Failed(e.clone()));
-            }
+            watchers.failed(&e);
             return fail(&e);
         }
     };
@@ -49,14 +79,13 @@ pub fn main(config: Config, source: Source, state: StateDir, sidecar: Option<Sid
         Ok(rt) => rt,
         Err(e) => return fail(&format!("could not start the async runtime: {e}")),
     };
-    let dev_mode = sidecar.is_some();
     let (code, handed_over) = runtime.block_on(run(
         config,
         source,
         state.clone(),
         started,
-        handover,
-        sidecar.map(|s| (s, dev_mode)),
+        watchers,
+        options,
     ));
     // After a handover the socket and the pid file are the new master's.
     if !handed_over {
@@ -132,16 +161,14 @@ async fn run(
     source: Source,
     state: StateDir,
     lock: MasterLock,
-    mut handover: Option<upgrade::Handover>,
-    sidecar: Option<(Sidecar, bool)>,
+    mut watchers: Watchers,
+    options: Options,
 ) -> (ExitCode, bool) {
-    // Until the master is ready, a failure is also told to the master being upgraded.
+    // Until the master is ready, a failure is also told to whoever waits for the start.
     macro_rules! fail_start {
         ($message:expr) => {{
             let message: String = $message;
-            if let Some(h) = handover.as_mut() {
-                h.tell(&UpgradeMessage::Failed(message.clone()));
-            }
+            watchers.failed(&message);
             return (fail(&message), false);
         }};
     }
@@ -153,7 +180,10 @@ async fn run(
     let mut services = Vec::new();
     let mut stored_now = Vec::new();
     let mut lived_before = Vec::new();
-    let handed = handover.as_ref().map_or(&[][..], |h| &h.listeners[..]);
+    let handed = watchers
+        .handover
+        .as_ref()
+        .map_or(&[][..], |h| &h.listeners[..]);
     let mut given = match listeners::Given::collect(handed) {
         Ok(given) => given,
         Err(e) => fail_start!(e),
@@ -190,10 +220,7 @@ async fn run(
         );
     }
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<OwnedWriteHalf>();
-    let (sidecar, dev_mode) = match sidecar {
-        Some((s, dev)) => (Some(s), dev),
-        None => (None, false),
-    };
+    let Options { log_file, sidecar } = options;
     let master = Arc::new(Master {
         started: Instant::now(),
         services: RwLock::new(services),
@@ -208,11 +235,12 @@ async fn run(
         source,
         origin: upgrade::Origin::here(),
         upgrade_timeout: config.upgrade_timeout,
-        dev_mode,
+        dev_mode: sidecar.is_some(),
         handed_over: Default::default(),
+        log_file,
     });
     // In an upgrade the socket is published (renamed into place) only at the takeover.
-    if let Err(e) = master.serve_control(handover.is_none()) {
+    if let Err(e) = master.serve_control(watchers.handover.is_none()) {
         fail_start!(e);
     }
     let (mut hup, mut usr1, mut usr2, mut term, mut int) = match (
@@ -227,7 +255,7 @@ async fn run(
     };
     tokio::spawn(master.clone().check_liveness());
 
-    let started = match handover.as_mut() {
+    let started = match watchers.handover.as_mut() {
         Some(h) => master.start_with_canaries(h).await,
         None => master.start_all().await,
     };
@@ -244,9 +272,10 @@ async fn run(
     for (svc, before) in master.services().iter().zip(lived_before) {
         master.probation_at_start(svc, before);
     }
-    if let Some(h) = handover.as_mut() {
-        if let Err(e) = master.take_over(h).await {
+    if let Some(mut h) = watchers.handover.take() {
+        if let Err(e) = master.take_over(&mut h).await {
             master.stop(false).await;
+            watchers.handover = Some(h);
             fail_start!(e);
         }
     }
@@ -268,6 +297,9 @@ async fn run(
         std::process::id(),
         master.describe_listeners()
     );
+    if let Some(daemon) = watchers.daemon.take() {
+        daemon.ready();
+    }
 
     let mut stop_replies = Vec::new();
     loop {

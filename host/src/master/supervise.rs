@@ -8,6 +8,7 @@
 //! service back, `master::rollout`), or counts toward a crash loop, or is simply replaced.
 
 use std::{
+    os::fd::AsFd,
     process::ExitStatus,
     sync::Arc,
     time::{Duration, Instant},
@@ -24,8 +25,12 @@ use tokio::{
     sync::{mpsc, oneshot, Notify},
 };
 
-use super::{pool::WorkerState, service::Service, Master};
-use crate::protocol::{encode, monotonic_ns, FromWorker, ToWorker};
+use super::{
+    pool::{Outgoing, WorkerState},
+    service::Service,
+    Master,
+};
+use crate::protocol::{encode, monotonic_ns, FromWorker};
 
 /// A worker that lived less than this before it died counts as dying young: its replacement
 /// waits (100 ms, doubling, at most [`MAX_BACKOFF`]) so that a crash loop cannot spin.
@@ -44,14 +49,21 @@ impl Master {
         pid: u32,
         mut child: Child,
         channel: UnixStream,
-        mut from_master: mpsc::UnboundedReceiver<ToWorker>,
+        mut from_master: mpsc::UnboundedReceiver<Outgoing>,
         ready_tx: oneshot::Sender<Result<(), String>>,
         kill: Arc<Notify>,
     ) {
         let (read, mut write) = channel.into_split();
         let writer = tokio::spawn(async move {
-            while let Some(message) = from_master.recv().await {
-                if write.write_all(&encode(&message)).await.is_err() {
+            while let Some(Outgoing(message, file)) = from_master.recv().await {
+                let line = encode(&message);
+                let sent = match file {
+                    Some(file) => {
+                        crate::fdpass::send_with_fd(write.as_ref(), &line, file.as_fd()).await
+                    }
+                    None => write.write_all(&line).await,
+                };
+                if sent.is_err() {
                     break;
                 }
             }

@@ -32,7 +32,6 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::getppid};
 use tokio::{
-    io::{AsyncBufReadExt, BufReader as AsyncBufReader},
     net::UnixStream,
     signal::unix::{signal, SignalKind},
     sync::{oneshot, watch},
@@ -259,7 +258,7 @@ async fn talk_to_master(
     link: Arc<Link>,
     stopped_accepting: oneshot::Receiver<()>,
 ) {
-    let mut lines = AsyncBufReader::new(channel).lines();
+    let mut lines = crate::fdpass::LineReader::new(channel);
     let mut stopped_accepting = Some(stopped_accepting);
     loop {
         let line = tokio::select! {
@@ -274,8 +273,8 @@ async fn talk_to_master(
                 continue;
             }
         };
-        let message = match line {
-            Ok(Some(line)) => serde_json::from_str::<ToWorker>(&line),
+        let (message, mut fds) = match line {
+            Ok(Some((line, fds))) => (serde_json::from_str::<ToWorker>(&line), fds),
             Ok(None) | Err(_) => {
                 if !*shared.draining.borrow() {
                     tracing::warn!("the master is gone: draining");
@@ -299,6 +298,19 @@ async fn talk_to_master(
                 );
                 shared.close_idle.send_replace(true);
             }
+            Ok(ToWorker::ReopenLogs) => match fds.pop() {
+                // Everything this process logs goes to stderr (and stdout): point both at
+                // the reopened file.
+                Some(file) => {
+                    let moved = nix::unistd::dup2_stderr(&file)
+                        .and_then(|()| nix::unistd::dup2_stdout(&file));
+                    match moved {
+                        Ok(()) => tracing::info!("log file reopened"),
+                        Err(e) => tracing::warn!("could not switch to the reopened log file: {e}"),
+                    }
+                }
+                None => tracing::warn!("the master asked to reopen logs but sent no file"),
+            },
             Ok(ToWorker::Start(_)) => tracing::warn!("ignoring a second start message"),
             Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
         }
