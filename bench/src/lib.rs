@@ -43,21 +43,10 @@ pub fn build() -> Build {
     let release = root.join("target/release");
     let out = root.join("target/bench-plugins");
     fs::create_dir_all(&out).unwrap();
-    cargo(
-        &[
-            "build",
-            "--release",
-            "-p",
-            "host",
-            "-p",
-            "hello",
-            "-p",
-            "bench",
-            "--bin",
-            "baseline",
-        ],
-        None,
-    );
+    // Two invocations: in one, `--bin baseline` would apply to every `-p` package, and cargo
+    // would build neither the host binary nor libhello.so.
+    cargo(&["build", "--release", "-p", "host", "-p", "hello"], None);
+    cargo(&["build", "--release", "-p", "bench", "--bin", "baseline"], None);
     let hello_v1 = out.join("hello-v1.so");
     replace(&release.join("libhello.so"), &hello_v1);
     cargo(&["build", "--release", "-p", "hello"], Some("v2"));
