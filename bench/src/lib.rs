@@ -66,26 +66,39 @@ pub struct Build {
 
 pub fn build() -> Build {
     let target = target_dir();
-    let release = target.join("release");
     let out = target.join("bench-plugins");
     fs::create_dir_all(&out).unwrap();
-    // Two invocations: in one, `--bin baseline` would apply to every `-p` package, and cargo
-    // would build neither the host binary nor libhello.so.
-    cargo(&["build", "--release", "-p", "host", "-p", "hello"], None);
+    // Three cargo invocations, each always with the same packages and in a target dir of its
+    // own, so that a second run finds everything fresh. In one invocation, `--bin baseline`
+    // would apply to every `-p` package, and cargo would build neither the host binary nor
+    // libhello.so. In one target dir, cargo rebuilds a crate whenever the features of its
+    // dependencies differ from the last build there (`-p host -p hello` unifies them otherwise
+    // than `-p bench`), and hello v2 would replace v1: hello, the host and what links them would
+    // be rebuilt twice on every run.
+    let host_target = target.join("bench-host");
+    cargo(
+        &["build", "--release", "-p", "host", "-p", "hello"],
+        Some(&host_target),
+        None,
+    );
     cargo(
         &["build", "--release", "-p", "bench", "--bin", "baseline"],
         None,
+        None,
+    );
+    let v2_target = target.join("bench-hello-v2");
+    cargo(
+        &["build", "--release", "-p", "hello"],
+        Some(&v2_target),
+        Some("v2"),
     );
     let hello_v1 = out.join("hello-v1.so");
-    replace(&release.join("libhello.so"), &hello_v1);
-    cargo(&["build", "--release", "-p", "hello"], Some("v2"));
+    replace(&host_target.join("release/libhello.so"), &hello_v1);
     let hello_v2 = out.join("hello-v2.so");
-    replace(&release.join("libhello.so"), &hello_v2);
-    // Leave the default build in target/release, as a plain `cargo build` would.
-    cargo(&["build", "--release", "-p", "hello"], None);
+    replace(&v2_target.join("release/libhello.so"), &hello_v2);
     let b = Build {
-        host: release.join("host"),
-        baseline: release.join("baseline"),
+        host: host_target.join("release/host"),
+        baseline: target.join("release/baseline"),
         hello_v1,
         hello_v2,
     };
@@ -95,25 +108,58 @@ pub fn build() -> Build {
     b
 }
 
+/// Where the plugin-boundary microbenchmark is built: a target dir of its own, because
+/// `cargo bench -p bench` unifies the features of bench's dev-dependencies (host, criterion) into
+/// hello's and bench's own dependencies, and in the shared dir every run would then rebuild
+/// them twice (see [`build`]).
+pub fn boundary_target() -> PathBuf {
+    target_dir().join("bench-boundary")
+}
+
 /// Compiles the plugin-boundary microbenchmark without running it, so that its build time is
 /// not counted in the time of the figure that runs it.
 pub fn build_boundary() {
     cargo(
         &["bench", "--no-run", "-p", "bench", "--bench", "boundary"],
+        Some(&boundary_target()),
         None,
     );
 }
 
-/// The cargo that runs us (`CARGO` under `cargo run` and `cargo bench`), or the one on PATH.
+/// The cargo that runs us (`CARGO` under `cargo run` and `cargo bench`), or the one on PATH,
+/// without the variables `cargo run` sets for the crate it runs (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, ...): build scripts such as ring's ask to rerun when those change, so
+/// passing ours on would rebuild ring, rustls and ureq on every run, and again for `cargo run`.
 pub fn cargo_command() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let n = name.to_string_lossy();
+        if n.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_MANIFEST_LINKS",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .contains(&n.as_ref())
+        {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
 }
 
-fn cargo(args: &[&str], hello_version: Option<&str>) {
+/// `cargo ARGS [--target-dir DIR]`, with `HELLO_VERSION` set to `hello_version` or unset.
+fn cargo(args: &[&str], target_dir: Option<&Path>, hello_version: Option<&str>) {
     let mut cmd = cargo_command();
     cmd.args(args)
         .current_dir(root())
         .env_remove("HELLO_VERSION");
+    if let Some(dir) = target_dir {
+        cmd.arg("--target-dir").arg(dir);
+    }
     if let Some(v) = hello_version {
         cmd.env("HELLO_VERSION", v);
     }

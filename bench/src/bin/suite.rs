@@ -820,8 +820,18 @@ fn boundary(cx: &Ctx, out: &mut Results) {
     let log_path = cx.out_dir.join(format!("{}-boundary.log", cx.stem));
     let log = fs::File::create(&log_path).unwrap();
     let ok = cargo_command()
-        .args(["bench", "-p", "bench", "--bench", "boundary"])
+        .args([
+            "bench",
+            "-p",
+            "bench",
+            "--bench",
+            "boundary",
+            "--target-dir",
+        ])
+        .arg(bench::boundary_target())
         .current_dir(root())
+        // Criterion's own files next to the results, not in a target/ below bench/.
+        .env("CRITERION_HOME", cx.out_dir.join("criterion"))
         .env("BENCH_MODE", m.name)
         .env("BENCH_HELLO_SO", &cx.b.hello_v1)
         .env("BENCH_BOUNDARY_MD", &md)
