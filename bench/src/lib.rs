@@ -404,3 +404,24 @@ impl Mode {
         [QUICK, DEFAULT, FULL].into_iter().find(|m| m.name == name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_toml_names_probation_only_for_zero() {
+        let plugin = Path::new("/x/hello.so");
+        let default = Service::new(plugin, 2).toml();
+        assert!(default.contains("workers = 2\nwatch = false\n"));
+        assert!(!default.contains("probation"));
+        if PROBATION_KEYS {
+            let zero = Service {
+                probation: Probation::Zero,
+                ..Service::new(plugin, 2)
+            }
+            .toml();
+            assert!(zero.contains("canary_probation = \"0s\"\nprobation = \"0s\"\n"));
+        }
+    }
+}

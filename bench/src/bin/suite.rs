@@ -143,6 +143,8 @@ fn main() {
         (f.run)(&cx, &mut results);
     }
     let took = measuring.elapsed();
+    // The goals table heads the file; printed here too, after the figures scrolled by.
+    print!("\n{}", results.summary());
     let budget = match mode.budget {
         Some(b) if took <= b => format!("within its budget of {}", duration(b)),
         Some(b) => format!("**over its budget of {}**", duration(b)),
