@@ -116,12 +116,11 @@ pub fn value(v: f64) -> String {
             out.insert(0, '-');
         }
         out
-    } else if a >= 100.0 {
+    } else if a >= 100.0 || a.fract() == 0.0 {
+        // Counts are whole numbers: "29", not "29.0".
         format!("{v:.0}")
     } else if a >= 10.0 {
         format!("{v:.1}")
-    } else if a == 0.0 || a.fract() == 0.0 {
-        format!("{v:.0}")
     } else {
         format!("{v:.2}")
     }
@@ -454,5 +453,6 @@ mod tests {
         assert_eq!(value(2.174), "2.17");
         assert_eq!(value(0.0), "0");
         assert_eq!(value(448.0), "448");
+        assert_eq!(value(29.0), "29");
     }
 }
