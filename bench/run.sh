@@ -1,5 +1,12 @@
 #!/usr/bin/env bash
-# Runs every benchmark of docs/benchmarks.md, in one command: `bash bench/run.sh`.
+# Runs every benchmark of docs/benchmarks.md in one command:
+#
+#   bash bench/run.sh            the default mode (under 20 minutes on 2 cores): the figures for docs
+#   bash bench/run.sh --quick    development (under 3 minutes): 5 short interleaved rounds each
+#   bash bench/run.sh --full     the default plus the long runs (no time bound)
+#
+# Figure names after the mode run only those (e.g. `bash bench/run.sh --quick steady`).
+# Results are printed and written to <target>/bench-results/<mode>-<date>.md.
 # It installs the load generator (wrk) and the peer (nginx) from Debian's packages if they are
 # missing. Never run in CI: absolute figures need a quiet machine; compare the ratios.
 set -euo pipefail
@@ -13,6 +20,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
-cargo run --release -p bench --bin suite
-cargo run --release -p bench --bin rebuild_latency 20
-cargo bench -p bench --bench boundary
+# The suite builds what it measures, runs every figure (the plugin-boundary microbenchmark as
+# `cargo bench -p bench --bench boundary`), and reports the measuring and build times itself;
+# this total adds compiling the suite.
+start=$SECONDS
+cargo run --release -p bench --bin suite -- "$@"
+echo "bench/run.sh $*: $((SECONDS - start)) s in all, builds included"

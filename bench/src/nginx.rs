@@ -74,16 +74,21 @@ impl Nginx {
 
     /// `nginx -s reload`: new workers start, old ones finish and close their connections.
     pub fn reload(&self) {
-        let ok = Command::new("nginx")
+        // Its stderr ("signal process started") is shown only if the reload fails, so that it
+        // does not mix with the results.
+        let out = Command::new("nginx")
             .args(["-e", "stderr", "-p"])
             .arg(self.dir.path())
             .arg("-c")
             .arg(self.conf())
             .args(["-s", "reload"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "nginx -s reload failed");
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nginx -s reload failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

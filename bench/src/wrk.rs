@@ -12,6 +12,9 @@ pub struct Report {
     pub p99_ms: f64,
     /// connect + read + write + timeout errors.
     pub socket_errors: u64,
+    /// The timeouts among them: no response within 5 s (`--timeout`), which an overloaded
+    /// machine can cause, where the others are connections that failed or were closed.
+    pub timeouts: u64,
     pub non_2xx: u64,
     /// Responses per 100 ms bucket: (unix ms of the bucket start, count). With the Lua script.
     pub buckets: Vec<(u64, u64)>,
@@ -103,10 +106,16 @@ pub fn parse(text: &str) -> Report {
             ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
             ["Non-2xx", "or", "3xx", "responses:", n] => r.non_2xx = n.parse().unwrap_or(0),
             ["Socket", "errors:", rest @ ..] => {
-                r.socket_errors = rest
-                    .iter()
-                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-                    .sum()
+                // "connect 0, read 3, write 1, timeout 0"
+                for pair in rest.chunks(2) {
+                    if let [kind, n] = pair {
+                        let n: u64 = n.trim_end_matches(',').parse().unwrap_or(0);
+                        r.socket_errors += n;
+                        if *kind == "timeout" {
+                            r.timeouts = n;
+                        }
+                    }
+                }
             }
             ["BUCKETS", rest @ ..] => {
                 r.buckets = rest
@@ -127,11 +136,12 @@ mod tests {
     #[test]
     fn parses_a_wrk_report() {
         let r = super::parse(
-            "Running 2s test @ http://127.0.0.1:1/\n  1 threads and 8 connections\n  Latency Distribution\n     50%  205.00us\n     99%    1.20ms\n  24000 requests in 2.00s, 3.00MB read\n  Socket errors: connect 0, read 3, write 1, timeout 0\n  Non-2xx or 3xx responses: 5\nRequests/sec:  12000.50\nBUCKETS 1700000000000:10 1700000000100:12\n",
+            "Running 2s test @ http://127.0.0.1:1/\n  1 threads and 8 connections\n  Latency Distribution\n     50%  205.00us\n     99%    1.20ms\n  24000 requests in 2.00s, 3.00MB read\n  Socket errors: connect 0, read 3, write 1, timeout 2\n  Non-2xx or 3xx responses: 5\nRequests/sec:  12000.50\nBUCKETS 1700000000000:10 1700000000100:12\n",
         );
         assert_eq!((r.p50_ms, r.p99_ms), (0.205, 1.2));
         assert_eq!((r.requests, r.seconds, r.rps), (24000, 2.0, 12000.5));
-        assert_eq!((r.socket_errors, r.non_2xx, r.failed()), (4, 5, 9));
+        assert_eq!((r.socket_errors, r.timeouts), (6, 2));
+        assert_eq!((r.non_2xx, r.failed()), (5, 11));
         assert_eq!(r.buckets, vec![(1700000000000, 10), (1700000000100, 12)]);
     }
 }

@@ -1,21 +1,31 @@
-//! The benchmark suite of docs/benchmarks.md, figures 1-4 and 6 (figure 5 is
-//! `cargo bench -p bench --bench boundary`). Every figure runs the host and its baseline or peer
-//! side by side in the same run, interleaved where it can, and reports ratios.
+//! The benchmark suite of docs/benchmarks.md: every figure, in one of three modes.
 //!
-//! Run everything with `bash bench/run.sh` (it installs wrk and nginx first).
+//! `suite [--quick | --full] [FIGURE...]` (`bash bench/run.sh [--quick | --full]` installs wrk
+//! and nginx first, then runs this). Every comparison runs both sides in the same run,
+//! interleaved round by round (the order alternates between rounds), and reports the ratio per
+//! round, then the median ratio and its spread [min-max] over the rounds, with a verdict against
+//! its goal (`bench::report`). The results are printed and written as Markdown to
+//! `<target>/bench-results/<mode>-<date>.md`.
 
 use std::{
     collections::HashSet,
+    fs,
     io::{BufRead, BufReader},
     net::{TcpListener, TcpStream},
     os::unix::process::CommandExt,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use bench::{build, chart, nginx::Nginx, procs, replace, root, summary, wrk, Build, Master};
+use bench::{
+    build, build_boundary, cargo_command, chart,
+    nginx::Nginx,
+    procs, replace,
+    report::{self, ratios, Goal, Results, RoundTable, Table},
+    root, target_dir, wrk, Build, Master, Mode, Probation, Service, PROBATION_KEYS,
+};
 use nix::{
     sys::signal::{killpg, Signal},
     unistd::Pid,
@@ -23,29 +33,182 @@ use nix::{
 
 /// Worker processes for the host, the baseline and nginx alike.
 const WORKERS: usize = 2;
-/// wrk's keep-alive connections.
+/// wrk's keep-alive connections (one wrk thread: it takes about one of the two cores).
 const CONNS: u32 = 32;
-const STEADY_SECONDS: u32 = 10;
-const STEADY_ROUNDS: usize = 5;
-const RELOAD_RUN_SECONDS: u32 = 30;
+/// The reload-under-load goal's pace.
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
+/// Pause between two measured runs, so that the last run's connections are closed and its
+/// drained workers gone before the next one starts.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// What every figure gets: the builds, the mode, and where to put files beside the results.
+struct Ctx {
+    b: Build,
+    mode: Mode,
+    out_dir: PathBuf,
+    /// `<mode>-<date>`: the results file's name without `.md`, the prefix of the others.
+    stem: String,
+}
+
+struct Figure {
+    name: &'static str,
+    run: fn(&Ctx, &mut Results),
+}
+
+/// The figures of the default mode (and of `--quick`, with fewer and shorter runs).
+const FIGURES: &[Figure] = &[
+    Figure {
+        name: "steady",
+        run: steady,
+    },
+    Figure {
+        name: "reload",
+        run: reload,
+    },
+    Figure {
+        name: "time",
+        run: reload_time,
+    },
+    Figure {
+        name: "boundary",
+        run: boundary,
+    },
+    Figure {
+        name: "rebuild",
+        run: rebuild,
+    },
+];
+
+/// The figures only `--full` runs, after the default ones: the long runs, and the place for the
+/// scaling curves (requests/s and CPU per request by connection count and by worker count) when
+/// they are written. Each gets its name here and a function below.
+const FULL_ONLY: &[Figure] = &[Figure {
+    name: "reload-long",
+    run: reload_long,
+}];
+
+fn usage() -> ! {
+    let names: Vec<&str> = FIGURES.iter().chain(FULL_ONLY).map(|f| f.name).collect();
+    eprintln!(
+        "usage: suite [--quick | --full] [FIGURE...]\n  figures: {} (the last {} only with --full)",
+        names.join(", "),
+        FULL_ONLY.len()
+    );
+    std::process::exit(2);
+}
 
 fn main() {
-    // `suite [steady] [reload] [time]`: the named figures only (default: all).
-    let only: Vec<String> = std::env::args().skip(1).collect();
-    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    let mut mode = bench::DEFAULT;
+    let mut only = Vec::new();
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--quick" => mode = bench::QUICK,
+            "--full" => mode = bench::FULL,
+            "--default" => mode = bench::DEFAULT,
+            name if !name.starts_with('-')
+                && FIGURES.iter().chain(FULL_ONLY).any(|f| f.name == name) =>
+            {
+                only.push(name.to_string())
+            }
+            _ => usage(),
+        }
+    }
+    let figures: Vec<&Figure> = FIGURES
+        .iter()
+        .chain(if mode.name == "full" { FULL_ONLY } else { &[] })
+        .filter(|f| only.is_empty() || only.iter().any(|o| o == f.name))
+        .collect();
+    if figures.is_empty() {
+        usage();
+    }
+
+    let started = Instant::now();
     let b = build();
-    println!("# Results\n");
-    println!("{} cores; {WORKERS} worker processes per server; wrk with 1 thread and {CONNS} keep-alive connections.\n", thread::available_parallelism().map_or(0, |n| n.get()));
-    if wanted("steady") {
-        steady(&b);
+    if figures.iter().any(|f| f.name == "boundary") {
+        build_boundary();
     }
-    if wanted("reload") {
-        reload_under_load(&b);
+    let build_time = started.elapsed();
+
+    let measuring = Instant::now();
+    let stem = format!("{}-{}", mode.name, report::utc_now("+%Y-%m-%dT%H%M%SZ"));
+    let out_dir = target_dir().join("bench-results");
+    let cx = Ctx {
+        b,
+        mode,
+        out_dir: out_dir.clone(),
+        stem: stem.clone(),
+    };
+    let mut results = Results::new(out_dir.join(format!("{stem}.md")), header(&cx, &figures));
+    for f in &figures {
+        (f.run)(&cx, &mut results);
     }
-    if wanted("time") {
-        reload_time(&b);
+    let took = measuring.elapsed();
+    // The goals table heads the file; printed here too, after the figures scrolled by.
+    print!("\n{}", results.summary());
+    let budget = match mode.budget {
+        Some(b) if took <= b => format!("within its budget of {}", duration(b)),
+        Some(b) => format!("**over its budget of {}**", duration(b)),
+        None => "no budget".to_string(),
+    };
+    results.footer(format!(
+        "## Time\n\nMode {}: the measurements took {} ({budget}); the build before them {}.\n",
+        mode.name,
+        duration(took),
+        duration(build_time)
+    ));
+    println!("\nResults written to {}", results.path.display());
+}
+
+fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 60 {
+        format!("{} min {} s", s / 60, s % 60)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
     }
+}
+
+fn header(cx: &Ctx, figures: &[&Figure]) -> String {
+    let m = &cx.mode;
+    let machine = report::machine();
+    let names: Vec<&str> = figures.iter().map(|f| f.name).collect();
+    format!(
+        "# Benchmark results: {mode} mode\n\n\
+         - date: {date}\n\
+         - commit: {commit}\n\
+         - machine: {cores} cores (available_parallelism), {cpu}, kernel {kernel}\n\
+         - load tool: {wrk}, 1 thread, {CONNS} keep-alive connections, to 127.0.0.1\n\
+         - workers: {WORKERS} worker processes per server (host with the hello plugin, \
+           baseline, {nginx})\n\
+         - mode: {mode}: steady {sr} rounds of {ss} s per server; reload under load {rr} rounds \
+           of {rs} s per run, a reload every {every} s; reload time {rt} reloads at {rw:?} \
+           workers; rebuild latency {rb} rounds; plugin boundary {br} rounds\n\
+         - figures: {names}\n\
+         - probation keys: {probation}\n\n",
+        mode = m.name,
+        date = report::utc_now("+%Y-%m-%d %H:%M:%S UTC"),
+        commit = report::commit(&root()),
+        cores = machine.cores,
+        cpu = machine.cpu,
+        kernel = machine.kernel,
+        wrk = machine.wrk,
+        nginx = machine.nginx,
+        sr = m.steady_rounds,
+        ss = m.steady_secs,
+        rr = m.reload_rounds,
+        rs = m.reload_secs,
+        every = RELOAD_EVERY.as_secs(),
+        rt = m.reload_time_reloads,
+        rw = m.reload_time_workers,
+        rb = m.rebuild_rounds,
+        br = m.boundary_rounds,
+        names = names.join(", "),
+        probation = if PROBATION_KEYS {
+            "on (reload time with the host's defaults and with 0 s)"
+        } else {
+            "off (bench::PROBATION_KEYS = false: this host has no probation keys)"
+        },
+    )
 }
 
 /// The baseline server (bench/src/bin/baseline.rs), in its own process group.
@@ -56,15 +219,13 @@ struct Baseline {
 
 impl Baseline {
     fn start(b: &Build) -> Baseline {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{}", free_port());
         let mut child = Command::new(&b.baseline)
             .args(["--listen", &addr, "--workers", &WORKERS.to_string()])
             .stdout(Stdio::piped())
+            // Its children log each start ("Info: hello v1 started"), which would mix with the
+            // results; a baseline that fails to start still says so through its stdout.
+            .stderr(Stdio::null())
             .process_group(0)
             .spawn()
             .unwrap();
@@ -72,13 +233,17 @@ impl Baseline {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        let baseline = Baseline { child, addr };
         assert_eq!(line.trim(), "ready", "baseline did not start");
         let start = Instant::now();
-        while TcpStream::connect(&addr).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10));
+        while TcpStream::connect(&baseline.addr).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "baseline never listened"
+            );
             thread::sleep(Duration::from_millis(10));
         }
-        Baseline { child, addr }
+        baseline
     }
 }
 
@@ -89,6 +254,15 @@ impl Drop for Baseline {
     }
 }
 
+/// A free port: bind to 0, read it, let it go (the baseline takes the number on its command line).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// One measured steady run: wrk's report, server CPU seconds, and RSS (MiB) per process
 /// sampled half-way through.
 struct Steady {
@@ -97,17 +271,18 @@ struct Steady {
     rss_loaded: Vec<f64>,
 }
 
-fn measure(url: &str, pids: &[u32]) -> Steady {
+fn measure(url: &str, pids: &[u32], seconds: u32) -> Steady {
     let cpu0 = procs::cpu_seconds(pids);
     let sampler = {
         let pids = pids.to_vec();
         thread::spawn(move || {
-            thread::sleep(Duration::from_secs(u64::from(STEADY_SECONDS) / 2));
+            thread::sleep(Duration::from_secs(u64::from(seconds)) / 2);
             pids.iter().map(|p| procs::rss_mib(*p)).collect::<Vec<_>>()
         })
     };
-    let report = wrk::run(url, CONNS, STEADY_SECONDS, None);
+    let report = wrk::run(url, CONNS, seconds, None);
     let cpu = procs::cpu_seconds(pids) - cpu0;
+    thread::sleep(SETTLE);
     Steady {
         report,
         cpu,
@@ -115,79 +290,125 @@ fn measure(url: &str, pids: &[u32]) -> Steady {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    summary(&mut v).0
+fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
+    runs.iter().map(f).collect()
 }
 
 /// Figure 1 (throughput, latency, CPU per request) and figure 4 (memory).
-fn steady(b: &Build) {
-    let host = Master::serving(&b.host, &b.hello_v1, WORKERS, &[], "info");
+fn steady(cx: &Ctx, out: &mut Results) {
+    let (b, m) = (&cx.b, &cx.mode);
+    let host = Master::serving(&b.host, &Service::new(&b.hello_v1, WORKERS), "info");
     let baseline = Baseline::start(b);
     let host_url = format!("http://{}/", host.addr());
     let base_url = format!("http://{}/", baseline.addr);
+    // Server CPU is the CPU time of these processes (master and workers, parent and children),
+    // never the load generator's.
     let host_pids = host.pids();
     let base_pids = procs::tree(baseline.child.id());
+    assert_eq!(
+        host_pids.len(),
+        WORKERS + 1,
+        "host: a master and its workers"
+    );
+    assert_eq!(
+        base_pids.len(),
+        WORKERS + 1,
+        "baseline: a parent and its children"
+    );
     let idle = |pids: &[u32]| pids.iter().map(|p| procs::rss_mib(*p)).collect::<Vec<_>>();
     let (host_idle, base_idle) = (idle(&host_pids), idle(&base_pids));
-    wrk::run(&host_url, CONNS, 2, None);
-    wrk::run(&base_url, CONNS, 2, None);
+    wrk::run(&host_url, CONNS, m.warmup_secs, None);
+    wrk::run(&base_url, CONNS, m.warmup_secs, None);
     let (mut h, mut s) = (Vec::new(), Vec::new());
-    for _ in 0..STEADY_ROUNDS {
-        h.push(measure(&host_url, &host_pids));
-        s.push(measure(&base_url, &base_pids));
+    for round in 0..m.steady_rounds {
+        // Alternate who goes first, so that a drift within a round (the other engineer's build
+        // starting, a clock change) does not always land on the same server.
+        if round % 2 == 0 {
+            h.push(measure(&host_url, &host_pids, m.steady_secs));
+            s.push(measure(&base_url, &base_pids, m.steady_secs));
+        } else {
+            s.push(measure(&base_url, &base_pids, m.steady_secs));
+            h.push(measure(&host_url, &host_pids, m.steady_secs));
+        }
     }
-    let stat = |runs: &[Steady], f: &dyn Fn(&Steady) -> f64| median(runs.iter().map(f).collect());
+    let mut t = RoundTable::new(m.steady_rounds);
     let rps = |r: &Steady| r.report.rps;
     let p50 = |r: &Steady| r.report.p50_ms;
     let p99 = |r: &Steady| r.report.p99_ms;
     let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
-    println!(
-        "## 1. Steady throughput (median of {STEADY_ROUNDS} interleaved {STEADY_SECONDS} s runs)\n"
+    let failed = |r: &Steady| r.report.failed() as f64;
+    t.compare(
+        "server CPU per request (µs)",
+        ("host", &col(&h, cpu_us)),
+        ("baseline", &col(&s, cpu_us)),
+        Some(Goal::AtMost(1.05)),
     );
-    println!("| | host (hello plugin) | baseline (static hyper) | host / baseline | goal |");
-    println!("|---|---|---|---|---|");
-    for (name, f, goal) in [
-        ("requests/s", &rps as &dyn Fn(&Steady) -> f64, ">= 0.95"),
-        ("p50 latency (ms)", &p50, ""),
-        ("p99 latency (ms)", &p99, "<= 1.10"),
-        ("server CPU per request (µs)", &cpu_us, "<= 1.05"),
-    ] {
-        let (hv, sv) = (stat(&h, f), stat(&s, f));
-        println!("| {name} | {hv:.3} | {sv:.3} | {:.3} | {goal} |", hv / sv);
-    }
-    let failed: u64 = h.iter().chain(&s).map(|r| r.report.failed()).sum();
-    println!("\nFailed requests in these runs: {failed}.\n");
+    t.compare(
+        "requests/s",
+        ("host", &col(&h, rps)),
+        ("baseline", &col(&s, rps)),
+        Some(Goal::AtLeast(0.95)),
+    );
+    t.compare(
+        "p50 latency (ms)",
+        ("host", &col(&h, p50)),
+        ("baseline", &col(&s, p50)),
+        None,
+    );
+    t.compare(
+        "p99 latency (ms)",
+        ("host", &col(&h, p99)),
+        ("baseline", &col(&s, p99)),
+        Some(Goal::AtMost(1.10)),
+    );
+    t.values("failed requests: host", &col(&h, failed));
+    t.values("failed requests: baseline", &col(&s, failed));
+    out.section(
+        "1. steady",
+        format!(
+            "## 1. Steady throughput, latency, CPU per request\n\n\
+             {} interleaved rounds of {} s per server; host / baseline within each round.\n\n{}\n",
+            m.steady_rounds,
+            m.steady_secs,
+            t.render()
+        ),
+        &t.goals,
+    );
 
-    println!("## 4. Memory (RSS, MiB)\n");
-    println!("| process | idle | under load |");
-    println!("|---|---|---|");
-    let loaded = &h[h.len() / 2].rss_loaded;
-    for (i, pid) in host_pids.iter().enumerate() {
-        let role = if i == 0 {
-            "host master".to_string()
-        } else {
-            format!("host worker {pid}")
-        };
-        println!(
-            "| {role} | {:.1} | {:.1} |",
-            host_idle[i],
-            loaded.get(i).copied().unwrap_or(0.0)
-        );
+    // Figure 4: RSS per process, idle (before the load) and half-way through each round.
+    let mut idle_t = Table::new(&["process", "idle (MiB)"]);
+    let mut mem = RoundTable::new(m.steady_rounds);
+    let role = |server: &str, i: usize| match i {
+        0 if server == "host" => "host master".to_string(),
+        0 => format!("{server} parent"),
+        i => format!("{server} worker {i}"),
+    };
+    for (server, pids_idle, runs) in [("host", &host_idle, &h), ("baseline", &base_idle, &s)] {
+        for (i, v) in pids_idle.iter().enumerate() {
+            idle_t.row(vec![role(server, i), report::value(*v)]);
+            mem.values(
+                &format!("{} under load (MiB)", role(server, i)),
+                &col(runs, |r| r.rss_loaded.get(i).copied().unwrap_or(0.0)),
+            );
+        }
     }
-    let loaded = &s[s.len() / 2].rss_loaded;
-    for (i, pid) in base_pids.iter().enumerate() {
-        let role = if i == 0 {
-            "baseline parent".to_string()
-        } else {
-            format!("baseline worker {pid}")
-        };
-        println!(
-            "| {role} | {:.1} | {:.1} |",
-            base_idle[i],
-            loaded.get(i).copied().unwrap_or(0.0)
-        );
-    }
-    println!();
+    let total = |r: &Steady| r.rss_loaded.iter().sum::<f64>();
+    mem.compare(
+        "all processes under load (MiB)",
+        ("host", &col(&h, total)),
+        ("baseline", &col(&s, total)),
+        None,
+    );
+    out.section(
+        "4. memory",
+        format!(
+            "## 4. Memory (RSS)\n\nFrom /proc, idle before the first round and half-way \
+             through each round of figure 1.\n\n{}\n{}\n",
+            idle_t.render(),
+            mem.render()
+        ),
+        &mem.goals,
+    );
 }
 
 fn now_ms() -> u64 {
@@ -197,205 +418,482 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// A wrk run with the bucket script in a thread, while `reload` is called every 2 s.
-/// Returns wrk's report and the reload moments (unix ms).
+/// A wrk run of `seconds` with the bucket script in a thread, calling `reload` at 2 s, 4 s, ...
+/// (while before the end) if `reloads`. Returns wrk's report and the reload moments (unix ms).
 fn under_load(
     url: &str,
     script: &Path,
+    seconds: u32,
     reloads: bool,
-    mut reload: impl FnMut(usize),
+    mut reload: impl FnMut(),
 ) -> (wrk::Report, Vec<u64>) {
     let load = {
         let (url, script) = (url.to_string(), script.to_path_buf());
-        thread::spawn(move || wrk::run(&url, CONNS, RELOAD_RUN_SECONDS, Some(&script)))
+        thread::spawn(move || wrk::run(&url, CONNS, seconds, Some(&script)))
     };
     let start = Instant::now();
+    let length = Duration::from_secs(u64::from(seconds));
     let mut moments = Vec::new();
-    if reloads {
-        let mut n = 0;
-        while start.elapsed() + RELOAD_EVERY < Duration::from_secs(u64::from(RELOAD_RUN_SECONDS)) {
-            thread::sleep(RELOAD_EVERY.saturating_sub(start.elapsed() - RELOAD_EVERY * n as u32));
-            moments.push(now_ms());
-            reload(n);
-            n += 1;
-        }
+    let mut next = RELOAD_EVERY;
+    while reloads && next < length {
+        thread::sleep(next.saturating_sub(start.elapsed()));
+        moments.push(now_ms());
+        reload();
+        next += RELOAD_EVERY;
     }
-    (load.join().unwrap(), moments)
+    let report = load.join().unwrap();
+    thread::sleep(SETTLE);
+    (report, moments)
+}
+
+/// The fewest responses in a 100 ms bucket, leaving out the first and last (partial) ones.
+fn min_bucket(r: &wrk::Report) -> f64 {
+    if r.buckets.len() < 3 {
+        return 0.0;
+    }
+    let inner = &r.buckets[1..r.buckets.len() - 1];
+    inner.iter().map(|b| b.1).min().unwrap_or(0) as f64
+}
+
+/// True if `host reload` printed one `old pid -> new pid` line per worker and no pid was kept.
+fn replaced_every_worker(reload_stdout: &str) -> bool {
+    // "hello: worker 0: 123 -> 456 (plugin ..., ready in 5 ms)"
+    let pairs: Vec<(u32, u32)> = reload_stdout
+        .lines()
+        .filter(|l| l.contains(" ready in "))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once(": worker ")?;
+            let (_, pids) = rest.split_once(": ")?;
+            let (old, rest) = pids.split_once(" -> ")?;
+            Some((
+                old.parse().ok()?,
+                rest.split_whitespace().next()?.parse().ok()?,
+            ))
+        })
+        .collect();
+    let old: HashSet<u32> = pairs.iter().map(|p| p.0).collect();
+    pairs.len() == WORKERS && pairs.iter().all(|p| !old.contains(&p.1))
 }
 
 /// Figure 2 (reload under load, host and nginx) and figure 6 (the chart).
-fn reload_under_load(b: &Build) {
+fn reload(cx: &Ctx, out: &mut Results) {
+    reload_under_load(
+        cx,
+        out,
+        ("2. Reload under load", "2. reload under load"),
+        "reload",
+        cx.mode.reload_rounds,
+        cx.mode.reload_secs,
+    );
+}
+
+/// `--full` only: figure 2 with 60 s runs, where a slow leak or a late failure would show.
+fn reload_long(cx: &Ctx, out: &mut Results) {
+    reload_under_load(
+        cx,
+        out,
+        (
+            "8. Reload under load, long runs",
+            "8. reload under load, long",
+        ),
+        "reload-long",
+        5,
+        60,
+    );
+}
+
+#[derive(Clone, Copy)]
+enum Run {
+    HostCalm,
+    HostBusy,
+    NginxCalm,
+    NginxBusy,
+}
+
+fn reload_under_load(
+    cx: &Ctx,
+    out: &mut Results,
+    (title, figure): (&str, &str),
+    chart_name: &str,
+    rounds: usize,
+    seconds: u32,
+) {
+    let b = &cx.b;
     let script = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(script.path(), wrk::BUCKET_SCRIPT).unwrap();
-
-    let host = Master::serving(&b.host, &b.hello_v1, WORKERS, &[], "info");
-    let url = format!("http://{}/", host.addr());
-    wrk::run(&url, CONNS, 2, None);
-    let (host_calm, _) = under_load(&url, script.path(), false, |_| {});
-    let mut replaced_all = 0;
-    let (host_busy, host_moments) = under_load(&url, script.path(), true, |n| {
-        replace(
-            if n % 2 == 0 { &b.hello_v2 } else { &b.hello_v1 },
-            &host.plugin_path(),
-        );
-        let out = host.cli(&["reload"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "reload failed: {text}");
-        // "hello: worker 0: 123 -> 456 (plugin ..., ready in 5 ms)": every slot, a new pid.
-        let pairs: Vec<(u32, u32)> = text
-            .lines()
-            .filter(|l| l.contains(" ready in "))
-            .filter_map(|l| {
-                let (_, rest) = l.split_once(": worker ")?;
-                let (_, pids) = rest.split_once(": ")?;
-                let (old, rest) = pids.split_once(" -> ")?;
-                Some((
-                    old.parse().ok()?,
-                    rest.split_whitespace().next()?.parse().ok()?,
-                ))
-            })
-            .collect();
-        let old: HashSet<u32> = pairs.iter().map(|p| p.0).collect();
-        if pairs.len() == WORKERS && pairs.iter().all(|p| !old.contains(&p.1)) {
-            replaced_all += 1;
-        }
-    });
-    drop(host);
-
+    fs::write(script.path(), wrk::BUCKET_SCRIPT).unwrap();
+    let host = Master::serving(&b.host, &Service::new(&b.hello_v1, WORKERS), "info");
     let nginx = Nginx::start(WORKERS);
-    let url = format!("http://{}/", nginx.addr);
-    wrk::run(&url, CONNS, 2, None);
-    let (nginx_calm, _) = under_load(&url, script.path(), false, |_| {});
-    let mut nginx_workers = vec![procs::tree(nginx.pid)];
-    let (nginx_busy, nginx_moments) = under_load(&url, script.path(), true, |_| {
-        nginx.reload();
-        nginx_workers.push(procs::tree(nginx.pid));
-    });
+    let host_url = format!("http://{}/", host.addr());
+    let nginx_url = format!("http://{}/", nginx.addr);
+    wrk::run(&host_url, CONNS, cx.mode.warmup_secs, None);
+    wrk::run(&nginx_url, CONNS, cx.mode.warmup_secs, None);
+
+    let mut swaps = 0usize;
+    let (mut replaced_all, mut host_reloads) = (0usize, 0usize);
+    let (mut nginx_changed, mut nginx_reloads) = (0usize, 0usize);
+    let (mut hc, mut hb, mut nc, mut nb) = (vec![], vec![], vec![], vec![]);
+    let (mut host_moments, mut nginx_moments) = (vec![], vec![]);
+    for round in 0..rounds {
+        let mut order = [Run::HostCalm, Run::HostBusy, Run::NginxCalm, Run::NginxBusy];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for run in order {
+            match run {
+                Run::HostCalm => {
+                    hc.push(under_load(&host_url, script.path(), seconds, false, || {}).0)
+                }
+                Run::HostBusy => {
+                    let (r, moments) = under_load(&host_url, script.path(), seconds, true, || {
+                        // v1, v2, v1, ...: every reload loads a different build than the last.
+                        swaps += 1;
+                        let plugin = if swaps % 2 == 1 {
+                            &b.hello_v2
+                        } else {
+                            &b.hello_v1
+                        };
+                        replace(plugin, &host.plugin_path());
+                        let out = host.cli(&["reload"]);
+                        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                        assert!(out.status.success(), "reload failed: {text}");
+                        host_reloads += 1;
+                        replaced_all += usize::from(replaced_every_worker(&text));
+                    });
+                    hb.push(r);
+                    host_moments.push(moments);
+                }
+                Run::NginxCalm => {
+                    nc.push(under_load(&nginx_url, script.path(), seconds, false, || {}).0)
+                }
+                Run::NginxBusy => {
+                    let (r, moments) = under_load(&nginx_url, script.path(), seconds, true, || {
+                        let before = procs::tree(nginx.pid);
+                        nginx.reload();
+                        nginx_reloads += 1;
+                        // `nginx -s reload` only signals nginx's master and returns: wait (up to
+                        // 1 s, well inside the 2 s between reloads) for its set of processes to
+                        // change, or count this reload as one that changed nothing.
+                        let start = Instant::now();
+                        while procs::tree(nginx.pid) == before {
+                            if start.elapsed() > Duration::from_secs(1) {
+                                return;
+                            }
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                        nginx_changed += 1;
+                    });
+                    nb.push(r);
+                    nginx_moments.push(moments);
+                }
+            }
+        }
+    }
+    drop(host);
     drop(nginx);
 
-    let min_bucket = |r: &wrk::Report| {
-        let inner = &r.buckets[1..r.buckets.len().saturating_sub(1)];
-        inner.iter().map(|b| b.1).min().unwrap_or(0)
-    };
-    println!("## 2. Reload under load ({RELOAD_RUN_SECONDS} s of keep-alive load, a reload every {} s)\n", RELOAD_EVERY.as_secs());
-    println!("| | host: no reload | host: reloads | nginx: no reload | nginx: reloads |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| reloads | 0 | {} | 0 | {} |",
-        host_moments.len(),
-        nginx_moments.len()
+    let rps = |r: &wrk::Report| r.rps;
+    let p99 = |r: &wrk::Report| r.p99_ms;
+    let failed = |r: &wrk::Report| r.failed() as f64;
+    let timeouts = |r: &wrk::Report| r.timeouts as f64;
+    let mut t = RoundTable::new(rounds);
+    t.values(
+        "reloads in the run: host",
+        &col(&host_moments, |m| m.len() as f64),
     );
-    println!(
-        "| failed requests (socket errors + non-2xx) | {} | {} | {} | {} |",
-        host_calm.failed(),
-        host_busy.failed(),
-        nginx_calm.failed(),
-        nginx_busy.failed()
+    t.values_with_goal(
+        "failed requests: host with reloads",
+        &col(&hb, failed),
+        Goal::None,
     );
-    println!(
-        "| requests/s | {:.0} | {:.0} | {:.0} | {:.0} |",
-        host_calm.rps, host_busy.rps, nginx_calm.rps, nginx_busy.rps
+    t.values("failed requests: host without", &col(&hc, failed));
+    t.values(
+        "of which timeouts (5 s): host with reloads",
+        &col(&hb, timeouts),
     );
-    println!(
-        "| p99 latency (ms) | {:.2} | {:.2} | {:.2} | {:.2} |",
-        host_calm.p99_ms, host_busy.p99_ms, nginx_calm.p99_ms, nginx_busy.p99_ms
+    t.values("of which timeouts (5 s): host without", &col(&hc, timeouts));
+    t.compare(
+        "requests/s, host",
+        ("with reloads", &col(&hb, rps)),
+        ("without", &col(&hc, rps)),
+        Some(Goal::AtLeast(0.95)),
     );
-    println!(
-        "| fewest responses in a 100 ms bucket | {} | {} | {} | {} |",
-        min_bucket(&host_calm),
-        min_bucket(&host_busy),
-        min_bucket(&nginx_calm),
-        min_bucket(&nginx_busy)
+    t.compare(
+        "p99 latency (ms), host",
+        ("with reloads", &col(&hb, p99)),
+        ("without", &col(&hc, p99)),
+        Some(Goal::AtMost(1.5)),
     );
-    println!(
-        "\nThroughput with reloads / without: host {:.3}, nginx {:.3}. p99 with / without: host {:.2}, nginx {:.2}.",
-        host_busy.rps / host_calm.rps,
-        nginx_busy.rps / nginx_calm.rps,
-        host_busy.p99_ms / host_calm.p99_ms,
-        nginx_busy.p99_ms / nginx_calm.p99_ms
+    t.values(
+        "fewest responses in 100 ms: host with reloads",
+        &col(&hb, min_bucket),
     );
-    let nginx_changes = nginx_workers.windows(2).filter(|w| w[0] != w[1]).count();
-    println!(
-        "Every host reload replaced every worker: {replaced_all} of {} reloads printed {WORKERS} lines `old pid -> new pid` with no pid kept; \
-         nginx's process set changed after {nginx_changes} of {} reloads.\n",
-        host_moments.len(),
-        nginx_moments.len()
+    t.values("failed requests: nginx with reloads", &col(&nb, failed));
+    t.values("failed requests: nginx without", &col(&nc, failed));
+    t.values(
+        "of which timeouts (5 s): nginx with reloads",
+        &col(&nb, timeouts),
+    );
+    t.compare(
+        "requests/s, nginx",
+        ("with reloads", &col(&nb, rps)),
+        ("without", &col(&nc, rps)),
+        None,
+    );
+    t.compare(
+        "p99 latency (ms), nginx",
+        ("with reloads", &col(&nb, p99)),
+        ("without", &col(&nc, p99)),
+        None,
+    );
+    t.values(
+        "fewest responses in 100 ms: nginx with reloads",
+        &col(&nb, min_bucket),
+    );
+    t.ratios(
+        "**requests/s with reloads: host / nginx**",
+        &ratios(&col(&hb, rps), &col(&nb, rps)),
+        None,
     );
 
-    let svg = root().join("docs/bench-reload-under-load.svg");
+    // Figure 6: the last round's runs with reloads, drawn beside the results (not into docs/:
+    // a chart goes there with the figures of a quiet machine).
+    let svg = cx.out_dir.join(format!("{}-{chart_name}.svg", cx.stem));
+    let last = rounds - 1;
     chart::draw(
         &svg,
-        "responses per 100 ms, a reload every 2 s",
+        &format!(
+            "responses per 100 ms, a reload every {} s",
+            RELOAD_EVERY.as_secs()
+        ),
         &[
             chart::Series {
                 name: "host (hello plugin)",
-                buckets: &host_busy.buckets,
-                reloads: &host_moments,
+                buckets: &hb[last].buckets,
+                reloads: &host_moments[last],
             },
             chart::Series {
                 name: "nginx (fixed 200)",
-                buckets: &nginx_busy.buckets,
-                reloads: &nginx_moments,
+                buckets: &nb[last].buckets,
+                reloads: &nginx_moments[last],
             },
         ],
     )
     .expect("could not draw the chart");
-    println!("## 6. Chart\n\nWritten to {}.\n", svg.display());
+
+    out.section(
+        figure,
+        format!(
+            "## {title}\n\n{rounds} interleaved rounds; in each, 4 runs of {seconds} s of \
+             keep-alive load: host without and with a reload every {every} s (`host reload`, \
+             the hello v1 and v2 builds in turn), nginx without and with `nginx -s reload` at \
+             the same pace. Ratios are with / without within a round. Failed requests are wrk's \
+             socket errors (connect, read, write, timeout) plus non-2xx responses.\n\n{table}\n\
+             Every host reload replaced every worker in {replaced_all} of {host_reloads} reloads \
+             (one `old pid -> new pid` line per worker, no pid kept); nginx's set of processes \
+             changed within 1 s of {nginx_changed} of its {nginx_reloads} reloads.\n\n\
+             Chart of the last round's runs with reloads (responses per 100 ms, vertical lines \
+             at reloads): {svg}\n\n",
+            every = RELOAD_EVERY.as_secs(),
+            table = t.render(),
+            svg = svg.display(),
+        ),
+        &t.goals,
+    );
 }
 
-/// Figure 3: `host reload` wall time by worker count, and where a worker's start goes.
-fn reload_time(b: &Build) {
-    println!("## 3. Reload time (5 reloads per worker count, hello plugin)\n");
-    println!("| workers | `host reload` p50 (ms) | exec | plugin load | on_start | serve setup | READY report | start total | drain |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for workers in [1usize, 2, 4, 8] {
-        let host = Master::serving(&b.host, &b.hello_v1, workers, &[], "host=debug");
-        let mut walls = Vec::new();
-        for n in 0..5 {
-            replace(
-                if n % 2 == 0 { &b.hello_v2 } else { &b.hello_v1 },
-                &host.plugin_path(),
-            );
-            let t = Instant::now();
-            assert!(host.cli(&["reload"]).status.success());
-            walls.push(t.elapsed().as_secs_f64() * 1000.0);
+/// Figure 3: `host reload` wall time by worker count (with the host's default probation and,
+/// when the switch is on, with probation 0, interleaved), and where a worker's start goes.
+fn reload_time(cx: &Ctx, out: &mut Results) {
+    let (b, m) = (&cx.b, &cx.mode);
+    let variants: &[Probation] = if PROBATION_KEYS {
+        &[Probation::Zero, Probation::Default]
+    } else {
+        &[Probation::Default]
+    };
+    let mut t = RoundTable::new(m.reload_time_reloads);
+    let mut phases_t = Table::new(&[
+        "workers",
+        "probation",
+        "exec",
+        "plugin load",
+        "on_start",
+        "serve setup",
+        "READY report",
+        "start total",
+        "drain",
+    ]);
+    for &workers in m.reload_time_workers {
+        let masters: Vec<(Probation, Master)> = variants
+            .iter()
+            .map(|&p| {
+                let service = Service {
+                    probation: p,
+                    ..Service::new(&b.hello_v1, workers)
+                };
+                (p, Master::serving(&b.host, &service, "host=debug"))
+            })
+            .collect();
+        let mut walls = vec![Vec::new(); masters.len()];
+        for r in 0..m.reload_time_reloads {
+            let plugin = if r % 2 == 0 { &b.hello_v2 } else { &b.hello_v1 };
+            let mut order: Vec<usize> = (0..masters.len()).collect();
+            if r % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let master = &masters[i].1;
+                replace(plugin, &master.plugin_path());
+                let start = Instant::now();
+                let out = master.cli(&["reload"]);
+                walls[i].push(start.elapsed().as_secs_f64() * 1000.0);
+                assert!(
+                    out.status.success(),
+                    "reload failed: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
         }
-        // Let the last drains finish so their lines are in the log.
+        // Let the last drains finish so that their lines are in the log.
         thread::sleep(Duration::from_millis(500));
-        let log = host.log();
-        let phases: Vec<Vec<f64>> = log
-            .lines()
-            .filter_map(|l| l.split_once("start phases (ms): ").map(|(_, rest)| rest))
-            .skip(workers) // the initial start
-            .map(|rest| {
-                rest.split(", ")
-                    .filter_map(|kv| kv.rsplit_once(' ')?.1.parse().ok())
-                    .collect()
-            })
-            .collect();
-        let avg = |i: usize| {
-            phases.iter().filter_map(|p| p.get(i)).sum::<f64>() / phases.len().max(1) as f64
-        };
-        let drains: Vec<f64> = log
-            .lines()
-            .filter_map(|l| {
-                l.split_once("after draining for ")
-                    .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
-            })
-            .collect();
-        let drain = drains.iter().sum::<f64>() / drains.len().max(1) as f64;
-        println!(
-            "| {workers} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {drain:.1} |",
-            median(walls),
-            avg(0),
-            avg(1),
-            avg(2),
-            avg(3),
-            avg(4),
-            avg(5)
-        );
+        for (i, (p, master)) in masters.iter().enumerate() {
+            t.values(
+                &format!("{workers} workers, {}: `host reload` (ms)", p.label()),
+                &walls[i],
+            );
+            let mut row = vec![workers.to_string(), p.label().to_string()];
+            row.extend(
+                phases(&master.log(), workers)
+                    .iter()
+                    .map(|v| format!("{v:.2}")),
+            );
+            phases_t.row(row);
+        }
+        if walls.len() == 2 {
+            t.ratios(
+                &format!("**{workers} workers: default probation / probation 0**"),
+                &ratios(&walls[1], &walls[0]),
+                None,
+            );
+        }
     }
-    println!(
-        "\nPhases are per new worker, in ms, averaged over every worker the reloads started.\n"
+    let probation = if PROBATION_KEYS {
+        "Each worker count runs two masters, one with the host's default probation and one with \
+         `canary_probation = \"0s\"` and `probation = \"0s\"` (as `host dev`), reloaded in turn."
+    } else {
+        "With the host's defaults only: this host has no probation keys, so \"probation 0\" is \
+         not measured (bench::PROBATION_KEYS = false)."
+    };
+    out.section(
+        "3. reload time",
+        format!(
+            "## 3. Reload time\n\n`host reload` wall time, {} reloads per worker count (the hello \
+             v1 and v2 builds in turn), each reload a round. {probation}\n\n{}\n\
+             Where a new worker's start goes (ms, averaged over every worker the reloads \
+             started, from the phases each worker logs at debug level with its READY; drain is \
+             from `Drain` to the old worker's exit):\n\n{}\n",
+            m.reload_time_reloads,
+            t.render(),
+            phases_t.render()
+        ),
+        &t.goals,
+    );
+}
+
+/// The averages of the start phases (exec, plugin load, on_start, serve setup, READY report,
+/// total) of the workers that reloads started, and of the drains, from a master's debug log.
+fn phases(log: &str, workers: usize) -> [f64; 7] {
+    let starts: Vec<Vec<f64>> = log
+        .lines()
+        .filter_map(|l| l.split_once("start phases (ms): ").map(|(_, rest)| rest))
+        .skip(workers) // the initial start
+        .map(|rest| {
+            rest.split(", ")
+                .filter_map(|kv| kv.rsplit_once(' ')?.1.parse().ok())
+                .collect()
+        })
+        .collect();
+    let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let drains: Vec<f64> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("after draining for ")
+                .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        })
+        .collect();
+    let mut out = [0.0; 7];
+    for (i, o) in out.iter_mut().take(6).enumerate() {
+        *o = avg(&starts
+            .iter()
+            .filter_map(|p| p.get(i).copied())
+            .collect::<Vec<_>>());
+    }
+    out[6] = avg(&drains);
+    out
+}
+
+/// Figure 5: the criterion microbenchmark in benches/boundary.rs, run as its own process.
+fn boundary(cx: &Ctx, out: &mut Results) {
+    let m = &cx.mode;
+    let md = cx.out_dir.join(format!("{}-boundary.md", cx.stem));
+    let log_path = cx.out_dir.join(format!("{}-boundary.log", cx.stem));
+    let log = fs::File::create(&log_path).unwrap();
+    let ok = cargo_command()
+        .args([
+            "bench",
+            "-p",
+            "bench",
+            "--bench",
+            "boundary",
+            "--target-dir",
+        ])
+        .arg(bench::boundary_target())
+        .current_dir(root())
+        // Criterion's own files next to the results, not in a target/ below bench/.
+        .env("CRITERION_HOME", cx.out_dir.join("criterion"))
+        .env("BENCH_MODE", m.name)
+        .env("BENCH_HELLO_SO", &cx.b.hello_v1)
+        .env("BENCH_BOUNDARY_MD", &md)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap()
+        .success();
+    assert!(
+        ok,
+        "the boundary benchmark failed: see {}",
+        log_path.display()
+    );
+    let table = fs::read_to_string(&md).unwrap();
+    let _ = fs::remove_file(&md);
+    out.section(
+        "5. boundary",
+        format!(
+            "## 5. Plugin boundary cost\n\n`cargo bench -p bench --bench boundary` (criterion): \
+             one hello request through the plugin ABI against a direct call of the same handler \
+             linked statically, {} interleaved rounds of {} ms warm-up and {} ms measurement \
+             each; criterion's own report: {}\n\n{table}\n",
+            m.boundary_rounds,
+            m.boundary_warmup.as_millis(),
+            m.boundary_measure.as_millis(),
+            log_path.display()
+        ),
+        &[],
+    );
+}
+
+/// Figure 7: rebuild latency with `--watch` against swap + `host reload` (`bench::rebuild`).
+fn rebuild(cx: &Ctx, out: &mut Results) {
+    let rounds = cx.mode.rebuild_rounds;
+    let t = bench::rebuild::run(&cx.b, rounds);
+    out.section(
+        "7. rebuild latency",
+        format!(
+            "## 7. Rebuild latency (`--watch`)\n\nFrom the rebuilt plugin file appearing to the \
+             first response from the new code, 4 workers, the watcher's default debounce; \
+             against the same swap followed by `host reload` on a second master; {rounds} \
+             interleaved rounds.\n\n{}\n",
+            t.render()
+        ),
+        &t.goals,
     );
 }
