@@ -54,7 +54,7 @@ fn main() {
         master_pid: std::process::id(),
         check_only: true,
     };
-    let loaded = Loaded::load_and_start(&spec, &build.hello_v1, || {}).expect("load hello");
+    let loaded = Loaded::load_and_start(&spec, &spec.plugin_path, || {}).expect("load hello");
     let ffi_request = FfiRequest {
         method: "GET".into(),
         path: "/".into(),

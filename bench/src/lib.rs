@@ -25,14 +25,6 @@ use nix::{
     unistd::Pid,
 };
 
-/// THE PROBATION SWITCH. Turn it to `true` once the host reads the per-service keys
-/// `canary_probation` and `probation` (a reload then waits for them, ~1 s by default; `host dev`
-/// sets both to 0). With `true`, the reload-time figure measures each worker count twice,
-/// interleaved, with the host's defaults and with both keys at "0s", and the rebuild-latency
-/// figure runs with both at "0s" as `host dev` does. It stays `false` while the host does not
-/// know the keys, because unknown config keys are errors there.
-pub const PROBATION_KEYS: bool = false;
-
 /// The workspace root (bench/ is one level below it).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -172,7 +164,7 @@ pub fn replace(from: &Path, to: &Path) {
     fs::copy(from, to).unwrap();
 }
 
-/// The host's reload probation for a service (see [`PROBATION_KEYS`]).
+/// The host's reload probation for a service (per service `canary_probation` and `probation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Probation {
     /// The keys left out: what a user gets from `host start`.
@@ -189,13 +181,9 @@ impl Probation {
         }
     }
 
-    /// The setting of the dev loop: zero where the host knows the keys.
+    /// The setting of the dev loop (`host dev` sets both probations to 0).
     pub fn dev() -> Probation {
-        if PROBATION_KEYS {
-            Probation::Zero
-        } else {
-            Probation::Default
-        }
+        Probation::Zero
     }
 }
 
@@ -226,9 +214,6 @@ impl<'a> Service<'a> {
             self.workers, self.watch
         );
         if self.probation == Probation::Zero {
-            if !PROBATION_KEYS {
-                panic!("probation 0 needs a host that knows the keys: see bench::PROBATION_KEYS");
-            }
             t += "canary_probation = \"0s\"\nprobation = \"0s\"\n";
         }
         t
@@ -415,13 +400,11 @@ mod tests {
         let default = Service::new(plugin, 2).toml();
         assert!(default.contains("workers = 2\nwatch = false\n"));
         assert!(!default.contains("probation"));
-        if PROBATION_KEYS {
-            let zero = Service {
-                probation: Probation::Zero,
-                ..Service::new(plugin, 2)
-            }
-            .toml();
-            assert!(zero.contains("canary_probation = \"0s\"\nprobation = \"0s\"\n"));
+        let zero = Service {
+            probation: Probation::Zero,
+            ..Service::new(plugin, 2)
         }
+        .toml();
+        assert!(zero.contains("canary_probation = \"0s\"\nprobation = \"0s\"\n"));
     }
 }

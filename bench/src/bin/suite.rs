@@ -24,7 +24,7 @@ use bench::{
     nginx::Nginx,
     procs, replace,
     report::{self, ratios, Goal, Results, RoundTable, Table},
-    root, target_dir, wrk, Build, Master, Mode, Probation, Service, PROBATION_KEYS,
+    root, target_dir, wrk, Build, Master, Mode, Probation, Service,
 };
 use nix::{
     sys::signal::{killpg, Signal},
@@ -203,11 +203,7 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
         rb = m.rebuild_rounds,
         br = m.boundary_rounds,
         names = names.join(", "),
-        probation = if PROBATION_KEYS {
-            "on (reload time with the host's defaults and with 0 s)"
-        } else {
-            "off (bench::PROBATION_KEYS = false: this host has no probation keys)"
-        },
+        probation = "reload time with the host's defaults and with 0 s",
     )
 }
 
@@ -701,15 +697,11 @@ fn reload_under_load(
     );
 }
 
-/// Figure 3: `host reload` wall time by worker count (with the host's default probation and,
-/// when the switch is on, with probation 0, interleaved), and where a worker's start goes.
+/// Figure 3: `host reload` wall time by worker count (with the host's default probation and
+/// with probation 0, interleaved), and where a worker's start goes.
 fn reload_time(cx: &Ctx, out: &mut Results) {
     let (b, m) = (&cx.b, &cx.mode);
-    let variants: &[Probation] = if PROBATION_KEYS {
-        &[Probation::Zero, Probation::Default]
-    } else {
-        &[Probation::Default]
-    };
+    let variants: &[Probation] = &[Probation::Zero, Probation::Default];
     let mut t = RoundTable::new(m.reload_time_reloads);
     let mut phases_t = Table::new(&[
         "workers",
@@ -776,13 +768,9 @@ fn reload_time(cx: &Ctx, out: &mut Results) {
             );
         }
     }
-    let probation = if PROBATION_KEYS {
-        "Each worker count runs two masters, one with the host's default probation and one with \
-         `canary_probation = \"0s\"` and `probation = \"0s\"` (as `host dev`), reloaded in turn."
-    } else {
-        "With the host's defaults only: this host has no probation keys, so \"probation 0\" is \
-         not measured (bench::PROBATION_KEYS = false)."
-    };
+    let probation = "Each worker count runs two masters, one with the host's default probation \
+                     and one with `canary_probation = \"0s\"` and `probation = \"0s\"` (as \
+                     `host dev`), reloaded in turn.";
     out.section(
         "3. reload time",
         format!(
