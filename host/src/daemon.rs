@@ -55,13 +55,12 @@ pub fn open_log(path: &Path) -> Result<File, String> {
         })
 }
 
-/// Points this process's stdout and stderr at the log file (workers and upgraded masters
-/// inherit them).
+/// Points this process's stderr, where every log line goes, at the log file (workers and
+/// upgraded masters inherit it). Stdout keeps the one line `host: ready ...` for whoever
+/// started the master (a daemon's is the log file already).
 pub fn log_to(path: &Path) -> Result<(), String> {
     let file = open_log(path)?;
-    nix::unistd::dup2_stdout(&file)
-        .and_then(|()| nix::unistd::dup2_stderr(&file))
-        .map_err(|e| format!("could not log to {}: {e}", path.display()))
+    nix::unistd::dup2_stderr(&file).map_err(|e| format!("could not log to {}: {e}", path.display()))
 }
 
 /// The command side: starts the master in the background and waits for its word.

@@ -7,6 +7,7 @@ mod load;
 
 mod cli;
 mod config_reload;
+mod daemon;
 mod failures;
 mod lifecycle;
 mod limits;
@@ -14,6 +15,7 @@ mod liveness;
 mod plugins;
 mod reload;
 mod rollout;
+mod systemd;
 mod trust;
 mod upgrade;
 mod watch;

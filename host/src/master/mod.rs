@@ -127,7 +127,7 @@ impl Master {
     }
 
     /// `host reopen-logs`: opens the log file again (logrotate moved the old one), points this
-    /// process's stdout and stderr at it, and hands it to every worker (`fdpass`); workers
+    /// process's stderr at it, and hands it to every worker (`fdpass`); workers
     /// started later inherit it.
     pub fn reopen_logs(&self) -> Result<String, String> {
         let Some(path) = &self.log_file else {

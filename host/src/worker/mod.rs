@@ -299,16 +299,11 @@ async fn talk_to_master(
                 shared.close_idle.send_replace(true);
             }
             Ok(ToWorker::ReopenLogs) => match fds.pop() {
-                // Everything this process logs goes to stderr (and stdout): point both at
-                // the reopened file.
-                Some(file) => {
-                    let moved = nix::unistd::dup2_stderr(&file)
-                        .and_then(|()| nix::unistd::dup2_stdout(&file));
-                    match moved {
-                        Ok(()) => tracing::info!("log file reopened"),
-                        Err(e) => tracing::warn!("could not switch to the reopened log file: {e}"),
-                    }
-                }
+                // Everything this process logs goes to stderr: point it at the reopened file.
+                Some(file) => match nix::unistd::dup2_stderr(&file) {
+                    Ok(()) => tracing::info!("log file reopened"),
+                    Err(e) => tracing::warn!("could not switch to the reopened log file: {e}"),
+                },
                 None => tracing::warn!("the master asked to reopen logs but sent no file"),
             },
             Ok(ToWorker::Start(_)) => tracing::warn!("ignoring a second start message"),
