@@ -237,6 +237,28 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_use_known_keys() {
+        for text in [
+            include_str!("../../../examples/host.toml"),
+            include_str!("../../../examples/systemd/host.toml"),
+        ] {
+            let raw: Result<RawConfig, _> = toml::from_str(text);
+            assert!(raw.is_ok(), "{:?}", raw.err());
+        }
+    }
+
+    #[test]
+    fn sizes_read_with_units() {
+        let c = parse(
+            "[[service]]\nname='a'\nlisten=['127.0.0.1:1']\nplugin='x'\nmax_body_bytes='4MiB'\n\
+             max_rss='512MiB'",
+        )
+        .unwrap();
+        assert_eq!(c.services[0].max_body_bytes, 4 << 20);
+        assert_eq!(c.services[0].max_rss, 512 << 20);
+    }
+
+    #[test]
     fn unknown_field_is_refused() {
         let e: Result<RawConfig, _> =
             toml::from_str("[[service]]\nname='a'\nlisten=[]\nplugin='x'\nworker=2");
