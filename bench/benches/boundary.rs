@@ -51,6 +51,7 @@ fn main() {
         keepalive_timeout_ms: 75_000,
         max_connections: 10_000,
         run_as: None,
+        tls: None,
         master_pid: std::process::id(),
         check_only: true,
     };

@@ -196,9 +196,30 @@ pub struct WorkerSpec {
     pub max_connections: usize,
     /// The user and group (uid, gid) the worker drops to before it loads the plugin.
     pub run_as: Option<(u32, u32)>,
+    /// HTTPS on every listener, with this certificate and key (`worker::tls`).
+    pub tls: Option<TlsPem>,
     pub master_pid: u32,
     /// Load the plugin, start and stop it, report, exit: `host check`.
     pub check_only: bool,
+}
+
+/// A certificate and its key, as the master read them from their files.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct TlsPem {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub cert: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself, not even in a debug line.
+        f.debug_struct("TlsPem")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

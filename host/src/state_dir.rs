@@ -78,6 +78,13 @@ impl MasterLock {
     pub fn leave_files(&mut self) {
         self.leave_files = true;
     }
+
+    /// Writes the pid file and makes it this master's to remove (an upgrade's takeover).
+    pub fn take_files(&mut self) -> Result<(), String> {
+        self.write_pid()?;
+        self.leave_files = false;
+        Ok(())
+    }
 }
 
 impl Drop for MasterLock {
@@ -174,7 +181,8 @@ impl StateDir {
             dir,
             lock,
             identity,
-            leave_files: false,
+            // The pid file is the old master's until the takeover (`take_files`).
+            leave_files: true,
         })
     }
 

@@ -111,6 +111,21 @@ impl Config {
                 )
                 .map_err(|e| ConfigError(format!("{at}: user: {e}")))?,
             };
+            let relative = |p: &Path| {
+                let p = if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    base.join(p)
+                };
+                std::path::absolute(&p).unwrap_or(p)
+            };
+            let tls = match &s.tls {
+                None => None,
+                Some(raw) => Some(
+                    Tls::read(relative(&raw.cert), relative(&raw.key))
+                        .map_err(|e| ConfigError(format!("{at}: tls: {e}")))?,
+                ),
+            };
             services.push(ServiceConfig {
                 drain_timeout: positive(s.drain_timeout, DEFAULT_DRAIN_TIMEOUT, "drain_timeout")?,
                 ready_timeout: positive(s.ready_timeout, DEFAULT_READY_TIMEOUT, "ready_timeout")?,
@@ -164,6 +179,7 @@ impl Config {
                     .allow_insecure_plugin_path
                     .or(raw.allow_insecure_plugin_path)
                     .unwrap_or(false),
+                tls,
                 plugin_config: s.config.unwrap_or_default(),
             });
         }

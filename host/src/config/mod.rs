@@ -8,12 +8,13 @@
 mod check;
 mod raw;
 
-pub use raw::{RawConfig, RawService};
+pub use raw::{RawConfig, RawService, RawTls};
 
 use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -98,6 +99,8 @@ pub struct ServiceConfig {
     pub run_as: Option<RunAs>,
     /// Load the plugin even from a path other users could write (warned at every load).
     pub allow_insecure_plugin_path: bool,
+    /// HTTPS on every listener of the service, with this certificate and key.
+    pub tls: Option<Tls>,
     /// The `[service.config]` table handed to the plugin.
     pub plugin_config: toml::Table,
 }
@@ -142,6 +145,54 @@ pub struct RunAs {
     pub user: String,
     pub uid: u32,
     pub gid: u32,
+}
+
+/// A service's certificate and key: the paths, and what the files held when the master last
+/// read them (at start and on every reload, so a renewed certificate rolls out like a new
+/// build). The workers get the contents: they may run as a user who cannot read the key file.
+#[derive(Clone, PartialEq)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cert_pem: Arc<String>,
+    pub key_pem: Arc<String>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key itself, not even in a debug line.
+        f.debug_struct("Tls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Reads the certificate and key files.
+    pub fn read(cert: PathBuf, key: PathBuf) -> Result<Tls, String> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("could not read the TLS {what} file {}: {e}", path.display()))
+        };
+        Ok(Tls {
+            cert_pem: Arc::new(read(&cert, "certificate")?),
+            key_pem: Arc::new(read(&key, "key")?),
+            cert,
+            key,
+        })
+    }
+}
+
+impl ServiceConfig {
+    /// Reads the certificate and key files again (a flags-started master's reload, where the
+    /// config is not read again but a renewed certificate must still roll out).
+    pub fn reread_tls(&mut self) -> Result<(), String> {
+        if let Some(tls) = &self.tls {
+            self.tls = Some(Tls::read(tls.cert.clone(), tls.key.clone())?);
+        }
+        Ok(())
+    }
 }
 
 /// What is wrong with a configuration, in words that point at the field.

@@ -67,5 +67,15 @@ pub struct RawService {
     pub user: Option<String>,
     pub group: Option<String>,
     pub allow_insecure_plugin_path: Option<bool>,
+    /// `tls = { cert = "PATH", key = "PATH" }`: HTTPS (and HTTP/2 by ALPN) on every listener.
+    pub tls: Option<RawTls>,
     pub config: Option<toml::Table>,
+}
+
+/// A `tls = { cert, key }` table as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }

@@ -118,7 +118,7 @@ impl Master {
     /// the pid file names it (each an atomic rename).
     pub(super) fn publish_home(&self) -> Result<(), String> {
         self.publish_control()?;
-        self.home.lock.lock().unwrap().write_pid()
+        self.home.lock.lock().unwrap().take_files()
     }
 
     /// Checks the state directory every second, for the life of the master (see the module

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::{
     config::ServiceConfig,
-    protocol::{monotonic_ns, ToWorker, WorkerSpec},
+    protocol::{monotonic_ns, TlsPem, ToWorker, WorkerSpec},
     shadow::PluginVersion,
 };
 
@@ -412,6 +412,12 @@ pub fn worker_spec(
         keepalive_timeout_ms: config.keepalive_timeout.as_millis() as u64,
         max_connections: config.max_connections,
         run_as: config.run_as.as_ref().map(|r| (r.uid, r.gid)),
+        tls: config.tls.as_ref().map(|t| TlsPem {
+            cert_file: t.cert.clone(),
+            key_file: t.key.clone(),
+            cert: t.cert_pem.to_string(),
+            key: t.key_pem.to_string(),
+        }),
         master_pid: std::process::id(),
         check_only: false,
     }

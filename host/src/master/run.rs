@@ -79,7 +79,7 @@ pub fn main(config: Config, source: Source, state: StateDir, options: Options) -
         Ok(rt) => rt,
         Err(e) => return fail(&format!("could not start the async runtime: {e}")),
     };
-    let (code, handed_over) = runtime.block_on(run(
+    let (code, owns_socket) = runtime.block_on(run(
         config,
         source,
         state.clone(),
@@ -87,8 +87,9 @@ pub fn main(config: Config, source: Source, state: StateDir, options: Options) -
         watchers,
         options,
     ));
-    // After a handover the socket and the pid file are the new master's.
-    if !handed_over {
+    // Not after a handover (the socket is the new master's now), nor when a new master of an
+    // upgrade failed (the socket is still the old master's).
+    if owns_socket {
         let _ = std::fs::remove_file(state.socket());
     }
     code
@@ -155,7 +156,8 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Runs the master; returns its exit code and whether it handed over to a new master.
+/// Runs the master; returns its exit code and whether the control socket at the usual path is
+/// its own to remove.
 async fn run(
     config: Config,
     source: Source,
@@ -165,11 +167,12 @@ async fn run(
     options: Options,
 ) -> (ExitCode, bool) {
     // Until the master is ready, a failure is also told to whoever waits for the start.
+    let upgrading = watchers.handover.is_some();
     macro_rules! fail_start {
         ($message:expr) => {{
             let message: String = $message;
             watchers.failed(&message);
-            return (fail(&message), false);
+            return (fail(&message), !upgrading);
         }};
     }
     let store = match ShadowStore::open(lock.dir()) {
@@ -355,7 +358,7 @@ async fn run(
     } else {
         ExitCode::SUCCESS
     };
-    (code, handed_over)
+    (code, !handed_over)
 }
 
 impl Master {

@@ -1,52 +1,35 @@
-//! The worker's HTTP/1.1 server: accept on the inherited listeners, keep each connection within
-//! its limits, hand requests to `worker::respond`, and drain without resetting a request.
-//!
-//! Limits per connection, enforced by a small supervisor around hyper's connection (hyper's own
-//! header timeout also runs between keep-alive requests, so it cannot tell a slow request head
-//! from an idle connection): the head of a request must arrive within `header_timeout` of its
-//! first byte (or of the accept); an idle keep-alive connection is closed after
-//! `keepalive_timeout`; a worker holds at most `max_connections` and stops accepting beyond.
+//! The worker's server: accept on the inherited listeners (at most `max_connections` at a time,
+//! failures backed off and logged once a second), hand each connection to `worker::conn`, and
+//! drain without resetting a request.
 //!
 //! Draining, in order:
 //! 1. each accept loop takes what is already queued on its listener, then stops and drops the
 //!    listener fd; while the master still holds the socket (a reload), connections that arrive
-//!    wait in the shared accept queue for another worker; on stop the master has closed its
-//!    copy, so once the last worker's is closed new connections are refused;
-//! 2. a connection that is busy gets `Connection: close` on its next response, and hyper closes
-//!    it after that response: the client knows not to reuse it, nothing is cut;
-//! 3. a connection that is idle stays open: its client's next request is answered (with
-//!    `Connection: close`), as HAProxy's idle-close-on-response does. Only once it has been idle
-//!    for the service's `idle_grace` is it closed. Closing it at once (as hyper's
-//!    `graceful_shutdown` alone does) resets a request the client may have just sent on it; a
-//!    client that pauses less than `idle_grace` between requests never sees that. The master
-//!    may say `CloseIdle` (its slot has newer draining workers): then idle connections close
-//!    at once;
-//! 4. [`serve`] returns when the last connection is gone.
+//!    wait in the shared accept queue for another worker; on stop the master has told the
+//!    socket to take no new connections, so once the last worker's copy is closed new
+//!    connections are refused;
+//! 2. every connection finishes what is in flight and closes as `worker::conn` says (HTTP/1.1:
+//!    `Connection: close` on the next response, idle ones after `idle_grace`; HTTP/2: GOAWAY);
+//! 3. [`serve`] returns when the last connection is gone.
 
 use std::{
-    convert::Infallible,
-    pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64},
+        Arc,
     },
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http::{header, HeaderValue};
 use http_body_util::Full;
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore},
 };
 use tracing::Instrument;
 
-use super::{in_worker_span, link::Link, liveness::ask_for_replacement, plugin::Plugin, respond};
-use crate::protocol::{monotonic_ns, WorkerSpec};
+use super::{link::Link, plugin::Plugin};
+use crate::protocol::WorkerSpec;
 
 pub type Response = hyper::Response<Full<Bytes>>;
 
@@ -71,6 +54,8 @@ pub struct Shared {
     /// The worker asked to be replaced (see `liveness::ask_for_replacement`).
     pub replacement_asked: AtomicBool,
     pub link: Arc<Link>,
+    /// The service's TLS (`worker::tls`), when it has a certificate.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Serves until the worker drains and its last connection has closed. `stopped_accepting` fires
@@ -146,7 +131,12 @@ fn start_connection(
     // Not instrumented with the worker span: entering a span on every poll of every connection
     // costs ~1 µs per request; the few lines logged from a connection enter it themselves
     // (`in_worker_span`).
-    tokio::spawn(connection(stream, shared.clone(), done.clone(), permit));
+    tokio::spawn(super::conn::connection(
+        stream,
+        shared.clone(),
+        done.clone(),
+        permit,
+    ));
 }
 
 /// Failed accepts: the backoff, and the once-a-second log line.
@@ -190,215 +180,4 @@ impl AcceptFailures {
 /// keeps the callers' futures `Send`.)
 pub async fn until_draining(draining: &mut watch::Receiver<bool>) {
     let _ = draining.wait_for(|d| *d).await;
-}
-
-/// Per-connection activity, read by the connection's supervisor.
-struct ConnState {
-    in_flight: AtomicUsize,
-    last_active: Mutex<Instant>,
-    /// When the first byte of the next request head arrived (monotonic ns; 0: none yet).
-    head_started: AtomicU64,
-}
-
-impl ConnState {
-    fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
-            return None;
-        }
-        Some(self.last_active.lock().unwrap().elapsed())
-    }
-
-    /// How long the current request head has been arriving, if one is.
-    fn head_for(&self) -> Option<Duration> {
-        match self.head_started.load(Ordering::Relaxed) {
-            0 => None,
-            t => Some(Duration::from_nanos(monotonic_ns().saturating_sub(t))),
-        }
-    }
-}
-
-/// Marks a request in flight on its connection for as long as it lives.
-struct InFlight(Arc<ConnState>);
-
-impl InFlight {
-    fn begin(conn: &Arc<ConnState>) -> InFlight {
-        conn.in_flight.fetch_add(1, Ordering::SeqCst);
-        conn.head_started.store(0, Ordering::Relaxed);
-        InFlight(conn.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        *self.0.last_active.lock().unwrap() = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// The connection's socket, noting when a new request head starts to arrive.
-struct Watched {
-    io: TokioIo<TcpStream>,
-    state: Arc<ConnState>,
-}
-
-impl hyper::rt::Read for Watched {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let state = &this.state;
-        // Only between requests does a read start a head; reads within a request are its body.
-        if state.in_flight.load(Ordering::Relaxed) == 0
-            && state.head_started.load(Ordering::Relaxed) == 0
-        {
-            let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-            // A read that returned data (or EOF) while idle: the head's clock starts now.
-            if polled.is_ready() {
-                state
-                    .head_started
-                    .store(monotonic_ns().max(1), Ordering::Relaxed);
-            }
-            return polled;
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for Watched {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<Result<usize, std::io::Error>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<Result<usize, std::io::Error>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
-
-/// Counts a connection as open while it lives.
-struct Open(Arc<Shared>);
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-async fn connection(
-    stream: TcpStream,
-    shared: Arc<Shared>,
-    _done: mpsc::Sender<()>,
-    _permit: Option<OwnedSemaphorePermit>,
-) {
-    shared.connections.fetch_add(1, Ordering::Relaxed);
-    let _open = Open(shared.clone());
-    let state = Arc::new(ConnState {
-        in_flight: AtomicUsize::new(0),
-        last_active: Mutex::new(Instant::now()),
-        // The first request's head is timed from the accept.
-        head_started: AtomicU64::new(monotonic_ns().max(1)),
-    });
-    let service = {
-        let (shared, state) = (shared.clone(), state.clone());
-        service_fn(move |req| {
-            let (shared, state) = (shared.clone(), state.clone());
-            async move {
-                let _in_flight = InFlight::begin(&state);
-                let mut resp = respond::respond(req, &shared).await;
-                let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
-                if served == shared.spec.max_requests {
-                    ask_for_replacement(
-                        &shared.link,
-                        &shared.replacement_asked,
-                        format!("it served {served} requests (max_requests, with its jitter)"),
-                    );
-                }
-                if *shared.draining.borrow() {
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                Ok::<_, Infallible>(resp)
-            }
-        })
-    };
-    let io = Watched {
-        io: TokioIo::new(stream),
-        state: state.clone(),
-    };
-    let conn = http1::Builder::new().serve_connection(io, service);
-    tokio::pin!(conn);
-    let spec = &shared.spec;
-    let header_timeout = Duration::from_millis(spec.header_timeout_ms);
-    let keepalive = Duration::from_millis(spec.keepalive_timeout_ms);
-    let mut draining = shared.draining.subscribe();
-    let mut close_idle = shared.close_idle.subscribe();
-    loop {
-        let grace = if *close_idle.borrow() {
-            Duration::ZERO
-        } else if *draining.borrow() {
-            Duration::from_millis(spec.idle_grace_ms).min(keepalive)
-        } else {
-            keepalive
-        };
-        let wait = if let Some(head) = state.head_for().filter(|_| state.idle_for().is_some()) {
-            // A request head is arriving (or is awaited after the accept).
-            if head >= header_timeout {
-                in_worker_span(|| {
-                    tracing::debug!("closing a connection: no request head within header_timeout")
-                });
-                return;
-            }
-            // The head may complete and its request end before then: wake in time for the
-            // idle grace too.
-            (header_timeout - head).min(grace.max(Duration::from_millis(10)))
-        } else {
-            match state.idle_for() {
-                Some(idle) if idle >= grace => {
-                    conn.as_mut().graceful_shutdown();
-                    break;
-                }
-                // Idle: wake up before the grace ends, and often enough to notice a request
-                // head that started meanwhile and is late (so a slow head is cut within 1.5 x
-                // header_timeout without waking this loop on every request).
-                Some(idle) => (grace - idle).min(header_timeout / 2),
-                // Busy: look again later (its response will carry `Connection: close` if the
-                // worker drains meanwhile).
-                None => grace.clamp(Duration::from_millis(10), Duration::from_secs(1)),
-            }
-        };
-        tokio::select! {
-            res = conn.as_mut() => return log_conn_end(res),
-            _ = tokio::time::sleep(wait) => {}
-            _ = until_draining(&mut draining), if !*draining.borrow() => {}
-            _ = close_idle.wait_for(|c| *c), if !*close_idle.borrow() => {}
-        }
-    }
-    log_conn_end(conn.await)
-}
-
-fn log_conn_end(res: Result<(), hyper::Error>) {
-    if let Err(e) = res {
-        in_worker_span(|| tracing::debug!("connection ended: {e}"));
-    }
 }

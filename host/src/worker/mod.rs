@@ -12,11 +12,13 @@
 //! master's group; the master turns it into an orderly drain. SIGINT is ignored here all the
 //! same, in case someone sends it to a worker's group.
 
+mod conn;
 mod http;
 mod link;
 mod liveness;
 pub mod plugin;
 mod respond;
+mod tls;
 
 use std::{
     io::Read,
@@ -113,6 +115,16 @@ pub fn main(master_pid: u32) -> ExitCode {
     );
     let _ = WORKER_SPAN.set(span.clone());
     let _entered = span.enter();
+    // The certificate before the plugin: a certificate that cannot be used fails the start
+    // (in a reload, the canary) with the reason, as a plugin that cannot load does.
+    let tls = match spec.tls.as_ref().map(tls::acceptor).transpose() {
+        Ok(tls) => tls,
+        Err(reason) => {
+            tracing::error!("{reason}");
+            link.send(&FromWorker::Failed { reason });
+            return ExitCode::FAILURE;
+        }
+    };
 
     // The on-start hook: everything from here to READY is what a reload re-runs with new code.
     let started = Instant::now();
@@ -151,7 +163,7 @@ pub fn main(master_pid: u32) -> ExitCode {
         }
     };
     let code =
-        runtime.block_on(serve(spec, plugin, channel, link, timings).instrument(span.clone()));
+        runtime.block_on(serve(spec, plugin, tls, channel, link, timings).instrument(span.clone()));
     // Do not wait for blocking threads a stuck handler may still hold past the drain.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
@@ -168,6 +180,7 @@ fn ready(plugin: &Plugin, timings: StartTimings) -> FromWorker {
 async fn serve(
     spec: WorkerSpec,
     plugin: Plugin,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     channel: StdUnixStream,
     link: Arc<Link>,
     mut timings: StartTimings,
@@ -198,6 +211,7 @@ async fn serve(
         warned_inline: AtomicBool::new(false),
         replacement_asked: AtomicBool::new(false),
         link: link.clone(),
+        tls,
     });
     let (stopped_tx, stopped_rx) = oneshot::channel();
     let server = tokio::spawn(http::serve(listeners, shared.clone(), stopped_tx).in_current_span());
