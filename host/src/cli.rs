@@ -15,7 +15,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Config, RawConfig, RawService, Source, DEFAULT_WORKERS},
+    config::{Config, RawConfig, RawService, RawTls, Source, DEFAULT_WORKERS},
     protocol::{ControlReply, ControlRequest, FromWorker, StatusReport, ToWorker},
     state_dir::StateDir,
 };
@@ -138,6 +138,12 @@ struct ServiceArgs {
     /// The service's name (default: the plugin's file name without lib and .so).
     #[arg(long)]
     name: Option<String>,
+    /// Serve HTTPS (and HTTP/2 by ALPN) with this certificate (PEM, the chain after it).
+    #[arg(long, requires = "tls_key", conflicts_with = "config")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert", conflicts_with = "config")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ServiceArgs {
@@ -162,11 +168,16 @@ impl ServiceArgs {
                 .unwrap_or_default();
             stem.strip_prefix("lib").unwrap_or(&stem).to_string()
         });
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(RawTls { cert, key }),
+            _ => None,
+        };
         let service = RawService {
             name,
             plugin,
             listen: self.listen,
             workers: Some(self.workers.unwrap_or(DEFAULT_WORKERS)),
+            tls,
             ..RawService::default()
         };
         let globals = RawConfig {

@@ -11,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use crate::{harness::wait_until, http::Conn};
+use crate::{
+    harness::wait_until,
+    http::{Conn, Transport},
+};
 
 /// What the clients saw, all together.
 #[derive(Debug, Default)]
@@ -22,6 +25,8 @@ pub struct Seen {
     /// How often each answer body came back.
     pub bodies: HashMap<String, usize>,
     pub connects: usize,
+    /// HTTP/2 requests the server refused unprocessed and that were sent again.
+    pub retried: usize,
 }
 
 pub struct Load {
@@ -38,6 +43,18 @@ impl Load {
     }
 
     pub fn start_path(addr: &str, path: &str, clients: usize, pause: Duration) -> Load {
+        Load::start_with(addr, path, clients, pause, Transport::Plain, false)
+    }
+
+    /// Clients over `transport`, speaking HTTP/2 (`h2`) or HTTP/1.1.
+    pub fn start_with(
+        addr: &str,
+        path: &str,
+        clients: usize,
+        pause: Duration,
+        transport: Transport,
+        h2: bool,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Seen::default()));
@@ -45,8 +62,9 @@ impl Load {
             .map(|_| {
                 let (addr, path) = (addr.to_string(), path.to_string());
                 let (stop, served, seen) = (stop.clone(), served.clone(), seen.clone());
+                let transport = transport.clone();
                 thread::spawn(move || {
-                    let mut conn = Conn::new(&addr);
+                    let mut conn = Conn::with(&addr, transport, h2);
                     while !stop.load(Ordering::SeqCst) {
                         let result = conn.get(&path);
                         let mut seen = seen.lock().unwrap();
@@ -64,7 +82,9 @@ impl Load {
                             thread::sleep(pause);
                         }
                     }
-                    seen.lock().unwrap().connects += conn.connects;
+                    let mut seen = seen.lock().unwrap();
+                    seen.connects += conn.connects;
+                    seen.retried += conn.retried;
                 })
             })
             .collect();

@@ -16,6 +16,7 @@ mod plugins;
 mod reload;
 mod rollout;
 mod systemd;
+mod tls;
 mod trust;
 mod upgrade;
 mod watch;

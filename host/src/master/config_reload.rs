@@ -101,7 +101,13 @@ impl Master {
             }
             let old = svc.config();
             let new = match &config {
-                None => (*old).clone(),
+                // No file: the same settings, with the certificate files read again.
+                None => {
+                    let mut same = (*old).clone();
+                    same.reread_tls()
+                        .map_err(|e| format!("{}: tls: {e}; nothing changed", svc.name()))?;
+                    same
+                }
                 Some(config) => match config.services.iter().find(|s| s.name == svc.name()) {
                     Some(new) => new.clone(),
                     None => {
@@ -374,6 +380,9 @@ fn describe_changes(old: &ServiceConfig, new: &ServiceConfig) -> Vec<String> {
     if old.run_as != new.run_as {
         changes.push("user changed".into());
     }
+    if old.tls != new.tls {
+        changes.push("TLS certificate or key changed".into());
+    }
     // Everything else (limits, timeouts, probations) in one word.
     let mut rest = new.clone();
     rest.workers = old.workers;
@@ -381,6 +390,7 @@ fn describe_changes(old: &ServiceConfig, new: &ServiceConfig) -> Vec<String> {
     rest.plugin = old.plugin.clone();
     rest.plugin_config = old.plugin_config.clone();
     rest.run_as = old.run_as.clone();
+    rest.tls = old.tls.clone();
     if rest != *old {
         changes.push("settings changed".into());
     }

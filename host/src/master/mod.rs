@@ -179,10 +179,15 @@ impl Master {
         self.services()
             .iter()
             .map(|s| {
+                let scheme = if s.config().tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
                 let urls: Vec<_> = s
                     .listen_addrs()
                     .iter()
-                    .map(|a| format!("http://{a}"))
+                    .map(|a| format!("{scheme}://{a}"))
                     .collect();
                 format!("{} on {}", s.config().name, urls.join(", "))
             })
