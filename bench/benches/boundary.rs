@@ -52,6 +52,8 @@ fn main() {
         max_connections: 10_000,
         run_as: None,
         tls: None,
+        host_routes: true,
+        access_log: None,
         master_pid: std::process::id(),
         check_only: true,
     };

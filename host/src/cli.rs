@@ -566,7 +566,8 @@ async fn check_service(svc: &crate::config::ServiceConfig) -> Result<String, Str
     let plugin = store.open_verified(&version)?;
     let mut spec = crate::master::worker_spec(svc, 0, &version, Vec::new());
     spec.check_only = true;
-    let spawned = crate::master::spawn_worker_process(&spec, &plugin, Vec::new())
+    spec.access_log = None;
+    let spawned = crate::master::spawn_worker_process(&spec, &plugin, Vec::new(), None)
         .map_err(|e| format!("could not start a worker: {e}"))?;
     let (mut child, channel) = (spawned.child, spawned.channel);
     let (read, mut write) = channel.into_split();

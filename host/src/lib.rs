@@ -1,9 +1,11 @@
 //! The `host` library: one executable that is the master, its workers and the CLI.
 //!
+//! - [`admin`]: the admin listener: page, JSON API, health and metrics.
 //! - [`cli`]: command-line parsing and the client commands (`reload`, `status`, `stop`, `check`).
 //! - [`config`]: the TOML config file and the flags, checked into [`config::Config`].
 //! - [`dev`]: `host dev`, the build-serve-rebuild loop for one plugin crate.
 //! - [`state_dir`]: where a running master is found (control socket, pid file, lock).
+//! - [`tls`]: rustls server configuration, for services and the admin listener.
 //! - [`trust`]: the checks on every file and directory the host trusts (owner, mode, symlinks).
 //! - [`shadow`]: content-addressed copies of plugin libraries, the only paths workers load.
 //! - [`plugin_file`]: what a plugin file is (a library for this machine, or what instead).
@@ -14,6 +16,7 @@
 //! The master never loads a plugin: dlopen runs the library's constructors, and a broken build
 //! must only ever take down a disposable worker.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -26,5 +29,6 @@ pub mod plugin_file;
 pub mod protocol;
 pub mod shadow;
 pub mod state_dir;
+pub mod tls;
 pub mod trust;
 pub mod worker;

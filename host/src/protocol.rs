@@ -198,6 +198,10 @@ pub struct WorkerSpec {
     pub run_as: Option<(u32, u32)>,
     /// HTTPS on every listener, with this certificate and key (`worker::tls`).
     pub tls: Option<TlsPem>,
+    /// Answer `/__host/...` on the service's listeners.
+    pub host_routes: bool,
+    /// Log every request in this format to the file passed at the fd after the listeners.
+    pub access_log: Option<crate::config::AccessLogFormat>,
     pub master_pid: u32,
     /// Load the plugin, start and stop it, report, exit: `host check`.
     pub check_only: bool,
@@ -210,6 +214,17 @@ pub struct TlsPem {
     pub key_file: PathBuf,
     pub cert: String,
     pub key: String,
+}
+
+impl From<&crate::config::Tls> for TlsPem {
+    fn from(t: &crate::config::Tls) -> TlsPem {
+        TlsPem {
+            cert_file: t.cert.clone(),
+            key_file: t.key.clone(),
+            cert: t.cert_pem.to_string(),
+            key: t.key_pem.to_string(),
+        }
+    }
 }
 
 impl std::fmt::Debug for TlsPem {
@@ -235,6 +250,8 @@ pub enum ToWorker {
     /// Log to the file that comes with this message (SCM_RIGHTS) from now on: the master
     /// reopened its log file (`host reopen-logs`).
     ReopenLogs,
+    /// The same, for the access log.
+    ReopenAccessLog,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -254,11 +271,13 @@ pub enum FromWorker {
     },
     /// Draining, and its listener fds are closed: it accepts no more connections.
     StoppedAccepting,
-    /// Sent from the runtime that serves requests, so that it stops when that runtime stalls.
+    /// Sent from the runtime that serves requests, so that it stops when that runtime stalls
+    /// (and once more, with the final counts, when the worker exits).
     Heartbeat {
         requests: u64,
         rss_bytes: u64,
         connections: u64,
+        stats: RequestStats,
     },
     /// The worker still serves but should be replaced gracefully: it reached its
     /// `max_requests`, or lost a thread to a handler that overran `handler_timeout`.
@@ -270,6 +289,22 @@ pub enum FromWorker {
     Panicked {
         message: String,
     },
+}
+
+/// The upper bounds (seconds) of the request-duration histogram buckets; the last bucket is
+/// everything longer.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A worker's requests since it started: by status class, and by duration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestStats {
+    /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub by_class: [u64; 5],
+    /// Requests per duration bucket ([`DURATION_BUCKETS`], then one for longer).
+    pub buckets: Vec<u64>,
+    pub duration_sum_ns: u64,
 }
 
 /// One message as it goes on the wire: JSON, then a newline.

@@ -100,7 +100,7 @@ fn reopen_logs_moves_master_and_workers_to_the_new_file() {
     let out = host.cli(&["reopen-logs"]);
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("in the master and its 2 workers"), "{text}");
+    assert!(text.contains("(the master and its 2 workers)"), "{text}");
     // A worker that was running before logs to the new file; so does the master.
     let mut conn = crate::http::Conn::new(&addr);
     conn.get("/").unwrap();

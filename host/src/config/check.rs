@@ -23,6 +23,30 @@ impl Config {
         }
         let global_run_as = run_as(raw.user.as_deref(), raw.group.as_deref())
             .map_err(|e| ConfigError(format!("user: {e}")))?;
+        let relative = |p: &Path| {
+            let p = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            };
+            std::path::absolute(&p).unwrap_or(p)
+        };
+        let admin = match &raw.admin {
+            None => None,
+            Some(a) => Some(AdminConfig {
+                listen: resolve(&a.listen)
+                    .map_err(|e| ConfigError(format!("[admin]: listen {:?}: {e}", a.listen)))?,
+                token_file: relative(&a.token_file),
+                tls: match &a.tls {
+                    None => None,
+                    Some(t) => Some(
+                        Tls::read(relative(&t.cert), relative(&t.key))
+                            .map_err(|e| ConfigError(format!("[admin]: tls: {e}")))?,
+                    ),
+                },
+                allow_upgrade_exe: a.allow_upgrade_exe.unwrap_or(false),
+            }),
+        };
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
         let mut services = Vec::new();
@@ -63,12 +87,7 @@ impl Config {
                     "{at}: workers must be from 1 to 256, not {workers}"
                 )));
             }
-            let plugin = if s.plugin.is_absolute() {
-                s.plugin
-            } else {
-                base.join(s.plugin)
-            };
-            let plugin = std::path::absolute(&plugin).unwrap_or(plugin);
+            let plugin = relative(&s.plugin);
             let max_body_bytes = s
                 .max_body_bytes
                 .map_or(DEFAULT_MAX_BODY, |b| b.as_u64() as usize);
@@ -111,13 +130,21 @@ impl Config {
                 )
                 .map_err(|e| ConfigError(format!("{at}: user: {e}")))?,
             };
-            let relative = |p: &Path| {
-                let p = if p.is_absolute() {
-                    p.to_path_buf()
-                } else {
-                    base.join(p)
-                };
-                std::path::absolute(&p).unwrap_or(p)
+            let access_log = match &s.access_log {
+                None => None,
+                Some(raw) => Some(AccessLog {
+                    path: relative(&raw.path),
+                    format: match raw.format.as_deref() {
+                        None | Some("combined") => AccessLogFormat::Combined,
+                        Some("json") => AccessLogFormat::Json,
+                        Some(other) => {
+                            return Err(ConfigError(format!(
+                                "{at}: access_log: format {other:?} is not one of \"combined\" \
+                                 or \"json\""
+                            )))
+                        }
+                    },
+                }),
             };
             let tls = match &s.tls {
                 None => None,
@@ -180,6 +207,10 @@ impl Config {
                     .or(raw.allow_insecure_plugin_path)
                     .unwrap_or(false),
                 tls,
+                // These routes tell anyone pids and versions: off by default once the admin
+                // listener serves that to operators.
+                host_routes: s.host_routes.unwrap_or(raw.admin.is_none()),
+                access_log,
                 plugin_config: s.config.unwrap_or_default(),
             });
         }
@@ -192,6 +223,7 @@ impl Config {
         Ok(Config {
             services,
             upgrade_timeout,
+            admin,
         })
     }
 }

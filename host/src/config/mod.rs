@@ -8,7 +8,7 @@
 mod check;
 mod raw;
 
-pub use raw::{RawConfig, RawService, RawTls};
+pub use raw::{RawAccessLog, RawAdmin, RawConfig, RawService, RawTls};
 
 use std::{
     fmt,
@@ -44,6 +44,32 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// How long a new master has, in `host upgrade`, to report every service ready.
     pub upgrade_timeout: Duration,
+    /// The admin listener, if configured.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The checked `[admin]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token_file: PathBuf,
+    pub tls: Option<Tls>,
+    pub allow_upgrade_exe: bool,
+}
+
+/// Where and how a service's workers log each request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLog {
+    pub path: PathBuf,
+    pub format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum AccessLogFormat {
+    /// Apache's combined format, then duration, worker pid and plugin version.
+    Combined,
+    /// One JSON object a line.
+    Json,
 }
 
 /// One checked service.
@@ -101,6 +127,9 @@ pub struct ServiceConfig {
     pub allow_insecure_plugin_path: bool,
     /// HTTPS on every listener of the service, with this certificate and key.
     pub tls: Option<Tls>,
+    /// Answer `/__host/...` (info, worker, readyz) on the service's listeners.
+    pub host_routes: bool,
+    pub access_log: Option<AccessLog>,
     /// The `[service.config]` table handed to the plugin.
     pub plugin_config: toml::Table,
 }

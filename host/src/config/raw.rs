@@ -19,8 +19,29 @@ pub struct RawConfig {
     /// How long a new master has, in `host upgrade`, to report every service ready.
     #[serde(default, with = "humantime_serde")]
     pub upgrade_timeout: Option<Duration>,
+    /// `[admin]`: the admin listener (page, API, health, metrics).
+    pub admin: Option<RawAdmin>,
     #[serde(default, rename = "service")]
     pub services: Vec<RawService>,
+}
+
+/// The `[admin]` table as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: String,
+    pub token_file: PathBuf,
+    pub tls: Option<RawTls>,
+    /// `POST /api/upgrade?exe=PATH` runs a program: off unless said so.
+    pub allow_upgrade_exe: Option<bool>,
+}
+
+/// `access_log = { path = "PATH", format = "combined" | "json" }` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    pub path: PathBuf,
+    pub format: Option<String>,
 }
 
 /// One `[[service]]` table as written.
@@ -69,6 +90,9 @@ pub struct RawService {
     pub allow_insecure_plugin_path: Option<bool>,
     /// `tls = { cert = "PATH", key = "PATH" }`: HTTPS (and HTTP/2 by ALPN) on every listener.
     pub tls: Option<RawTls>,
+    /// Answer `/__host/...` on the service's listeners (default: only without `[admin]`).
+    pub host_routes: Option<bool>,
+    pub access_log: Option<RawAccessLog>,
     pub config: Option<toml::Table>,
 }
 

@@ -71,6 +71,8 @@ pub struct Master {
     handed_over: tokio::sync::Notify,
     /// The log file stdout and stderr point to, if any (`host reopen-logs`).
     log_file: Option<std::path::PathBuf>,
+    /// Counters fed by the workers' heartbeats and by rollouts (`/metrics`, the admin page).
+    pub metrics: crate::admin::Metrics,
 }
 
 /// Work that runs beside the master once it serves (`host dev`'s rebuild loop).
@@ -126,30 +128,53 @@ impl Master {
         self.home.handed_over_to().is_some()
     }
 
-    /// `host reopen-logs`: opens the log file again (logrotate moved the old one), points this
-    /// process's stderr at it, and hands it to every worker (`fdpass`); workers
-    /// started later inherit it.
+    /// `host reopen-logs`: opens the log file and the services' access logs again (logrotate
+    /// moved the old ones). The master points its stderr at its new log file and hands each
+    /// worker its new files (`fdpass`); workers started later get them at their start.
     pub fn reopen_logs(&self) -> Result<String, String> {
-        let Some(path) = &self.log_file else {
+        use crate::protocol::ToWorker;
+        let mut reopened = Vec::new();
+        let reg = self.registry.lock().unwrap();
+        if let Some(path) = &self.log_file {
+            crate::daemon::log_to(path)?;
+            let file = Arc::new(crate::daemon::open_log(path)?);
+            for w in reg.workers.values() {
+                let _ = w
+                    .to_worker
+                    .send(pool::Outgoing(ToWorker::ReopenLogs, Some(file.clone())));
+            }
+            tracing::info!("log file {} reopened", path.display());
+            reopened.push(path.display().to_string());
+        }
+        // One open file per access log path, shared by the workers that write it.
+        let mut access_logs = std::collections::HashMap::new();
+        for w in reg.workers.values() {
+            let Some(log) = &w.config.access_log else {
+                continue;
+            };
+            let file = match access_logs.get(&log.path) {
+                Some(file) => Arc::clone(file),
+                None => {
+                    let file = Arc::new(crate::daemon::open_log(&log.path)?);
+                    access_logs.insert(log.path.clone(), file.clone());
+                    reopened.push(log.path.display().to_string());
+                    file
+                }
+            };
+            let _ = w
+                .to_worker
+                .send(pool::Outgoing(ToWorker::ReopenAccessLog, Some(file)));
+        }
+        if reopened.is_empty() {
             return Ok(
-                "this master logs to the stderr it was started with (no --log-file, no \
-                       --daemon): there is no file to reopen"
+                "nothing to reopen: this master logs to the stderr it was started with \
+                       (no --log-file, no --daemon) and no service has an access_log"
                     .into(),
             );
-        };
-        crate::daemon::log_to(path)?;
-        let file = Arc::new(crate::daemon::open_log(path)?);
-        let reg = self.registry.lock().unwrap();
-        for w in reg.workers.values() {
-            let _ = w.to_worker.send(pool::Outgoing(
-                crate::protocol::ToWorker::ReopenLogs,
-                Some(file.clone()),
-            ));
         }
-        tracing::info!("log file {} reopened", path.display());
         Ok(format!(
-            "reopened {} in the master and its {} workers",
-            path.display(),
+            "reopened {} (the master and its {} workers)",
+            reopened.join(", "),
             reg.workers.len()
         ))
     }

@@ -159,7 +159,12 @@ impl Master {
         let (addrs, listeners): (Vec<String>, Vec<_>) = sockets.into_iter().unzip();
         let spec = worker_spec(config, slot, version, addrs);
         let plugin = self.store.open_verified(version)?;
-        let spawned = process::spawn(&spec, &plugin, listeners)
+        // Opened here, not in the worker: the worker may run as a user who cannot open it.
+        let access_log = match &config.access_log {
+            Some(log) => Some(crate::daemon::open_log(&log.path)?),
+            None => None,
+        };
+        let spawned = process::spawn(&spec, &plugin, listeners, access_log)
             .map_err(|e| format!("could not start a worker process: {e}"))?;
         let pid = spawned.child.id().unwrap_or(0);
         let (to_worker, from_master) = mpsc::unbounded_channel();
@@ -412,12 +417,9 @@ pub fn worker_spec(
         keepalive_timeout_ms: config.keepalive_timeout.as_millis() as u64,
         max_connections: config.max_connections,
         run_as: config.run_as.as_ref().map(|r| (r.uid, r.gid)),
-        tls: config.tls.as_ref().map(|t| TlsPem {
-            cert_file: t.cert.clone(),
-            key_file: t.key.clone(),
-            cert: t.cert_pem.to_string(),
-            key: t.key_pem.to_string(),
-        }),
+        tls: config.tls.as_ref().map(TlsPem::from),
+        host_routes: config.host_routes,
+        access_log: config.access_log.as_ref().map(|a| a.format),
         master_pid: std::process::id(),
         check_only: false,
     }

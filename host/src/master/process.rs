@@ -1,5 +1,6 @@
 //! Starting one worker process: `/proc/self/exe worker ...` with its channel at fd 3, the
-//! verified plugin copy at fd 4 and the service's listeners at fds 5, 6, ...
+//! verified plugin copy at fd 4, the service's listeners at fds 5, 6, ... and, after them, the
+//! service's access log file if it has one.
 //!
 //! The master executes its own executable afresh (never fork without exec in a process that
 //! runs tokio), through `/proc/self/exe` so that workers run exactly the host code the master
@@ -29,9 +30,14 @@ pub struct Spawned {
     pub channel: UnixStream,
 }
 
-/// Starts `host worker` for `spec`, passing the verified `plugin` copy and `listeners` (in the
-/// order of `spec.listen`).
-pub fn spawn(spec: &WorkerSpec, plugin: &File, listeners: Vec<TcpListener>) -> io::Result<Spawned> {
+/// Starts `host worker` for `spec`, passing the verified `plugin` copy, `listeners` (in the
+/// order of `spec.listen`) and the `access_log` file.
+pub fn spawn(
+    spec: &WorkerSpec,
+    plugin: &File,
+    listeners: Vec<TcpListener>,
+    access_log: Option<File>,
+) -> io::Result<Spawned> {
     let (master_end, worker_end) = StdUnixStream::pair()?;
     let mut mappings = vec![
         FdMapping {
@@ -43,10 +49,17 @@ pub fn spawn(spec: &WorkerSpec, plugin: &File, listeners: Vec<TcpListener>) -> i
             child_fd: PLUGIN_FD,
         },
     ];
+    let after_listeners = FIRST_LISTENER_FD + listeners.len() as i32;
     for (i, listener) in listeners.into_iter().enumerate() {
         mappings.push(FdMapping {
             parent_fd: OwnedFd::from(listener),
             child_fd: FIRST_LISTENER_FD + i as i32,
+        });
+    }
+    if let Some(file) = access_log {
+        mappings.push(FdMapping {
+            parent_fd: OwnedFd::from(file),
+            child_fd: after_listeners,
         });
     }
     let mut command = tokio::process::Command::new("/proc/self/exe");

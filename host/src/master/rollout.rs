@@ -583,6 +583,12 @@ impl Master {
             duration_ms: started.elapsed().as_millis() as u64,
             detail: detail.map(str::to_string),
         };
+        self.metrics.rollout(
+            &event.service,
+            &event.kind,
+            &event.outcome,
+            started.elapsed(),
+        );
         self.events.lock().unwrap().push(event);
         self.save_history();
     }

@@ -241,6 +241,7 @@ async fn run(
         dev_mode: sidecar.is_some(),
         handed_over: Default::default(),
         log_file,
+        metrics: Default::default(),
     });
     // In an upgrade the socket is published (renamed into place) only at the takeover.
     if let Err(e) = master.serve_control(watchers.handover.is_none()) {

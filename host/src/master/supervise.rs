@@ -40,6 +40,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const PANIC_RELEVANCE: Duration = Duration::from_secs(2);
 /// How often the liveness check looks at heartbeats, at most.
 const LIVENESS_TICK: Duration = Duration::from_millis(100);
+/// Named in the reason of a worker the liveness check killed.
+const LIVENESS_KILL: &str = "liveness_timeout";
 
 impl Master {
     /// The one task per worker: relay its messages, kill it on request, reap it, and react to
@@ -176,7 +178,10 @@ impl Master {
                 requests,
                 rss_bytes,
                 connections,
+                stats,
             } => {
+                self.metrics
+                    .worker_totals(pid, w.service.name(), w.version.short(), &stats);
                 w.last_heartbeat = Some(Instant::now());
                 (w.requests, w.rss_bytes, w.connections) = (requests, rss_bytes, connections);
                 let max_rss = w.config.max_rss;
@@ -247,6 +252,8 @@ impl Master {
             let Some(w) = reg.workers.remove(&pid) else {
                 return;
             };
+            self.metrics
+                .worker_exit(pid, w.service.name(), exit_reason(&w));
             let slot = reg.slot(w.service.name(), w.slot);
             slot.draining.retain(|p| *p != pid);
             let held_slot = slot.pid == Some(pid);
@@ -388,13 +395,24 @@ impl Master {
             };
             for (pid, timeout) in stale {
                 let why = format!(
-                    "it stopped answering (no heartbeat for {}, liveness_timeout)",
+                    "it stopped answering (no heartbeat for {}, {LIVENESS_KILL})",
                     humantime::format_duration(timeout)
                 );
                 tracing::error!("worker {pid} {why}; killing it");
                 self.kill_worker(pid, &why);
             }
         }
+    }
+}
+
+/// Why a worker ended, as `host_worker_exits_total` labels it.
+fn exit_reason(w: &super::pool::WorkerEntry) -> &'static str {
+    match (&w.kill_reason, w.state) {
+        (Some(why), _) if why.contains(LIVENESS_KILL) => "liveness",
+        (Some(_), _) => "killed",
+        (None, WorkerState::Starting) => "start_failed",
+        (None, WorkerState::Draining) => "drained",
+        (None, _) => "crash",
     }
 }
 

@@ -17,6 +17,7 @@
 use std::{
     convert::Infallible,
     future::Future,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -38,6 +39,7 @@ use tokio::{
 };
 
 use super::{
+    access_log,
     http::{until_draining, Shared},
     in_worker_span,
     liveness::ask_for_replacement,
@@ -55,6 +57,7 @@ pub async fn connection(
     _done: mpsc::Sender<()>,
     _permit: Option<OwnedSemaphorePermit>,
 ) {
+    let client = stream.peer_addr().ok();
     shared.connections.fetch_add(1, Ordering::Relaxed);
     let _open = Open(shared.clone());
     let header_timeout = Duration::from_millis(shared.spec.header_timeout_ms);
@@ -66,7 +69,7 @@ pub async fn connection(
                 Err(_) => return debug("no TLS handshake within header_timeout"),
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            supervise(TokioIo::new(tls), h2, shared).await
+            supervise(TokioIo::new(tls), h2, client, shared).await
         }
         None => {
             let h2 = match tokio::time::timeout(header_timeout, starts_with_preface(&stream)).await
@@ -75,7 +78,7 @@ pub async fn connection(
                 Ok(Err(_)) => return,
                 Err(_) => return debug("no request within header_timeout"),
             };
-            supervise(TokioIo::new(stream), h2, shared).await
+            supervise(TokioIo::new(stream), h2, client, shared).await
         }
     }
 }
@@ -135,7 +138,7 @@ where
 }
 
 /// Serves the connection with the right protocol, under the connection's limits and drain.
-async fn supervise<I>(io: I, h2: bool, shared: Arc<Shared>)
+async fn supervise<I>(io: I, h2: bool, client: Option<SocketAddr>, shared: Arc<Shared>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -153,7 +156,45 @@ where
             let (shared, state) = (shared.clone(), state.clone());
             async move {
                 let _in_flight = InFlight::begin(&state);
+                let started = Instant::now();
+                // What the access log needs, taken before the request is consumed (only when
+                // there is one: this is the request path).
+                let logged = shared.access_log.as_ref().map(|_| {
+                    let header = |name| {
+                        req.headers()
+                            .get(name)
+                            .and_then(|v: &HeaderValue| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    (
+                        req.method().clone(),
+                        req.uri().clone(),
+                        req.version(),
+                        header(header::REFERER),
+                        header(header::USER_AGENT),
+                    )
+                });
                 let mut resp = respond::respond(req, &shared).await;
+                let took = started.elapsed();
+                shared.stats.record(resp.status().as_u16(), took);
+                if let (Some(log), Some((method, uri, version, referer, agent))) =
+                    (&shared.access_log, &logged)
+                {
+                    log.log(&access_log::Request {
+                        client,
+                        method: method.as_str(),
+                        target: uri.path_and_query().map_or(uri.path(), |p| p.as_str()),
+                        version: *version,
+                        status: resp.status().as_u16(),
+                        bytes: hyper::body::Body::size_hint(resp.body())
+                            .exact()
+                            .unwrap_or(0),
+                        took,
+                        referer: referer.as_deref(),
+                        user_agent: agent.as_deref(),
+                        plugin_version: &shared.spec.plugin_version,
+                    });
+                }
                 let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
                 if served == shared.spec.max_requests {
                     ask_for_replacement(

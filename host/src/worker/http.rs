@@ -56,6 +56,9 @@ pub struct Shared {
     pub link: Arc<Link>,
     /// The service's TLS (`worker::tls`), when it has a certificate.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Requests by status class and duration, for the master's metrics.
+    pub stats: super::stats::Stats,
+    pub access_log: Option<super::access_log::AccessLog>,
 }
 
 /// Serves until the worker drains and its last connection has closed. `stopped_accepting` fires

@@ -116,12 +116,19 @@ pub async fn heartbeat(shared: Arc<Shared>, link: Arc<Link>, every: Duration) {
                 ),
             );
         }
-        link.send(&FromWorker::Heartbeat {
-            requests: shared.requests.load(Ordering::Relaxed),
-            rss_bytes: rss_bytes(),
-            connections: shared.connections.load(Ordering::Relaxed),
-        });
+        send_heartbeat(&shared, &link);
     }
+}
+
+/// One heartbeat: also sent once more when the worker exits, so the master counts every request
+/// it served.
+pub fn send_heartbeat(shared: &Shared, link: &Link) {
+    link.send(&FromWorker::Heartbeat {
+        requests: shared.requests.load(Ordering::Relaxed),
+        rss_bytes: rss_bytes(),
+        connections: shared.connections.load(Ordering::Relaxed),
+        stats: shared.stats.snapshot(),
+    });
 }
 
 /// This process's resident memory, from /proc/self/statm (0 if unreadable).

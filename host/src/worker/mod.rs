@@ -12,13 +12,14 @@
 //! master's group; the master turns it into an orderly drain. SIGINT is ignored here all the
 //! same, in case someone sends it to a worker's group.
 
+mod access_log;
 mod conn;
 mod http;
 mod link;
 mod liveness;
 pub mod plugin;
 mod respond;
-mod tls;
+mod stats;
 
 use std::{
     io::Read,
@@ -117,7 +118,12 @@ pub fn main(master_pid: u32) -> ExitCode {
     let _entered = span.enter();
     // The certificate before the plugin: a certificate that cannot be used fails the start
     // (in a reload, the canary) with the reason, as a plugin that cannot load does.
-    let tls = match spec.tls.as_ref().map(tls::acceptor).transpose() {
+    let tls = spec
+        .tls
+        .as_ref()
+        .map(|pem| crate::tls::acceptor(pem, &[b"h2", b"http/1.1"]))
+        .transpose();
+    let tls = match tls {
         Ok(tls) => tls,
         Err(reason) => {
             tracing::error!("{reason}");
@@ -194,6 +200,20 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
+    let access_log = match spec.access_log {
+        None => None,
+        Some(format) => {
+            let fd = FIRST_LISTENER_FD + spec.listen.len() as i32;
+            match inherit::adopt(fd, Kind::File) {
+                Some(file) => Some(access_log::AccessLog::start(file.into(), format)),
+                None => {
+                    let reason = format!("the access log file was not passed at fd {fd}");
+                    link.send(&FromWorker::Failed { reason });
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let (draining, _) = watch::channel(false);
     let (close_idle, _) = watch::channel(false);
     let max_connections = spec
@@ -212,6 +232,8 @@ async fn serve(
         replacement_asked: AtomicBool::new(false),
         link: link.clone(),
         tls,
+        stats: Default::default(),
+        access_log,
     });
     let (stopped_tx, stopped_rx) = oneshot::channel();
     let server = tokio::spawn(http::serve(listeners, shared.clone(), stopped_tx).in_current_span());
@@ -255,6 +277,7 @@ async fn serve(
     }
     let stop = tokio::task::spawn_blocking(move || plugin.stop());
     let _ = tokio::time::timeout(Duration::from_secs(5), stop).await;
+    liveness::send_heartbeat(&shared, &shared.link);
     tracing::info!(
         "drained after {} requests, exiting",
         shared.requests.load(std::sync::atomic::Ordering::Relaxed)
@@ -312,6 +335,13 @@ async fn talk_to_master(
                 );
                 shared.close_idle.send_replace(true);
             }
+            Ok(ToWorker::ReopenAccessLog) => match (fds.pop(), &shared.access_log) {
+                (Some(file), Some(log)) => {
+                    log.reopen(file.into());
+                    tracing::info!("access log reopened");
+                }
+                _ => tracing::warn!("the master asked to reopen the access log, but there is none"),
+            },
             Ok(ToWorker::ReopenLogs) => match fds.pop() {
                 // Everything this process logs goes to stderr: point it at the reopened file.
                 Some(file) => match nix::unistd::dup2_stderr(&file) {

@@ -31,8 +31,10 @@ const TIMED_OUT: &str = "handler timed out";
 const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
 
 pub async fn respond(req: hyper::Request<Incoming>, shared: &Arc<Shared>) -> Response {
-    if let Some(path) = req.uri().path().strip_prefix("/__host/") {
-        return builtin(path, req.method(), shared);
+    if shared.spec.host_routes {
+        if let Some(path) = req.uri().path().strip_prefix("/__host/") {
+            return builtin(path, req.method(), shared);
+        }
     }
     let (parts, body) = req.into_parts();
     let body = match read_body(&parts, body, shared).await {
@@ -231,10 +233,16 @@ fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
             "uptime_ms": shared.started.elapsed().as_millis() as u64,
             "requests": shared.requests.load(Ordering::Relaxed),
         }),
+        // A load balancer's health check on the service's own port: this worker serves, or
+        // (503) it is draining and the balancer should send the next request elsewhere.
+        "readyz" if *shared.draining.borrow() => {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
+        "readyz" => return text(StatusCode::OK, "ready\n"),
         _ => {
             return text(
                 StatusCode::NOT_FOUND,
-                "host routes: /__host/info, /__host/worker\n",
+                "host routes: /__host/info, /__host/worker, /__host/readyz\n",
             )
         }
     };

@@ -1,9 +1,9 @@
-//! TLS for a service's listeners: the worker builds its rustls server configuration from the
-//! certificate and key the master read (`protocol::TlsPem`), and does every handshake itself;
-//! the master's listeners stay plain TCP sockets.
+//! TLS server configuration from a certificate and key the master read (`protocol::TlsPem`):
+//! for a service's listeners, where the worker does every handshake itself (the master's
+//! listeners stay plain TCP sockets), and for the admin listener, which the master serves.
 //!
-//! One crypto provider, chosen explicitly (ring); PEM parsed with rustls-pki-types. ALPN offers
-//! `h2` then `http/1.1`, so HTTP/2 clients get HTTP/2. A certificate that cannot be used (no
+//! One crypto provider, chosen explicitly (ring); PEM parsed with rustls-pki-types. A service
+//! offers `h2` then `http/1.1` by ALPN, so HTTP/2 clients get HTTP/2. A certificate that cannot be used (no
 //! certificate, no key, a key that does not match the certificate) fails the worker's start
 //! with the reason: in a reload, the canary fails and the old workers keep serving with the old
 //! certificate.
@@ -23,8 +23,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::protocol::TlsPem;
 
-/// The acceptor for a service's connections, or why its certificate cannot be used.
-pub fn acceptor(pem: &TlsPem) -> Result<TlsAcceptor, String> {
+/// The acceptor for connections that may speak the `alpn` protocols (most preferred first),
+/// or why the certificate cannot be used.
+pub fn acceptor(pem: &TlsPem, alpn: &[&[u8]]) -> Result<TlsAcceptor, String> {
     let cert_file = pem.cert_file.display();
     let key_file = pem.key_file.display();
     let certs = CertificateDer::pem_slice_iter(pem.cert.as_bytes())
@@ -54,6 +55,6 @@ pub fn acceptor(pem: &TlsPem) -> Result<TlsAcceptor, String> {
                  {e}. Check that the key is the one the certificate was issued for."
             )
         })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
