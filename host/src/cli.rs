@@ -15,7 +15,7 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{Config, RawConfig, RawService, RawTls, Source, DEFAULT_WORKERS},
+    config::{Config, RawAdmin, RawConfig, RawService, RawTls, Source, DEFAULT_WORKERS},
     protocol::{ControlReply, ControlRequest, FromWorker, StatusReport, ToWorker},
     state_dir::StateDir,
 };
@@ -144,6 +144,13 @@ struct ServiceArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert", conflicts_with = "config")]
     tls_key: Option<PathBuf>,
+    /// Serve the admin page, API, health checks and metrics on this address
+    /// (e.g. 127.0.0.1:9000).
+    #[arg(long, requires = "admin_token_file", conflicts_with = "config")]
+    admin: Option<String>,
+    /// The file holding the admin API's bearer token (mode 0600, at least 16 characters).
+    #[arg(long, requires = "admin", conflicts_with = "config")]
+    admin_token_file: Option<PathBuf>,
 }
 
 impl ServiceArgs {
@@ -180,10 +187,19 @@ impl ServiceArgs {
             tls,
             ..RawService::default()
         };
+        let admin = match (self.admin, self.admin_token_file) {
+            (Some(listen), Some(token_file)) => Some(RawAdmin {
+                listen,
+                token_file,
+                ..RawAdmin::default()
+            }),
+            _ => None,
+        };
         let globals = RawConfig {
             user: self.user,
             group: self.group,
             allow_insecure_plugin_path: Some(self.allow_insecure_plugin_path),
+            admin,
             ..RawConfig::default()
         };
         let mut config = Config::from_flags(service, globals).map_err(|e| e.to_string())?;

@@ -25,6 +25,7 @@ use nix::unistd::{Uid, User};
 
 const GROUP_WRITE: u32 = 0o020;
 const OTHER_WRITE: u32 = 0o002;
+const OTHER_READ: u32 = 0o004;
 const STICKY: u32 = 0o1000;
 
 /// Who may own what the host trusts: the user it runs as, and root.
@@ -168,6 +169,41 @@ pub fn check_plugin_path(path: &Path, me: Uid) -> Result<(), String> {
     check_ancestors(&lexical, me, "plugin")?;
     if real != lexical {
         check_ancestors(&real, me, "plugin")?;
+    }
+    Ok(())
+}
+
+/// Checks a file that holds a secret (the admin token): owned by root or the user the host runs
+/// as, writable by neither group nor others, readable by no one else, and the directories above
+/// it as for a plugin, on the path as given and on the path its symlinks resolve to (a
+/// Kubernetes Secret volume is a chain of root-owned symlinks).
+pub fn check_secret_file(path: &Path, me: Uid, what: &str) -> Result<(), String> {
+    let shown = path.display();
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let lexical = normalize(&absolute);
+    let real = fs::canonicalize(path).map_err(|e| format!("could not read {what} {shown}: {e}"))?;
+    let meta = fs::metadata(&real).map_err(|e| format!("could not read {what} {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{what} {shown} is not a file"));
+    }
+    if !trusted_owner(meta.uid(), me) {
+        return Err(format!(
+            "{what} {shown} belongs to {}: that user could change it. Make {} or root its \
+             owner (`chown`).",
+            owner_name(meta.uid()),
+            me_name(me)
+        ));
+    }
+    if meta.mode() & (GROUP_WRITE | OTHER_WRITE | OTHER_READ) != 0 {
+        return Err(format!(
+            "{what} {shown} can be read or changed by other users (mode {:o}). Run `chmod 600 \
+             {shown}` (in Kubernetes, mount the Secret with defaultMode: 0400).",
+            meta.mode() & 0o7777
+        ));
+    }
+    check_ancestors(&lexical, me, what)?;
+    if real != lexical {
+        check_ancestors(&real, me, what)?;
     }
     Ok(())
 }

@@ -28,8 +28,9 @@ use serde::Serialize;
 
 use crate::protocol::{RequestStats, DURATION_BUCKETS};
 
-/// How many one-second samples the page's chart keeps (five minutes).
+/// How many samples the page's chart keeps (five minutes), and how often one is taken.
 const SERIES_LEN: usize = 300;
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -321,8 +322,9 @@ impl Metrics {
         text
     }
 
-    /// Takes this second's sample for the page's chart (called once a second).
-    pub fn sample(&self, every: Duration) {
+    /// Takes a sample for the page's chart (called every [`SAMPLE_EVERY`]).
+    pub fn sample(&self) {
+        let every = SAMPLE_EVERY;
         let t = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());

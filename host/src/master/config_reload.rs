@@ -57,6 +57,12 @@ impl Master {
                 )
             }
         };
+        if let Some(admin) = &self.admin {
+            match &config {
+                Some(config) => admin.reconfigure(config.admin.as_ref()),
+                None => admin.reread(),
+            }
+        }
         let steps = match self.plan(config, names) {
             Ok(steps) => steps,
             Err(e) => return (false, e),

@@ -2,7 +2,8 @@
 //!
 //! One request per connection, as a JSON line; the master answers with JSON lines, the last of
 //! which is `Status`, `Done` or `Error`. A reload keeps running if its client goes away; a stop
-//! is answered by the run loop after the last worker exited (see `master::run`).
+//! is answered by the run loop after the last worker exited (see `master::run`). The admin API
+//! (`crate::admin`) starts the same operations the same way.
 //!
 //! Every input is bounded: only the master's own user (or root) may talk to it (the peer's
 //! credentials, SO_PEERCRED, are checked, beside the socket's 0600 mode); a request line is at
@@ -30,11 +31,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 32;
 
 /// Accepts control connections for the life of the master.
-pub async fn serve(
-    master: Arc<Master>,
-    listener: UnixListener,
-    stops: mpsc::UnboundedSender<OwnedWriteHalf>,
-) {
+pub async fn serve(master: Arc<Master>, listener: UnixListener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let me = nix::unistd::geteuid().as_raw();
     loop {
@@ -65,10 +62,10 @@ pub async fn serve(
                     });
                     continue;
                 };
-                let (master, stops) = (master.clone(), stops.clone());
+                let master = master.clone();
                 tokio::spawn(
                     async move {
-                        handle(master, stream, stops).await;
+                        handle(master, stream).await;
                         drop(slot);
                     }
                     .in_current_span(),
@@ -82,11 +79,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(
-    master: Arc<Master>,
-    stream: UnixStream,
-    stops: mpsc::UnboundedSender<OwnedWriteHalf>,
-) {
+async fn handle(master: Arc<Master>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // One byte more than allowed: a line that fills it is too long.
@@ -132,38 +125,31 @@ async fn handle(
         }
         ControlRequest::Reload { .. }
         | ControlRequest::Rollback { .. }
-        | ControlRequest::Upgrade { .. } => {
+        | ControlRequest::Upgrade { .. }
+        | ControlRequest::Stop => {
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let (op, why) = match request {
-                ControlRequest::Reload { services } => (Op::Reload(services), "host reload"),
-                ControlRequest::Rollback { service, to } => {
-                    (Op::Rollback { service, to }, "host rollback")
+            // The job queue (or the run loop, for a stop) carries it out, so it completes even
+            // if this client disconnects.
+            match request {
+                ControlRequest::Reload { services } => {
+                    master.submit(Op::Reload(services), "host reload", Some(tx))
                 }
-                ControlRequest::Upgrade { exe } => (Op::Upgrade(exe), "host upgrade"),
-                ControlRequest::Status | ControlRequest::Stop | ControlRequest::ReopenLogs => {
+                ControlRequest::Rollback { service, to } => {
+                    master.submit(Op::Rollback { service, to }, "host rollback", Some(tx))
+                }
+                ControlRequest::Upgrade { exe } => {
+                    master.submit(Op::Upgrade(exe), "host upgrade", Some(tx))
+                }
+                ControlRequest::Stop => master.request_stop(tx),
+                ControlRequest::Status | ControlRequest::ReopenLogs => {
                     unreachable!("matched above")
                 }
-            };
-            // The job queue runs it, so it completes even if this client disconnects.
-            master.submit(op, why, Some(tx));
+            }
             while let Some(reply) = rx.recv().await {
                 let last = matches!(reply, ControlReply::Done { .. });
                 if send(&mut write, &reply).await.is_err() || last {
                     break;
                 }
-            }
-        }
-        ControlRequest::Stop => {
-            let n = master.worker_count.borrow().to_owned();
-            if send(
-                &mut write,
-                &ControlReply::Line(format!("stopping: draining {n} workers")),
-            )
-            .await
-            .is_ok()
-            {
-                // The run loop stops the host and writes the final `Done` on this half.
-                let _ = stops.send(write);
             }
         }
     }

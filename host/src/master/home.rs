@@ -15,11 +15,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    net::{unix::OwnedWriteHalf, UnixListener},
-    sync::mpsc,
-    task::JoinHandle,
-};
+use tokio::{net::UnixListener, sync::mpsc, task::JoinHandle};
 
 use super::{control, Master};
 use crate::state_dir::{MasterLock, StateDir};
@@ -30,8 +26,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 pub struct Home {
     state: StateDir,
     lock: Mutex<MasterLock>,
-    /// Where `host stop` connections go (the run loop answers them when the host stopped).
-    stops: mpsc::UnboundedSender<OwnedWriteHalf>,
+    /// Where stop requests go (the run loop answers them when the host stopped).
+    pub(super) stops: mpsc::UnboundedSender<super::StopWaiter>,
     control: Mutex<Option<JoinHandle<()>>>,
     /// The control socket, bound under a temporary name until it is published.
     unpublished: Mutex<Option<std::path::PathBuf>>,
@@ -43,7 +39,7 @@ impl Home {
     pub fn new(
         state: StateDir,
         lock: MasterLock,
-        stops: mpsc::UnboundedSender<OwnedWriteHalf>,
+        stops: mpsc::UnboundedSender<super::StopWaiter>,
     ) -> Home {
         Home {
             state,
@@ -90,11 +86,7 @@ impl Master {
                 Ok(l)
             })
             .map_err(|e| format!("could not create control socket {}: {e}", path.display()))?;
-        let task = tokio::spawn(control::serve(
-            self.clone(),
-            listener,
-            self.home.stops.clone(),
-        ));
+        let task = tokio::spawn(control::serve(self.clone(), listener));
         if let Some(old) = self.home.control.lock().unwrap().replace(task) {
             old.abort();
         }

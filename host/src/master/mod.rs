@@ -73,7 +73,14 @@ pub struct Master {
     log_file: Option<std::path::PathBuf>,
     /// Counters fed by the workers' heartbeats and by rollouts (`/metrics`, the admin page).
     pub metrics: crate::admin::Metrics,
+    /// The admin listener, if configured.
+    admin: Option<Arc<crate::admin::Admin>>,
 }
+
+/// Someone waiting for a stop to finish (`host stop`, `POST /api/stop`): progress and the
+/// outcome go here, and the master waits, briefly, until the receiver is gone (the outcome
+/// written) before it exits.
+pub type StopWaiter = tokio::sync::mpsc::UnboundedSender<crate::protocol::ControlReply>;
 
 /// Work that runs beside the master once it serves (`host dev`'s rebuild loop).
 pub type Sidecar = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -121,11 +128,24 @@ impl Master {
     /// taking requests and drains, and leaves the state directory's files to the new master.
     fn hand_over(&self, new_pid: u32) {
         self.home.hand_over(new_pid);
+        // The new master answers on the admin socket from now on.
+        if let Some(admin) = &self.admin {
+            admin.stop_accepting();
+        }
         self.handed_over.notify_one();
     }
 
     pub fn is_handed_over(&self) -> bool {
         self.home.handed_over_to().is_some()
+    }
+
+    /// `host stop` and `POST /api/stop`: the run loop stops the host, then tells `waiter`.
+    pub fn request_stop(&self, waiter: StopWaiter) {
+        let n = *self.worker_count.borrow();
+        let _ = waiter.send(crate::protocol::ControlReply::Line(format!(
+            "stopping: draining {n} workers"
+        )));
+        let _ = self.home.stops.send(waiter);
     }
 
     /// `host reopen-logs`: opens the log file and the services' access logs again (logrotate

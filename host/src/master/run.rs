@@ -10,14 +10,15 @@ use std::{
 };
 
 use tokio::{
-    net::unix::OwnedWriteHalf,
     signal::unix::{signal, SignalKind},
     sync::{mpsc, watch},
 };
 
 use super::{
-    control, home, jobs::Jobs, listeners, service::Service, systemd, upgrade, Master, Op, Sidecar,
+    home, jobs::Jobs, listeners, service::Service, systemd, upgrade, Master, Op, Sidecar,
+    StopWaiter,
 };
+use crate::admin::{self, Admin};
 use crate::daemon;
 use crate::{
     config::{Config, Source},
@@ -217,12 +218,22 @@ async fn run(
         lived_before.push(saved.live.clone());
         services.push(Arc::new(Service::new(svc, listeners, version, saved)));
     }
+    let admin = match config.admin {
+        None => None,
+        Some(cfg) => match given
+            .open(admin::LISTENER_NAME, cfg.listen)
+            .and_then(|l| Admin::new(cfg, l.socket))
+        {
+            Ok(admin) => Some(Arc::new(admin)),
+            Err(e) => fail_start!(e),
+        },
+    };
     for addr in given.unclaimed() {
         tracing::warn!(
             "systemd passed a socket for {addr}, but no service listens there; closing it"
         );
     }
-    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<OwnedWriteHalf>();
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<StopWaiter>();
     let Options { log_file, sidecar } = options;
     let master = Arc::new(Master {
         started: Instant::now(),
@@ -242,6 +253,7 @@ async fn run(
         handed_over: Default::default(),
         log_file,
         metrics: Default::default(),
+        admin,
     });
     // In an upgrade the socket is published (renamed into place) only at the takeover.
     if let Err(e) = master.serve_control(watchers.handover.is_none()) {
@@ -287,6 +299,13 @@ async fn run(
     master.prune_store();
     tokio::spawn(master.clone().guard_home());
     tokio::spawn(master.clone().run_jobs());
+    tokio::spawn(master.clone().sample_metrics());
+    if let Some(admin) = &master.admin {
+        if let Err(e) = admin.start(master.clone()) {
+            master.stop(false).await;
+            fail_start!(e);
+        }
+    }
     for svc in master.services() {
         if svc.config().watch {
             master.watch(&svc);
@@ -296,8 +315,12 @@ async fn run(
         tokio::spawn(sidecar);
     }
     systemd::ready(&master);
+    let admin_url = master
+        .admin
+        .as_ref()
+        .map_or(String::new(), |a| format!("; admin on {}", a.url()));
     println!(
-        "host: ready (master pid {}): {}",
+        "host: ready (master pid {}): {}{admin_url}",
         std::process::id(),
         master.describe_listeners()
     );
@@ -347,12 +370,21 @@ async fn run(
         "stopped: every worker exited"
     };
     tracing::info!("{summary}");
-    let done = ControlReply::Done {
-        ok: !cut,
-        summary: summary.into(),
-    };
-    for mut reply in stop_replies {
-        let _ = control::send(&mut reply, &done).await;
+    for waiter in &stop_replies {
+        let _ = waiter.send(ControlReply::Done {
+            ok: !cut,
+            summary: summary.into(),
+        });
+    }
+    // Until each has its outcome written (the receiver goes once it is), or a moment passed.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        for waiter in &stop_replies {
+            waiter.closed().await;
+        }
+    })
+    .await;
+    if let Some(admin) = &master.admin {
+        admin.shut_down().await;
     }
     let code = if cut {
         ExitCode::FAILURE

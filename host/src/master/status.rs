@@ -1,13 +1,32 @@
 //! The picture `host status` shows: the master, and per service its versions, its trial,
-//! its slots' recent trouble and its workers.
+//! its slots' recent trouble and its workers; and what the admin listener reads: the version
+//! history, readiness, and the gauges of the metrics.
 
 use std::time::{Duration, Instant, SystemTime};
 
-use super::Master;
+use serde::Serialize;
+
+use super::{Master, WorkerState};
 use crate::{
-    protocol::{ServiceStatus, SlotStatus, StatusReport, VersionInfo, WorkerStatus},
+    admin::metrics::{View, SAMPLE_EVERY},
+    protocol::{RolloutEvent, ServiceStatus, SlotStatus, StatusReport, VersionInfo, WorkerStatus},
     shadow::PluginVersion,
 };
+
+/// `GET /api/history`: every service's versions, and the reloads and rollbacks kept.
+#[derive(Serialize)]
+pub struct HistoryReport {
+    pub services: Vec<ServiceHistory>,
+    pub events: Vec<RolloutEvent>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceHistory {
+    pub name: String,
+    pub live: VersionInfo,
+    /// Versions kept for a rollback, newest first.
+    pub previous: Vec<VersionInfo>,
+}
 
 /// How many recent reloads and rollbacks `host status` shows per service.
 const RECENT_EVENTS: usize = 5;
@@ -118,5 +137,80 @@ fn version_info(
         source: v.source.clone(),
         healthy: healthy.contains(&v.hash),
         failed: failed.get(&v.hash).cloned(),
+    }
+}
+
+impl Master {
+    pub fn history_report(&self) -> HistoryReport {
+        HistoryReport {
+            services: self
+                .services()
+                .iter()
+                .map(|svc| {
+                    let st = svc.state();
+                    let info = |v: &PluginVersion| version_info(v, &st.healthy, &st.failed);
+                    ServiceHistory {
+                        name: svc.name().to_string(),
+                        live: info(&st.live),
+                        previous: st.previous.iter().rev().map(info).collect(),
+                    }
+                })
+                .collect(),
+            events: self.events.lock().unwrap().clone(),
+        }
+    }
+
+    /// `GET /readyz`: ready while every service has a worker that serves and the host is not
+    /// stopping; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if *self.stopping.borrow() {
+            return Err("the host is stopping".into());
+        }
+        let reg = self.registry.lock().unwrap();
+        for svc in self.services() {
+            let ready = reg
+                .workers
+                .values()
+                .any(|w| w.state == WorkerState::Ready && w.service.name() == svc.name());
+            if !ready {
+                return Err(format!("service {} has no ready worker", svc.name()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The gauges of `/metrics`, as they are now.
+    pub fn metrics_view(&self) -> View {
+        let mut view = View::default();
+        let reg = self.registry.lock().unwrap();
+        for svc in self.services() {
+            let name = svc.name();
+            let workers = || reg.workers.values().filter(|w| w.service.name() == name);
+            for state in [
+                WorkerState::Starting,
+                WorkerState::Ready,
+                WorkerState::Draining,
+            ] {
+                let n = workers().filter(|w| w.state == state).count();
+                view.workers
+                    .push((name.to_string(), state.as_str().to_string(), n as i64));
+            }
+            let connections: u64 = workers().map(|w| w.connections).sum();
+            view.connections
+                .push((name.to_string(), connections as i64));
+            view.versions
+                .push((name.to_string(), svc.live().short().to_string()));
+        }
+        view
+    }
+
+    /// Samples the metrics for the admin page's chart, for the life of the master.
+    pub(super) async fn sample_metrics(self: std::sync::Arc<Self>) {
+        let mut every = tokio::time::interval(SAMPLE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.metrics.sample();
+        }
     }
 }

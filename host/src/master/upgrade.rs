@@ -340,6 +340,14 @@ impl Master {
                 });
             }
         }
+        if let Some(admin) = &self.admin {
+            let fd = map(OwnedFd::from(admin.socket().try_clone()?));
+            listeners.push(Handed {
+                service: crate::admin::LISTENER_NAME.to_string(),
+                listen: admin.configured(),
+                fd,
+            });
+        }
         let env = HandoverEnv {
             listeners,
             lock_fd,
