@@ -440,6 +440,9 @@ fn render_status(r: &StatusReport) -> String {
         r.build_id,
         r.executable.display()
     );
+    if let Some(admin) = &r.admin {
+        out += &format!("admin on {admin}\n");
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

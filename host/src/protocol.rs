@@ -74,6 +74,9 @@ pub struct StatusReport {
     pub build_id: String,
     /// The executable `host upgrade` starts by default.
     pub executable: PathBuf,
+    /// The admin listener's URL, if there is one.
+    #[serde(default)]
+    pub admin: Option<String>,
     pub services: Vec<ServiceStatus>,
 }
 

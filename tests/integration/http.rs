@@ -19,6 +19,7 @@ use tokio::{net::TcpStream, runtime::Runtime};
 
 pub struct Resp {
     pub status: u16,
+    pub headers: hyper::HeaderMap,
     pub body: String,
     /// The server said `Connection: close`.
     pub closes: bool,
@@ -58,6 +59,8 @@ pub struct Conn {
     pub connects: usize,
     /// HTTP/2 requests the server refused unprocessed and that were sent again.
     pub retried: usize,
+    /// Sent with every request (an `Authorization` header, say).
+    pub headers: Vec<(String, String)>,
     /// The server's certificate on the last TLS connection (DER).
     pub server_cert: Option<Vec<u8>>,
 }
@@ -102,6 +105,7 @@ impl Conn {
             sender: None,
             connects: 0,
             retried: 0,
+            headers: Vec::new(),
             server_cert: None,
         }
     }
@@ -136,8 +140,11 @@ impl Conn {
             if self.sender.is_none() {
                 self.connect().await?;
             }
-            let req = Request::builder()
-                .method(method)
+            let mut req = Request::builder().method(method);
+            for (name, value) in &self.headers {
+                req = req.header(name, value);
+            }
+            let req = req
                 .uri(if self.h2 {
                     format!("https://{addr}{path}")
                 } else {
@@ -152,6 +159,7 @@ impl Conn {
             }
             .map_err(|e| format!("request: {e:?}"))?;
             let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
             let version = resp.version();
             let closes = resp
                 .headers()
@@ -165,6 +173,7 @@ impl Conn {
                 .to_bytes();
             Ok(Resp {
                 status,
+                headers,
                 body: String::from_utf8_lossy(&body).into_owned(),
                 closes,
                 version,

@@ -5,6 +5,8 @@ mod harness;
 mod http;
 mod load;
 
+mod access_log;
+mod admin;
 mod cli;
 mod config_reload;
 mod daemon;

@@ -116,6 +116,7 @@ impl Master {
             host_version: env!("CARGO_PKG_VERSION").to_string(),
             build_id: self.origin.build_id.clone(),
             executable: self.origin.exe.clone(),
+            admin: self.admin.as_ref().map(|a| a.url()),
             services,
         }
     }
