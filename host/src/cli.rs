@@ -145,11 +145,11 @@ struct ServiceArgs {
     #[arg(long, requires = "tls_cert", conflicts_with = "config")]
     tls_key: Option<PathBuf>,
     /// Serve the admin page, API, health checks and metrics on this address
-    /// (e.g. 127.0.0.1:9000).
-    #[arg(long, requires = "admin_token_file", conflicts_with = "config")]
+    /// (e.g. 127.0.0.1:9000); with --config, over the file's [admin] listen.
+    #[arg(long, requires = "admin_token_file")]
     admin: Option<String>,
     /// The file holding the admin API's bearer token (mode 0600, at least 16 characters).
-    #[arg(long, requires = "admin", conflicts_with = "config")]
+    #[arg(long, requires = "admin")]
     admin_token_file: Option<PathBuf>,
 }
 
@@ -157,11 +157,13 @@ impl ServiceArgs {
     /// The configuration, and where it came from (so that a reload can read it again).
     fn config(self, watch: bool) -> Result<(Config, Source), String> {
         if let Some(path) = self.config {
+            let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
             let source = Source {
-                file: Some(std::path::absolute(&path).unwrap_or(path)),
+                file: Some(absolute(path)),
                 user: self.user.map(|u| (u, self.group)),
                 allow_insecure_plugin_path: self.allow_insecure_plugin_path,
                 watch,
+                admin: self.admin.zip(self.admin_token_file.map(absolute)),
             };
             return Ok((source.load()?, source));
         }

@@ -26,6 +26,9 @@ pub enum Kind {
     Socket,
     File,
     Pipe,
+    /// Anything a log can be written to: a file, a pipe, a terminal, a socket (a container's
+    /// stdout, systemd's journal stream).
+    Output,
 }
 
 /// Adopts `fd` if it is open, of `kind`, and not adopted before.
@@ -41,13 +44,19 @@ pub fn adopt(fd: RawFd, kind: Kind) -> Option<OwnedFd> {
     // SAFETY: the borrow lives only for the two calls below; on a closed fd they fail with
     // EBADF, which means "not inherited", and nothing is closed through this handle.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let want = match kind {
-        Kind::Socket => SFlag::S_IFSOCK,
-        Kind::File => SFlag::S_IFREG,
-        Kind::Pipe => SFlag::S_IFIFO,
+    let wanted: &[SFlag] = match kind {
+        Kind::Socket => &[SFlag::S_IFSOCK],
+        Kind::File => &[SFlag::S_IFREG],
+        Kind::Pipe => &[SFlag::S_IFIFO],
+        Kind::Output => &[
+            SFlag::S_IFREG,
+            SFlag::S_IFIFO,
+            SFlag::S_IFCHR,
+            SFlag::S_IFSOCK,
+        ],
     };
     let is_kind = fstat(borrowed)
-        .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == want)
+        .map(|st| wanted.contains(&(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT)))
         .unwrap_or(false);
     if !is_kind || fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_err() {
         return None;

@@ -9,6 +9,7 @@ mod access_log;
 mod admin;
 mod cli;
 mod config_reload;
+mod container;
 mod daemon;
 mod failures;
 mod lifecycle;

@@ -271,7 +271,7 @@ fn run_as(user: Option<&str>, group: Option<&str>) -> Result<Option<RunAs>, Stri
     }))
 }
 
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
+pub(super) fn resolve(addr: &str) -> Result<SocketAddr, String> {
     let mut found = addr.to_socket_addrs().map_err(|e| {
         format!(
             "not an address with a port ({e}); write it as \"127.0.0.1:8080\" or \"[::1]:8080\""

@@ -64,6 +64,25 @@ pub struct AccessLog {
     pub format: AccessLogFormat,
 }
 
+impl AccessLog {
+    /// Opens the file for a worker (the master does: the worker may run as a user who cannot).
+    /// `/dev/stdout` and `/dev/stderr` are the master's own (a container's log); any other path
+    /// is opened for appending, never through a symlink.
+    pub fn open(&self) -> Result<std::fs::File, String> {
+        use std::os::fd::AsFd;
+        let own = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map(std::fs::File::from)
+                .map_err(|e| format!("could not pass {} to a worker: {e}", self.path.display()))
+        };
+        match self.path.to_str() {
+            Some("/dev/stdout") => own(std::io::stdout().as_fd()),
+            Some("/dev/stderr") => own(std::io::stderr().as_fd()),
+            _ => crate::daemon::open_log(&self.path),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AccessLogFormat {
     /// Apache's combined format, then duration, worker pid and plugin version.
@@ -144,6 +163,9 @@ pub struct Source {
     pub user: Option<(String, Option<String>)>,
     pub allow_insecure_plugin_path: bool,
     pub watch: bool,
+    /// `--admin ADDR --admin-token-file PATH`: the admin listener, over the file's `[admin]`
+    /// (its other keys kept). In Kubernetes the address comes from the pod (`$(POD_IP):9000`).
+    pub admin: Option<(String, PathBuf)>,
 }
 
 impl Source {
@@ -163,6 +185,17 @@ impl Source {
         for svc in &mut config.services {
             svc.allow_insecure_plugin_path |= self.allow_insecure_plugin_path;
             svc.watch |= self.watch;
+        }
+        if let Some((listen, token_file)) = &self.admin {
+            let listen = check::resolve(listen).map_err(|e| format!("--admin {listen:?}: {e}"))?;
+            let admin = config.admin.get_or_insert_with(|| AdminConfig {
+                listen,
+                token_file: token_file.clone(),
+                tls: None,
+                allow_upgrade_exe: false,
+            });
+            admin.listen = listen;
+            admin.token_file = token_file.clone();
         }
         Ok(config)
     }

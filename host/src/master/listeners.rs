@@ -111,7 +111,12 @@ pub fn stop_new_connections(listener: &TcpListener) {
     // BPF_RET | BPF_K with 0: accept no bytes of any packet.
     let drop_all = [socket2::SockFilter::new(0x06, 0, 0, 0)];
     if let Err(e) = socket2::SockRef::from(listener).attach_filter(&drop_all) {
-        tracing::warn!("could not stop new connections on a listener before closing it: {e}");
+        // Seen as EPERM for unprivileged processes on some kernels: the listener then just
+        // closes, and a connection arriving in that instant may be reset.
+        tracing::warn!(
+            "could not stop new connections on a listener before closing it ({e}); a \
+             connection that arrives while it closes may be reset"
+        );
     }
 }
 

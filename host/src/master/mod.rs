@@ -175,7 +175,7 @@ impl Master {
             let file = match access_logs.get(&log.path) {
                 Some(file) => Arc::clone(file),
                 None => {
-                    let file = Arc::new(crate::daemon::open_log(&log.path)?);
+                    let file = Arc::new(log.open()?);
                     access_logs.insert(log.path.clone(), file.clone());
                     reopened.push(log.path.display().to_string());
                     file

@@ -161,7 +161,7 @@ impl Master {
         let plugin = self.store.open_verified(version)?;
         // Opened here, not in the worker: the worker may run as a user who cannot open it.
         let access_log = match &config.access_log {
-            Some(log) => Some(crate::daemon::open_log(&log.path)?),
+            Some(log) => Some(log.open()?),
             None => None,
         };
         let spawned = process::spawn(&spec, &plugin, listeners, access_log)

@@ -204,7 +204,7 @@ async fn serve(
         None => None,
         Some(format) => {
             let fd = FIRST_LISTENER_FD + spec.listen.len() as i32;
-            match inherit::adopt(fd, Kind::File) {
+            match inherit::adopt(fd, Kind::Output) {
                 Some(file) => Some(access_log::AccessLog::start(file.into(), format)),
                 None => {
                     let reason = format!("the access log file was not passed at fd {fd}");
