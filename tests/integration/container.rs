@@ -32,11 +32,14 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
+/// A uid and a gid.
+type Ids = (u32, u32);
+
 /// The runtime stage of the Dockerfile: its COPY lines, USER, ENTRYPOINT and CMD.
 struct Image {
     /// (source, destination, owner) of each COPY.
-    copies: Vec<(String, String, Option<(u32, u32)>)>,
-    user: (u32, u32),
+    copies: Vec<(String, String, Option<Ids>)>,
+    user: Ids,
     command: Vec<String>,
 }
 
