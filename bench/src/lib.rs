@@ -8,6 +8,7 @@ pub mod nginx;
 pub mod procs;
 pub mod rebuild;
 pub mod report;
+pub mod upgrade;
 pub mod wrk;
 
 use std::{
@@ -412,6 +413,13 @@ pub struct Mode {
     pub reload_time_reloads: usize,
     pub reload_time_workers: &'static [usize],
     pub rebuild_rounds: usize,
+    /// Upgrade time with no load: rounds (one `host upgrade` per master each) and worker counts.
+    pub upgrade_time_rounds: usize,
+    pub upgrade_time_workers: &'static [usize],
+    /// Upgrades under load: rounds of a run without and a run with upgrades, and their length
+    /// (an upgrade at 1 s, 3 s, ... while it can finish within the run).
+    pub upgrade_load_rounds: usize,
+    pub upgrade_load_secs: u32,
     pub boundary_rounds: usize,
     pub boundary_warmup: Duration,
     pub boundary_measure: Duration,
@@ -429,6 +437,11 @@ pub const QUICK: Mode = Mode {
     reload_time_reloads: 5,
     reload_time_workers: &[1, 4],
     rebuild_rounds: 5,
+    upgrade_time_rounds: 5,
+    upgrade_time_workers: &[1, 4],
+    // One upgrade a run.
+    upgrade_load_rounds: 5,
+    upgrade_load_secs: 3,
     boundary_rounds: 5,
     boundary_warmup: Duration::from_millis(200),
     boundary_measure: Duration::from_millis(500),
@@ -446,6 +459,11 @@ pub const DEFAULT: Mode = Mode {
     reload_time_reloads: 7,
     reload_time_workers: &[1, 2, 4, 8],
     rebuild_rounds: 21,
+    upgrade_time_rounds: 7,
+    upgrade_time_workers: &[1, 2, 4],
+    // 4 upgrades a run, 20 in all.
+    upgrade_load_rounds: 5,
+    upgrade_load_secs: 10,
     boundary_rounds: 7,
     boundary_warmup: Duration::from_secs(1),
     boundary_measure: Duration::from_secs(2),
