@@ -117,9 +117,9 @@ pub fn fd_count(pid: u32) -> Option<usize> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
-/// Every live process (zombies too: a zombie is a process its parent has not reaped) whose
-/// executable is `exe`, wherever it sits in the process tree: a worker that outlived its
-/// master, reparented to init, is found as well.
+/// Every process whose executable is `exe`, wherever it sits in the process tree: a worker
+/// that outlived its master, reparented to init, is found as well. Zombies are not (their
+/// `/proc/PID/exe` no longer resolves); count those among a parent's children.
 pub fn running(exe: &std::path::Path) -> Vec<u32> {
     let exe = fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
     let mut found: Vec<u32> = fs::read_dir("/proc")
