@@ -4,6 +4,10 @@
 #   bash bench/run.sh            the default mode (under 20 minutes on 2 cores): the figures for docs
 #   bash bench/run.sh --quick    development (under 3 minutes): 5 short interleaved rounds each
 #   bash bench/run.sh --full     the default plus the long runs (no time bound)
+#   bash bench/run.sh soak [RELOADS [FAULTS]] [--rate R] ...
+#                                the soak: RELOADS good reloads under keep-alive load with FAULTS
+#                                faults injected between them (bench/src/bin/soak.rs; 1000 100
+#                                for the figures of docs/benchmarks.md, about 10 minutes)
 #
 # Figure names after the mode run only those (e.g. `bash bench/run.sh --quick steady`).
 # Results are printed and written to <target>/bench-results/<mode>-<date>.md.
@@ -24,5 +28,11 @@ fi
 # `cargo bench -p bench --bench boundary`), and reports the measuring and build times itself;
 # this total adds compiling the suite.
 start=$SECONDS
+if [ "${1:-}" = soak ]; then
+    shift
+    cargo run --release -p bench --bin soak -- "$@"
+    echo "bench/run.sh soak $*: $((SECONDS - start)) s in all, builds included"
+    exit 0
+fi
 cargo run --release -p bench --bin suite -- "$@"
 echo "bench/run.sh $*: $((SECONDS - start)) s in all, builds included"

@@ -3,10 +3,12 @@
 //! report (per-round ratios, median, spread, verdict; `report.rs`).
 
 pub mod chart;
+pub mod load;
 pub mod nginx;
 pub mod procs;
 pub mod rebuild;
 pub mod report;
+pub mod upgrade;
 pub mod wrk;
 
 use std::{
@@ -68,28 +70,24 @@ pub fn build() -> Build {
     // than `-p bench`), and hello v2 would replace v1: hello, the host and what links them would
     // be rebuilt twice on every run.
     let host_target = target.join("bench-host");
-    cargo(
-        &["build", "--release", "-p", "host", "-p", "hello"],
-        Some(&host_target),
-        None,
-    );
+    let host = build_host_in(&host_target);
     cargo(
         &["build", "--release", "-p", "bench", "--bin", "baseline"],
         None,
-        None,
+        &[],
     );
     let v2_target = target.join("bench-hello-v2");
     cargo(
         &["build", "--release", "-p", "hello"],
         Some(&v2_target),
-        Some("v2"),
+        &[("HELLO_VERSION", "v2")],
     );
     let hello_v1 = out.join("hello-v1.so");
     replace(&host_target.join("release/libhello.so"), &hello_v1);
     let hello_v2 = out.join("hello-v2.so");
     replace(&v2_target.join("release/libhello.so"), &hello_v2);
     let b = Build {
-        host: host_target.join("release/host"),
+        host,
         baseline: target.join("release/baseline"),
         hello_v1,
         hello_v2,
@@ -98,6 +96,45 @@ pub fn build() -> Build {
         assert!(p.is_file(), "the build did not produce {}", p.display());
     }
     b
+}
+
+/// The release host binary alone (built with hello, in the same target dir as [`build`], so
+/// that both find it fresh).
+pub fn build_host() -> PathBuf {
+    build_host_in(&target_dir().join("bench-host"))
+}
+
+fn build_host_in(host_target: &Path) -> PathBuf {
+    cargo(
+        &["build", "--release", "-p", "host", "-p", "hello"],
+        Some(host_target),
+        &[],
+    );
+    host_target.join("release/host")
+}
+
+/// Release builds of the tests' `fixture-versioned` crate, one per `(name, version, fault)`
+/// (the `FIXTURE_VERSION` and `FIXTURE_FAULT` it reads when built, as tests/integration/
+/// harness.rs builds its fault variants), copied to `<target>/bench-plugins/<name>.so`.
+/// All in one target dir of their own: each variant rebuilds only the fixture crate.
+pub fn build_fixtures(variants: &[(&str, &str, &str)]) -> Vec<PathBuf> {
+    let target = target_dir();
+    let fixture_target = target.join("bench-fixtures");
+    let out = target.join("bench-plugins");
+    fs::create_dir_all(&out).unwrap();
+    variants
+        .iter()
+        .map(|(name, version, fault)| {
+            cargo(
+                &["build", "--release", "-p", "fixture-versioned"],
+                Some(&fixture_target),
+                &[("FIXTURE_VERSION", version), ("FIXTURE_FAULT", fault)],
+            );
+            let to = out.join(format!("{name}.so"));
+            replace(&fixture_target.join("release/libfixture_versioned.so"), &to);
+            to
+        })
+        .collect()
 }
 
 /// Where the plugin-boundary microbenchmark is built: a target dir of its own, because
@@ -114,7 +151,7 @@ pub fn build_boundary() {
     cargo(
         &["bench", "--no-run", "-p", "bench", "--bench", "boundary"],
         Some(&boundary_target()),
-        None,
+        &[],
     );
 }
 
@@ -143,17 +180,18 @@ pub fn cargo_command() -> Command {
     cmd
 }
 
-/// `cargo ARGS [--target-dir DIR]`, with `HELLO_VERSION` set to `hello_version` or unset.
-fn cargo(args: &[&str], target_dir: Option<&Path>, hello_version: Option<&str>) {
+/// `cargo ARGS [--target-dir DIR]` with the build-time variables the plugins read
+/// (`HELLO_VERSION`, `FIXTURE_VERSION`, `FIXTURE_FAULT`) unset unless `env` sets them.
+fn cargo(args: &[&str], target_dir: Option<&Path>, env: &[(&str, &str)]) {
     let mut cmd = cargo_command();
     cmd.args(args)
         .current_dir(root())
-        .env_remove("HELLO_VERSION");
+        .env_remove("HELLO_VERSION")
+        .env_remove("FIXTURE_VERSION")
+        .env_remove("FIXTURE_FAULT")
+        .envs(env.iter().copied());
     if let Some(dir) = target_dir {
         cmd.arg("--target-dir").arg(dir);
-    }
-    if let Some(v) = hello_version {
-        cmd.env("HELLO_VERSION", v);
     }
     assert!(cmd.status().unwrap().success(), "cargo {args:?} failed");
 }
@@ -237,6 +275,25 @@ impl Master {
         Master::start(dir, host, service.plugin, &["--config", "host.toml"], log)
     }
 
+    /// `host start --config host.toml` with the given config text (a service's `plugin` should
+    /// be `plugin.so`, which is a copy of `plugin`).
+    /// The temp dir (state dir, config, plugin, log) is made in `parent`, or in the system's
+    /// temp dir.
+    pub fn with_config(
+        host: &Path,
+        config: &str,
+        plugin: &Path,
+        log: &str,
+        parent: Option<&Path>,
+    ) -> Master {
+        let dir = match parent {
+            Some(p) => tempfile::tempdir_in(p).unwrap(),
+            None => tempfile::tempdir().unwrap(),
+        };
+        fs::write(dir.path().join("host.toml"), config).unwrap();
+        Master::start(dir, host, plugin, &["--config", "host.toml"], log)
+    }
+
     /// `host start <args>` in `dir`, after copying `plugin` to `dir/plugin.so`.
     fn start(
         dir: tempfile::TempDir,
@@ -312,10 +369,27 @@ impl Master {
     pub fn plugin_path(&self) -> PathBuf {
         self.dir.path().join("plugin.so")
     }
+
+    /// The master serving now: after `host upgrade` it is another process than the one this
+    /// started (`pid`), named in the state dir's pid file.
+    pub fn current_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.dir.path().join(".host/host.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
 }
 
 impl Drop for Master {
     fn drop(&mut self) {
+        // Every master this one became through upgrades (the pid file names the last; the ones
+        // between exited once they handed over), then the first. Each worker leads a process
+        // group of its own, so killing the masters' group alone would leave them draining.
+        if let Some(current) = self.current_pid().filter(|p| *p != self.pid) {
+            procs::kill_master_and_workers(current);
+        }
+        procs::kill_master_and_workers(self.pid);
         let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         let _ = self.child.wait();
     }
@@ -339,6 +413,13 @@ pub struct Mode {
     pub reload_time_reloads: usize,
     pub reload_time_workers: &'static [usize],
     pub rebuild_rounds: usize,
+    /// Upgrade time with no load: rounds (one `host upgrade` per master each) and worker counts.
+    pub upgrade_time_rounds: usize,
+    pub upgrade_time_workers: &'static [usize],
+    /// Upgrades under load: rounds of a run without and a run with upgrades, and their length
+    /// (an upgrade at 1 s, 3 s, ... while it can finish within the run).
+    pub upgrade_load_rounds: usize,
+    pub upgrade_load_secs: u32,
     pub boundary_rounds: usize,
     pub boundary_warmup: Duration,
     pub boundary_measure: Duration,
@@ -356,6 +437,11 @@ pub const QUICK: Mode = Mode {
     reload_time_reloads: 5,
     reload_time_workers: &[1, 4],
     rebuild_rounds: 5,
+    upgrade_time_rounds: 5,
+    upgrade_time_workers: &[1, 4],
+    // One upgrade a run.
+    upgrade_load_rounds: 5,
+    upgrade_load_secs: 3,
     boundary_rounds: 5,
     boundary_warmup: Duration::from_millis(200),
     boundary_measure: Duration::from_millis(500),
@@ -373,6 +459,11 @@ pub const DEFAULT: Mode = Mode {
     reload_time_reloads: 7,
     reload_time_workers: &[1, 2, 4, 8],
     rebuild_rounds: 21,
+    upgrade_time_rounds: 7,
+    upgrade_time_workers: &[1, 2, 4],
+    // 4 upgrades a run, 20 in all.
+    upgrade_load_rounds: 5,
+    upgrade_load_secs: 10,
     boundary_rounds: 7,
     boundary_warmup: Duration::from_secs(1),
     boundary_measure: Duration::from_secs(2),
