@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::{config::ServiceConfig, protocol::RolloutEvent, state_dir::Dir};
 
 /// How many reloads and rollbacks the history file keeps (all services together).
-const KEEP_EVENTS: usize = 200;
+pub const KEEP_EVENTS: usize = 200;
 
 /// One stored version of a plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +67,15 @@ impl fmt::Display for PluginVersion {
 pub struct ShadowStore {
     dir: Mutex<Arc<Dir>>,
     verified: Mutex<HashMap<String, Arc<File>>>,
+    /// The thread that writes the history file (see [`ShadowStore::save_history`]).
+    history_writer: Mutex<Option<std::sync::mpsc::Sender<HistoryWrite>>>,
+}
+
+/// What the history writer thread is asked to do.
+enum HistoryWrite {
+    Save(Arc<Dir>, Vec<u8>),
+    /// Everything saved before this is on disk: tell the sender.
+    Flush(std::sync::mpsc::Sender<()>),
 }
 
 impl ShadowStore {
@@ -75,6 +84,7 @@ impl ShadowStore {
         Ok(ShadowStore {
             dir: Mutex::new(Arc::new(state.subdir("plugins")?)),
             verified: Mutex::default(),
+            history_writer: Mutex::default(),
         })
     }
 
@@ -241,6 +251,8 @@ impl ShadowStore {
     /// unreadable file is an empty history (it is a convenience, not state the host needs to
     /// run). The first format (previous versions only) still reads.
     pub fn load_history(&self) -> History {
+        // A save still on its way to the disk would be missed.
+        self.flush_history();
         let dir = self.dir();
         let Ok(text) = dir.read_to_string(HISTORY) else {
             return History::default();
@@ -282,7 +294,10 @@ impl ShadowStore {
         history
     }
 
-    /// Saves the history (temp file, then rename), keeping the newest events.
+    /// Saves the history (temp file, synced, then renamed), keeping the newest events. The
+    /// write happens on a thread of its own: a sync can take seconds on a busy disk, and the
+    /// master's one thread must go on reading heartbeats meanwhile (or it would think its
+    /// workers wedged). Saves that pile up meanwhile are written once, the newest.
     pub fn save_history(&self, history: &History) {
         let skip = history.events.len().saturating_sub(KEEP_EVENTS);
         let trimmed = History {
@@ -290,9 +305,37 @@ impl ShadowStore {
             events: history.events[skip..].to_vec(),
         };
         let json = serde_json::to_vec_pretty(&trimmed).expect("versions serialize");
-        let dir = self.dir();
-        if let Err(e) = dir.write_atomically(HISTORY, &json, 0o600) {
-            tracing::warn!("could not save {}: {e}", dir.path().join(HISTORY).display());
+        self.to_history_writer(HistoryWrite::Save(self.dir(), json));
+    }
+
+    /// Waits until every history saved so far is written (before the master exits).
+    pub fn flush_history(&self) {
+        if self.history_writer.lock().unwrap().is_none() {
+            return; // nothing was saved yet
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.to_history_writer(HistoryWrite::Flush(tx));
+        let _ = rx.recv_timeout(std::time::Duration::from_secs(10));
+    }
+
+    fn to_history_writer(&self, job: HistoryWrite) {
+        let mut writer = self.history_writer.lock().unwrap();
+        let tx = writer.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new()
+                .name("history".into())
+                .spawn(move || write_histories(rx));
+            if let Err(e) = spawned {
+                tracing::error!("could not start the history writer: {e}");
+            }
+            tx
+        });
+        if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+            // The thread is gone (it could not start): write here instead.
+            *writer = None;
+            if let HistoryWrite::Save(dir, json) = job {
+                write_history(&dir, &json);
+            }
         }
     }
 
@@ -348,6 +391,31 @@ pub struct History {
     /// Reloads and rollbacks, oldest first.
     #[serde(default)]
     pub events: Vec<RolloutEvent>,
+}
+
+fn write_histories(rx: std::sync::mpsc::Receiver<HistoryWrite>) {
+    while let Ok(first) = rx.recv() {
+        let mut latest = None;
+        let mut flushes = Vec::new();
+        for job in std::iter::once(first).chain(rx.try_iter()) {
+            match job {
+                HistoryWrite::Save(dir, json) => latest = Some((dir, json)),
+                HistoryWrite::Flush(done) => flushes.push(done),
+            }
+        }
+        if let Some((dir, json)) = latest {
+            write_history(&dir, &json);
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
+
+fn write_history(dir: &Dir, json: &[u8]) {
+    if let Err(e) = dir.write_atomically(HISTORY, json, 0o600) {
+        tracing::warn!("could not save {}: {e}", dir.path().join(HISTORY).display());
+    }
 }
 
 /// One service in `history.json`.

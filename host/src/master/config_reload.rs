@@ -150,7 +150,7 @@ impl Master {
                 Err(e) => return Some(format!("{name}: not added: {e}")),
             }
         }
-        let version = match self.store.store_plugin(&config) {
+        let version = match self.store_plugin(&config).await {
             Ok(v) => v,
             Err(e) => return Some(format!("{name}: not added: {e}")),
         };
@@ -284,7 +284,7 @@ impl Master {
             self.scale(svc, Arc::new(config.clone()), progress).await;
             Outcome::Done
         } else {
-            match self.store.store_plugin(&config) {
+            match self.store_plugin(&config).await {
                 Ok(version) => {
                     let release = Release {
                         version,

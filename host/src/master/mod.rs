@@ -282,6 +282,19 @@ impl Master {
         }
     }
 
+    /// Stores a service's plugin in the shadow store (trust checks, hash, copy) on the blocking
+    /// pool: a large build takes a while to hash and write, and the master's one thread must
+    /// go on reading heartbeats meanwhile.
+    async fn store_plugin(
+        self: &Arc<Self>,
+        config: &crate::config::ServiceConfig,
+    ) -> Result<PluginVersion, String> {
+        let (master, config) = (self.clone(), config.clone());
+        tokio::task::spawn_blocking(move || master.store.store_plugin(&config))
+            .await
+            .map_err(|e| format!("storing the plugin failed: {e}"))?
+    }
+
     /// Writes every service's versions and the rollout events to the store's history file.
     fn save_history(&self) {
         let history = History {

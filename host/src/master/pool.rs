@@ -242,6 +242,9 @@ impl Master {
         let state = reg.slot(svc.name(), slot);
         state.respawning = false;
         state.next_retry = None;
+        // A worker placed by a reload or a rollback is a fresh start: crashes of the slot's
+        // earlier workers (maybe days ago, on the same version) no longer make it wait.
+        state.crashes = 0;
         state.pid.replace(pid)
     }
 
@@ -258,6 +261,16 @@ impl Master {
         let t = Instant::now();
         let new = self.start_worker(svc, slot, release).await?;
         let ready_ms = t.elapsed().as_millis();
+        // The service may have switched away while the worker started (a trial failed, and
+        // the service went back to the release it came from): a worker of the release it left
+        // must not serve.
+        let live = svc.release();
+        if !live.same_as(release) {
+            self.drain_worker(new);
+            return Err(format!(
+                "the service switched to {live} while worker {new} was starting"
+            ));
+        }
         let old = self.install(svc, slot, new);
         if let Some(old) = old {
             self.drain_and_wait(svc, old).await;

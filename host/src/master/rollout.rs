@@ -149,6 +149,11 @@ impl Master {
             }
             let t = Instant::now();
             let mut change = self.replace_slot(svc, slot, &new).await;
+            if let (Err(_), Some(failure)) = (&change, self.trial_failure(svc)) {
+                return self
+                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                    .await;
+            }
             if let Err(reason) = &change {
                 progress.line(format!(
                     "{name}: worker {slot} failed to start ({reason}); trying once more"
@@ -589,7 +594,13 @@ impl Master {
             &event.outcome,
             started.elapsed(),
         );
-        self.events.lock().unwrap().push(event);
+        {
+            let mut events = self.events.lock().unwrap();
+            events.push(event);
+            // As many as the history file keeps: a master that runs for months must not grow.
+            let excess = events.len().saturating_sub(crate::shadow::KEEP_EVENTS);
+            events.drain(..excess);
+        }
         self.save_history();
     }
 }

@@ -363,6 +363,7 @@ async fn run(
     if !handed_over {
         master.save_history();
     }
+    master.store.flush_history();
     let cut = master.cut_short.load(Ordering::SeqCst);
     let summary = if cut {
         "stopped at once: workers were killed before they finished draining"

@@ -40,6 +40,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const PANIC_RELEVANCE: Duration = Duration::from_secs(2);
 /// How often the liveness check looks at heartbeats, at most.
 const LIVENESS_TICK: Duration = Duration::from_millis(100);
+/// A liveness tick this much later than due means the master was not running: see
+/// `check_liveness`.
+const MASTER_STALL: Duration = Duration::from_millis(250);
 /// Named in the reason of a worker the liveness check killed.
 const LIVENESS_KILL: &str = "liveness_timeout";
 
@@ -379,8 +382,26 @@ impl Master {
             .clamp(Duration::from_millis(5), LIVENESS_TICK);
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = Instant::now();
         loop {
             interval.tick().await;
+            let gap = last_tick.elapsed();
+            last_tick = Instant::now();
+            if gap > tick + MASTER_STALL {
+                // The master itself did not run for a while (a stalled disk, a starved CPU):
+                // the heartbeats that arrived meanwhile are still unread in the channels. The
+                // stall is the master's, not the workers': start their clocks again.
+                tracing::warn!(
+                    "the master did not run for {} ms; liveness is judged afresh from now",
+                    gap.as_millis()
+                );
+                for w in self.registry.lock().unwrap().workers.values_mut() {
+                    if w.last_heartbeat.is_some() {
+                        w.last_heartbeat = Some(Instant::now());
+                    }
+                }
+                continue;
+            }
             let stale: Vec<(u32, Duration)> = {
                 let reg = self.registry.lock().unwrap();
                 reg.workers

@@ -123,7 +123,7 @@ async fn run(
         if *master.stopping.borrow() {
             return;
         }
-        let new = match master.store.store_plugin(&svc.config()) {
+        let new = match master.store_plugin(&svc.config()).await {
             Ok(v) => v,
             // Removed or unreadable mid-build: the next event brings us back.
             Err(e) => {
