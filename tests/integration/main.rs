@@ -5,6 +5,7 @@ mod harness;
 mod http;
 mod load;
 
+mod admin_page;
 mod cli;
 mod config_reload;
 mod daemon;
