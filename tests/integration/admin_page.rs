@@ -39,8 +39,8 @@ use crate::{
 const PYTHON: &str = "/usr/bin/python3";
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-const INSTALL: &str = "install them with `apt-get install chromium chromium-driver \
-                       python3-selenium` (CI does)";
+const INSTALL: &str = "install Chromium, its WebDriver and Selenium with `apt-get install \
+                       chromium chromium-driver python3-selenium` (CI installs them)";
 /// The whole browser run; each of the script's own waits is 20 s at most.
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(90);
 
