@@ -7,6 +7,7 @@ mod load;
 
 mod access_log;
 mod admin;
+mod admin_page;
 mod cli;
 mod config_reload;
 mod container;
