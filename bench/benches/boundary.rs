@@ -32,6 +32,7 @@ fn main() {
         None => bench::build().hello_v1,
     };
     let spec = WorkerSpec {
+        role: Default::default(),
         service: "bench".into(),
         slot: 0,
         plugin_path: hello.clone(),

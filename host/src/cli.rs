@@ -588,7 +588,7 @@ async fn check_service(svc: &crate::config::ServiceConfig) -> Result<String, Str
     let mut spec = crate::master::worker_spec(svc, 0, &version, Vec::new());
     spec.check_only = true;
     spec.access_log = None;
-    let spawned = crate::master::spawn_worker_process(&spec, &plugin, Vec::new(), None)
+    let spawned = crate::master::spawn_worker_process(&spec, Some(&plugin), Vec::new(), Vec::new())
         .map_err(|e| format!("could not start a worker: {e}"))?;
     let (mut child, channel) = (spawned.child, spawned.channel);
     let (read, mut write) = channel.into_split();

@@ -15,8 +15,6 @@ use std::{
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use tokio::{io::Interest, net::UnixStream};
 
-use crate::inherit::{adopt, Kind};
-
 /// Sends `bytes` with `fd` attached; what `sendmsg` did not take is written plainly after.
 pub async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
     let fds = [fd.as_raw_fd()];
@@ -50,10 +48,20 @@ pub async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>)
 }
 
 /// Reads lines, and the fds that came with them.
+///
+/// Which line an fd belongs to: Linux delivers a unix stream's fds with the data of the
+/// `sendmsg` that sent them, and a `recvmsg` stops right after data that carries fds. So the
+/// fds of a read belong to the line that ends at (or after) the last byte of that read, never
+/// to an earlier line still in the buffer (two messages with an fd each, sent back to back,
+/// must each get their own).
 pub struct LineReader {
     stream: UnixStream,
     buf: Vec<u8>,
-    fds: VecDeque<OwnedFd>,
+    /// Received fds, with the stream position of the last byte of the read they came with.
+    fds: VecDeque<(u64, OwnedFd)>,
+    /// Bytes received, and bytes handed out as lines, since the start.
+    received: u64,
+    consumed: u64,
 }
 
 impl LineReader {
@@ -62,6 +70,8 @@ impl LineReader {
             stream,
             buf: Vec::new(),
             fds: VecDeque::new(),
+            received: 0,
+            consumed: 0,
         }
     }
 
@@ -70,8 +80,13 @@ impl LineReader {
         loop {
             if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=end).collect();
+                self.consumed += line.len() as u64;
                 let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-                return Ok(Some((text, self.fds.drain(..).collect())));
+                let mut fds = Vec::new();
+                while self.fds.front().is_some_and(|(at, _)| *at <= self.consumed) {
+                    fds.extend(self.fds.pop_front().map(|(_, fd)| fd));
+                }
+                return Ok(Some((text, fds)));
             }
             self.stream.readable().await?;
             let received = self.stream.try_io(Interest::READABLE, || {
@@ -96,8 +111,11 @@ impl LineReader {
             });
             match received {
                 Ok((bytes, fds)) => {
+                    self.received += bytes.len() as u64;
+                    let at = self.received;
+                    // A log file, or a link's socket.
                     self.fds
-                        .extend(fds.into_iter().filter_map(|fd| adopt(fd, Kind::File)));
+                        .extend(fds.into_iter().map(|fd| (at, crate::inherit::received(fd))));
                     if bytes.is_empty() {
                         return Ok(None);
                     }

@@ -67,3 +67,11 @@ pub fn adopt(fd: RawFd, kind: Kind) -> Option<OwnedFd> {
     // owner exists in this process.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Takes ownership of an fd this process just received in an SCM_RIGHTS message (`fdpass`).
+pub fn received(fd: RawFd) -> OwnedFd {
+    // SAFETY: the kernel installed `fd` in this process's table for this one `recvmsg`, whose
+    // caller passes each received fd here exactly once; nothing else knows the number yet, so
+    // the returned `OwnedFd` is its only owner.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

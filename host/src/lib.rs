@@ -11,6 +11,7 @@
 //! - [`plugin_file`]: what a plugin file is (a library for this machine, or what instead).
 //! - [`protocol`]: the messages between CLI and master, and between master and workers.
 //! - [`master`]: binds listeners, supervises workers, reloads them one by one.
+//! - [`gateway`]: a websocket service's connection-holding processes (no plugin code).
 //! - [`worker`]: loads the plugin in its on-start hook and serves HTTP until told to drain.
 //!
 //! The master never loads a plugin: dlopen runs the library's constructors, and a broken build
@@ -22,6 +23,7 @@ pub mod config;
 pub mod daemon;
 pub mod dev;
 pub mod fdpass;
+pub mod gateway;
 pub mod inherit;
 pub mod logging;
 pub mod master;

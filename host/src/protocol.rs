@@ -149,6 +149,9 @@ pub struct RolloutEvent {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WorkerStatus {
+    /// `worker`, or `gateway` (a websocket service's connection holder; `slot` is its index).
+    #[serde(default)]
+    pub role: String,
     pub slot: usize,
     pub pid: u32,
     pub state: String,
@@ -164,9 +167,35 @@ pub struct WorkerStatus {
     pub heartbeat_age_ms: Option<u64>,
 }
 
+/// What a process started as `host worker` is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub enum Role {
+    /// An HTTP worker: accepts on the listeners, calls the plugin per request.
+    #[default]
+    Http,
+    /// A websocket service's business worker: runs the plugin on the events of the gateways
+    /// whose links it got at the fds after the listeners (gateway index of each, in order).
+    Business {
+        gateways: Vec<u32>,
+        max_message_bytes: usize,
+    },
+    /// A websocket service's gateway: accepts on the listeners, holds the connections, runs no
+    /// plugin code. `links`: the business workers (slot, pid) whose links are at the fds after
+    /// the listeners; `holders`: which of them serves each slot.
+    Gateway {
+        index: u32,
+        workers: usize,
+        links: Vec<(usize, u32)>,
+        holders: Vec<(usize, u32)>,
+        max_message_bytes: usize,
+    },
+}
+
 /// Everything a worker needs to start, sent as the first message on its channel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
+    #[serde(default)]
+    pub role: Role,
     pub service: String,
     pub slot: usize,
     /// The shadow copy, for messages; the worker loads the verified open copy at
@@ -255,6 +284,20 @@ pub enum ToWorker {
     ReopenLogs,
     /// The same, for the access log.
     ReopenAccessLog,
+    /// To a business worker: a link to gateway `gateway` comes with this message.
+    GatewayLink {
+        gateway: u32,
+    },
+    /// To a gateway: a link to the business worker `pid` of `slot` comes with this message.
+    BusinessLink {
+        slot: usize,
+        pid: u32,
+    },
+    /// To a gateway: `pid` serves `slot` from now on; its clients move to it.
+    SlotHolder {
+        slot: usize,
+        pid: u32,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -37,6 +37,7 @@ pub mod ffi;
 mod glue;
 mod log;
 mod types;
+pub mod ws;
 
 pub use log::Level;
 pub use types::{Context, Request, Response};

@@ -39,6 +39,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("slow", "slow"),
     ("panic", "panic"),
     ("counter", "counter"),
+    ("chat", "chat"),
     ("bad-start", "fixture_bad_start"),
     ("start-panic", "fixture_start_panic"),
     ("start-hang", "fixture_start_hang"),
@@ -135,6 +136,17 @@ pub fn artifacts() -> &'static Artifacts {
         }
         // Leave target/<profile>/libfixture_versioned.so as a plain build would.
         cargo(&root, &fixture, &[]);
+        // The chat example as a second version, for the gateway's reload test.
+        let chat = [
+            "build".to_string(),
+            "--target-dir".into(),
+            target_dir.display().to_string(),
+            "-p".into(),
+            "chat".into(),
+        ];
+        cargo(&root, &chat, &[("CHAT_VERSION", "v2")]);
+        copy_new_inode(&profile_dir.join("libchat.so"), &plugins.join("chat-v2.so"));
+        cargo(&root, &chat, &[]);
         Artifacts {
             host: profile_dir.join("host"),
             plugins,
@@ -149,6 +161,7 @@ fn cargo(root: &Path, args: &[String], env: &[(&str, &str)]) {
         .current_dir(root)
         .env_remove("FIXTURE_VERSION")
         .env_remove("FIXTURE_FAULT")
+        .env_remove("CHAT_VERSION")
         .envs(env.iter().copied());
     let out = cmd.output().expect("could not run cargo");
     assert!(

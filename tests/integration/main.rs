@@ -13,6 +13,7 @@ mod config_reload;
 mod container;
 mod daemon;
 mod failures;
+mod gateway;
 mod lifecycle;
 mod limits;
 mod liveness;

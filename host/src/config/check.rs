@@ -153,7 +153,49 @@ impl Config {
                         .map_err(|e| ConfigError(format!("{at}: tls: {e}")))?,
                 ),
             };
+            let kind = match s.kind.as_deref() {
+                None | Some("http") => {
+                    if s.gateways.is_some() || s.max_message_bytes.is_some() {
+                        return Err(ConfigError(format!(
+                            "{at}: gateways and max_message_bytes are for kind = \"websocket\""
+                        )));
+                    }
+                    Kind::Http
+                }
+                Some("websocket") => {
+                    let gateways = s.gateways.unwrap_or(1);
+                    if !(1..=64).contains(&gateways) {
+                        return Err(ConfigError(format!(
+                            "{at}: gateways must be from 1 to 64, not {gateways}"
+                        )));
+                    }
+                    let max_message_bytes = s
+                        .max_message_bytes
+                        .map_or(DEFAULT_MAX_MESSAGE, |b| b.as_u64() as usize);
+                    if !(1..=MAX_MAX_MESSAGE).contains(&max_message_bytes) {
+                        return Err(ConfigError(format!(
+                            "{at}: max_message_bytes must be from 1 byte to 64MiB"
+                        )));
+                    }
+                    if s.access_log.is_some() {
+                        return Err(ConfigError(format!(
+                            "{at}: access_log is for HTTP services (a websocket service has no \
+                             requests to log)"
+                        )));
+                    }
+                    Kind::WebSocket {
+                        gateways,
+                        max_message_bytes,
+                    }
+                }
+                Some(other) => {
+                    return Err(ConfigError(format!(
+                        "{at}: kind {other:?} is not one of \"http\" or \"websocket\""
+                    )))
+                }
+            };
             services.push(ServiceConfig {
+                kind,
                 drain_timeout: positive(s.drain_timeout, DEFAULT_DRAIN_TIMEOUT, "drain_timeout")?,
                 ready_timeout: positive(s.ready_timeout, DEFAULT_READY_TIMEOUT, "ready_timeout")?,
                 idle_grace: s.idle_grace.unwrap_or(DEFAULT_IDLE_GRACE),

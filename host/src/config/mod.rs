@@ -24,6 +24,9 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_GRACE: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
+/// A websocket service's largest message by default, and the largest it may be set to.
+pub const DEFAULT_MAX_MESSAGE: usize = 1024 * 1024;
+pub const MAX_MAX_MESSAGE: usize = 64 * 1024 * 1024;
 pub const DEFAULT_KEEP_VERSIONS: usize = 5;
 pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_millis(100);
 pub const DEFAULT_CANARY_PROBATION: Duration = Duration::from_secs(1);
@@ -91,9 +94,25 @@ pub enum AccessLogFormat {
     Json,
 }
 
+/// What a service serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Kind {
+    /// HTTP: workers accept on the listeners and call the plugin per request.
+    Http,
+    /// WebSocket: gateway processes (host code only) hold the connections; business workers
+    /// run the plugin on their events (`crate::gateway`).
+    WebSocket {
+        /// Gateway processes.
+        gateways: usize,
+        /// The largest message a client may send, or be sent.
+        max_message_bytes: usize,
+    },
+}
+
 /// One checked service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
+    pub kind: Kind,
     pub name: String,
     pub listen: Vec<SocketAddr>,
     /// Absolute path of the library cargo builds (never loaded directly, see [`crate::shadow`]).

@@ -93,6 +93,12 @@ pub struct RawService {
     /// Answer `/__host/...` on the service's listeners (default: only without `[admin]`).
     pub host_routes: Option<bool>,
     pub access_log: Option<RawAccessLog>,
+    /// `"http"` (the default) or `"websocket"`.
+    pub kind: Option<String>,
+    /// A websocket service's connection-holding processes.
+    pub gateways: Option<usize>,
+    /// A websocket service's largest message.
+    pub max_message_bytes: Option<ByteSize>,
     pub config: Option<toml::Table>,
 }
 

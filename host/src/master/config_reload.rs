@@ -169,6 +169,14 @@ impl Master {
             svc.live()
         ));
         self.services.write().unwrap().push(svc.clone());
+        if let Err(e) = self.start_gateways(&svc).await {
+            self.services
+                .write()
+                .unwrap()
+                .retain(|s| !Arc::ptr_eq(s, &svc));
+            svc.close_listeners();
+            return Some(format!("{name}: not added: {e}"));
+        }
         let release = svc.release();
         for slot in 0..workers {
             let t = Instant::now();
@@ -186,6 +194,9 @@ impl Master {
                         .unwrap()
                         .retain(|s| !Arc::ptr_eq(s, &svc));
                     svc.close_listeners();
+                    for (_, gateway) in self.gateways_of(&svc) {
+                        self.drain_worker(gateway);
+                    }
                     return Some(format!("{name}: not added: its first worker failed: {e}"));
                 }
                 // Later slots are refilled like any crashed one.
@@ -251,6 +262,17 @@ impl Master {
                 ));
             }
             return None;
+        }
+        // A websocket service's gateways hold its clients for the life of the master: what
+        // they were started with (kind, gateways, message size, and the slots clients are
+        // spread over) changes only with a new master.
+        let websocket = matches!(old.kind, crate::config::Kind::WebSocket { .. });
+        if old.kind != config.kind || (websocket && old.workers != config.workers) {
+            return Some(format!(
+                "{name}: kind, gateways, max_message_bytes and (for a websocket service) workers \
+                 change only with a restart or `host upgrade`; this service's change is refused, \
+                 it keeps its old configuration"
+            ));
         }
         let _turn = svc.lock.lock().await;
         if !changes.is_empty() {

@@ -11,6 +11,7 @@
 
 mod config_reload;
 mod control;
+mod gateways;
 mod home;
 mod jobs;
 mod listeners;
@@ -91,6 +92,12 @@ pub use self::upgrade::refuse as refuse_upgrade;
 impl Master {
     /// Starts every slot of every service and waits until all are READY.
     async fn start_all(self: &Arc<Self>) -> Result<(), String> {
+        // A websocket service's gateways first: its workers link to them as they start.
+        for svc in self.services() {
+            self.start_gateways(&svc)
+                .await
+                .map_err(|e| format!("service {} could not start: {e}", svc.name()))?;
+        }
         let mut starting = JoinSet::new();
         for svc in self.services() {
             let release = svc.release();

@@ -12,6 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::fd::OwnedFd;
+
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{
@@ -20,8 +22,8 @@ use super::{
     Master,
 };
 use crate::{
-    config::ServiceConfig,
-    protocol::{monotonic_ns, TlsPem, ToWorker, WorkerSpec},
+    config::{Kind, ServiceConfig},
+    protocol::{monotonic_ns, Role, TlsPem, ToWorker, WorkerSpec},
     shadow::PluginVersion,
 };
 
@@ -49,10 +51,21 @@ impl WorkerState {
     }
 }
 
+/// What a process of a service is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryRole {
+    /// A worker that runs the plugin (HTTP, or a websocket service's business worker).
+    Worker,
+    /// A websocket service's gateway, by index.
+    Gateway(u32),
+}
+
 /// What the master knows of one live worker process.
 pub struct WorkerEntry {
     pub service: Arc<Service>,
+    /// Its slot (a gateway: its index).
     pub slot: usize,
+    pub role: EntryRole,
     pub state: WorkerState,
     pub version: PluginVersion,
     /// The configuration it was started with.
@@ -152,30 +165,70 @@ impl Master {
         release: &Release,
     ) -> Result<u32, String> {
         let (version, config) = (&release.version, &release.config);
-        let sockets = svc.sockets_for(config)?;
-        if sockets.is_empty() {
+        let websocket = matches!(config.kind, Kind::WebSocket { .. });
+        // A websocket service's business workers take no connections: its gateways do.
+        let sockets = if websocket {
+            Vec::new()
+        } else {
+            svc.sockets_for(config)?
+        };
+        if (!websocket && sockets.is_empty()) || *self.stopping.borrow() {
             return Err("the service's listeners are closed (the host is stopping)".into());
         }
         let (addrs, listeners): (Vec<String>, Vec<_>) = sockets.into_iter().unzip();
-        let spec = worker_spec(config, slot, version, addrs);
+        let mut spec = worker_spec(config, slot, version, addrs);
         let plugin = self.store.open_verified(version)?;
-        // Opened here, not in the worker: the worker may run as a user who cannot open it.
-        let access_log = match &config.access_log {
-            Some(log) => Some(log.open()?),
-            None => None,
-        };
-        let spawned = process::spawn(&spec, &plugin, listeners, access_log)
+        let mut extra = Vec::new();
+        // A business worker's links: one socketpair per gateway, the other end for the gateway.
+        let mut gateway_ends = Vec::new();
+        if let Role::Business { gateways, .. } = &mut spec.role {
+            for (index, gateway) in self.gateways_of(svc) {
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+                    .map_err(|e| format!("could not make a link to gateway {index}: {e}"))?;
+                extra.push(OwnedFd::from(ours));
+                gateways.push(index);
+                gateway_ends.push((gateway, theirs));
+            }
+        } else if let Some(log) = &config.access_log {
+            // Opened here, not in the worker: the worker may run as a user who cannot open it.
+            extra.push(OwnedFd::from(log.open()?));
+        }
+        let spawned = process::spawn(&spec, Some(&plugin), listeners, extra)
             .map_err(|e| format!("could not start a worker process: {e}"))?;
         let pid = spawned.child.id().unwrap_or(0);
+        for (gateway, end) in gateway_ends {
+            self.tell_with_file(
+                gateway,
+                ToWorker::BusinessLink { slot, pid },
+                std::fs::File::from(OwnedFd::from(end)),
+            );
+        }
+        self.launched(svc, spec, spawned, EntryRole::Worker, release)
+            .await
+    }
+
+    /// Registers a started process, supervises it, and waits until it is READY (a worker or a
+    /// gateway alike).
+    pub(super) async fn launched(
+        self: &Arc<Self>,
+        svc: &Arc<Service>,
+        spec: WorkerSpec,
+        spawned: process::Spawned,
+        role: EntryRole,
+        release: &Release,
+    ) -> Result<u32, String> {
+        let (version, config) = (&release.version, &release.config);
+        let pid = spawned.child.id().unwrap_or(0);
         let (to_worker, from_master) = mpsc::unbounded_channel();
-        let _ = to_worker.send(Outgoing(ToWorker::Start(Box::new(spec)), None));
+        let _ = to_worker.send(Outgoing(ToWorker::Start(Box::new(spec.clone())), None));
         let (ready_tx, ready_rx) = oneshot::channel();
         let kill = Arc::new(Notify::new());
         self.registry.lock().unwrap().workers.insert(
             pid,
             WorkerEntry {
                 service: svc.clone(),
-                slot,
+                slot: spec.slot,
+                role,
                 state: WorkerState::Starting,
                 version: version.clone(),
                 config: config.clone(),
@@ -235,6 +288,13 @@ impl Master {
         }
     }
 
+    /// Sends a message with a file (SCM_RIGHTS) to a live process.
+    pub(super) fn tell_with_file(&self, pid: u32, message: ToWorker, file: std::fs::File) {
+        if let Some(w) = self.registry.lock().unwrap().workers.get(&pid) {
+            let _ = w.to_worker.send(Outgoing(message, Some(Arc::new(file))));
+        }
+    }
+
     /// Makes `pid` the worker of `(service, slot)`; returns the worker it displaced, which the
     /// caller drains.
     pub fn install(&self, svc: &Service, slot: usize, pid: u32) -> Option<u32> {
@@ -245,7 +305,10 @@ impl Master {
         // A worker placed by a reload or a rollback is a fresh start: crashes of the slot's
         // earlier workers (maybe days ago, on the same version) no longer make it wait.
         state.crashes = 0;
-        state.pid.replace(pid)
+        let displaced = state.pid.replace(pid);
+        drop(reg);
+        self.slot_filled(svc, slot, pid);
+        displaced
     }
 
     /// Replaces the worker of one slot by surge-and-drain: a new worker on `version` first,
@@ -411,6 +474,16 @@ pub fn worker_spec(
     listen: Vec<String>,
 ) -> WorkerSpec {
     WorkerSpec {
+        role: match config.kind {
+            Kind::Http => Role::Http,
+            // The gateways are added by `start_worker`, which knows them.
+            Kind::WebSocket {
+                max_message_bytes, ..
+            } => Role::Business {
+                gateways: Vec::new(),
+                max_message_bytes,
+            },
+        },
         service: config.name.clone(),
         slot,
         plugin_path: version.path.clone(),

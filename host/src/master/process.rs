@@ -1,6 +1,7 @@
 //! Starting one worker process: `/proc/self/exe worker ...` with its channel at fd 3, the
-//! verified plugin copy at fd 4, the service's listeners at fds 5, 6, ... and, after them, the
-//! service's access log file if it has one.
+//! verified plugin copy at fd 4 (a gateway has none), the service's listeners at fds 5, 6, ...
+//! and, after them, the process's other files: the service's access log, or a websocket
+//! service's links between gateways and business workers.
 //!
 //! The master executes its own executable afresh (never fork without exec in a process that
 //! runs tokio), through `/proc/self/exe` so that workers run exactly the host code the master
@@ -31,24 +32,24 @@ pub struct Spawned {
 }
 
 /// Starts `host worker` for `spec`, passing the verified `plugin` copy, `listeners` (in the
-/// order of `spec.listen`) and the `access_log` file.
+/// order of `spec.listen`) and the `extra` files after them.
 pub fn spawn(
     spec: &WorkerSpec,
-    plugin: &File,
+    plugin: Option<&File>,
     listeners: Vec<TcpListener>,
-    access_log: Option<File>,
+    extra: Vec<OwnedFd>,
 ) -> io::Result<Spawned> {
     let (master_end, worker_end) = StdUnixStream::pair()?;
-    let mut mappings = vec![
-        FdMapping {
-            parent_fd: OwnedFd::from(worker_end),
-            child_fd: CHANNEL_FD,
-        },
-        FdMapping {
+    let mut mappings = vec![FdMapping {
+        parent_fd: OwnedFd::from(worker_end),
+        child_fd: CHANNEL_FD,
+    }];
+    if let Some(plugin) = plugin {
+        mappings.push(FdMapping {
             parent_fd: OwnedFd::from(plugin.try_clone()?),
             child_fd: PLUGIN_FD,
-        },
-    ];
+        });
+    }
     let after_listeners = FIRST_LISTENER_FD + listeners.len() as i32;
     for (i, listener) in listeners.into_iter().enumerate() {
         mappings.push(FdMapping {
@@ -56,10 +57,10 @@ pub fn spawn(
             child_fd: FIRST_LISTENER_FD + i as i32,
         });
     }
-    if let Some(file) = access_log {
+    for (i, fd) in extra.into_iter().enumerate() {
         mappings.push(FdMapping {
-            parent_fd: OwnedFd::from(file),
-            child_fd: after_listeners,
+            parent_fd: fd,
+            child_fd: after_listeners + i as i32,
         });
     }
     let mut command = tokio::process::Command::new("/proc/self/exe");

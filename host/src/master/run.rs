@@ -404,6 +404,9 @@ impl Master {
         handover: &mut upgrade::Handover,
     ) -> Result<(), String> {
         for svc in self.services() {
+            self.start_gateways(&svc)
+                .await
+                .map_err(|e| format!("service {} could not start: {e}", svc.name()))?;
             let release = svc.release();
             let name = svc.name().to_string();
             for slot in 0..release.config.workers {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::{Master, WorkerState};
+use super::{pool::EntryRole, Master, WorkerState};
 use crate::{
     admin::metrics::{View, SAMPLE_EVERY},
     protocol::{RolloutEvent, ServiceStatus, SlotStatus, StatusReport, VersionInfo, WorkerStatus},
@@ -47,6 +47,10 @@ impl Master {
                     .iter()
                     .filter(|(_, w)| w.service.name() == name)
                     .map(|(pid, w)| WorkerStatus {
+                        role: match w.role {
+                            EntryRole::Worker => "worker".into(),
+                            EntryRole::Gateway(_) => "gateway".into(),
+                        },
                         slot: w.slot,
                         pid: *pid,
                         state: w.state.as_str().to_string(),
@@ -169,12 +173,17 @@ impl Master {
         }
         let reg = self.registry.lock().unwrap();
         for svc in self.services() {
-            let ready = reg
-                .workers
-                .values()
-                .any(|w| w.state == WorkerState::Ready && w.service.name() == svc.name());
-            if !ready {
+            let ready = |role: fn(&EntryRole) -> bool| {
+                reg.workers.values().any(|w| {
+                    w.state == WorkerState::Ready && w.service.name() == svc.name() && role(&w.role)
+                })
+            };
+            if !ready(|r| *r == EntryRole::Worker) {
                 return Err(format!("service {} has no ready worker", svc.name()));
+            }
+            let websocket = matches!(svc.config().kind, crate::config::Kind::WebSocket { .. });
+            if websocket && !ready(|r| matches!(r, EntryRole::Gateway(_))) {
+                return Err(format!("service {} has no ready gateway", svc.name()));
             }
         }
         Ok(())
@@ -192,7 +201,9 @@ impl Master {
                 WorkerState::Ready,
                 WorkerState::Draining,
             ] {
-                let n = workers().filter(|w| w.state == state).count();
+                let n = workers()
+                    .filter(|w| w.state == state && w.role == EntryRole::Worker)
+                    .count();
                 view.workers
                     .push((name.to_string(), state.as_str().to_string(), n as i64));
             }

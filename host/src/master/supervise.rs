@@ -26,7 +26,7 @@ use tokio::{
 };
 
 use super::{
-    pool::{Outgoing, WorkerState},
+    pool::{EntryRole, Outgoing, WorkerState},
     service::Service,
     Master,
 };
@@ -257,6 +257,14 @@ impl Master {
             };
             self.metrics
                 .worker_exit(pid, w.service.name(), exit_reason(&w));
+            if let EntryRole::Gateway(index) = w.role {
+                drop(reg);
+                self.worker_count.send_modify(|n| *n = n.saturating_sub(1));
+                let drained = w.state == WorkerState::Draining;
+                let lived = w.started.elapsed();
+                self.gateway_exited(w.service, index, pid, exit, drained, lived);
+                return;
+            }
             let slot = reg.slot(w.service.name(), w.slot);
             slot.draining.retain(|p| *p != pid);
             let held_slot = slot.pid == Some(pid);
@@ -350,6 +358,8 @@ impl Master {
                         state.pid = Some(pid);
                         state.respawning = false;
                         state.next_retry = None;
+                        drop(reg);
+                        self.slot_filled(&svc, slot, pid);
                         tracing::info!(service = %name, "slot {slot}: replacement worker {pid} is ready (plugin {version})");
                     }
                     return;

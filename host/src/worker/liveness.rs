@@ -132,7 +132,7 @@ pub fn send_heartbeat(shared: &Shared, link: &Link) {
 }
 
 /// This process's resident memory, from /proc/self/statm (0 if unreadable).
-fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
         .ok()
         .flatten()

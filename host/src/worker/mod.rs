@@ -15,11 +15,13 @@
 mod access_log;
 mod conn;
 mod http;
-mod link;
+pub(crate) mod link;
 mod liveness;
+pub(crate) use liveness::rss_bytes;
 pub mod plugin;
 mod respond;
 mod stats;
+mod ws;
 
 use std::{
     io::Read,
@@ -116,6 +118,11 @@ pub fn main(master_pid: u32) -> ExitCode {
     );
     let _ = WORKER_SPAN.set(span.clone());
     let _entered = span.enter();
+    match spec.role {
+        crate::protocol::Role::Http => {}
+        crate::protocol::Role::Gateway { .. } => return crate::gateway::run(spec, channel, link),
+        crate::protocol::Role::Business { .. } => return ws::run(spec, channel, link, timings),
+    }
     // The certificate before the plugin: a certificate that cannot be used fails the start
     // (in a reload, the canary) with the reason, as a plugin that cannot load does.
     let tls = spec
@@ -351,6 +358,11 @@ async fn talk_to_master(
                 None => tracing::warn!("the master asked to reopen logs but sent no file"),
             },
             Ok(ToWorker::Start(_)) => tracing::warn!("ignoring a second start message"),
+            Ok(
+                other @ (ToWorker::GatewayLink { .. }
+                | ToWorker::BusinessLink { .. }
+                | ToWorker::SlotHolder { .. }),
+            ) => tracing::warn!("an HTTP worker got a websocket message: {other:?}"),
             Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
         }
     }
@@ -390,7 +402,7 @@ fn drop_privileges(uid: u32, gid: u32, master_pid: u32) -> Result<(), String> {
 /// The path the worker loads its plugin from: the verified copy the master passed at
 /// `PLUGIN_FD`, through `/proc/self/fd`, so that it loads exactly the bytes the master checked
 /// (and needs no access to the state directory). The fd stays open for the life of the worker.
-fn inherited_plugin() -> Result<std::path::PathBuf, String> {
+pub(crate) fn inherited_plugin() -> Result<std::path::PathBuf, String> {
     let fd = inherit::adopt(PLUGIN_FD, Kind::File).ok_or_else(|| {
         format!(
             "fd {PLUGIN_FD} is not the plugin copy the master passes; `host worker` is started \
@@ -402,7 +414,9 @@ fn inherited_plugin() -> Result<std::path::PathBuf, String> {
     Ok(format!("/proc/self/fd/{raw}").into())
 }
 
-fn inherited_listeners(spec: &WorkerSpec) -> Result<Vec<tokio::net::TcpListener>, String> {
+pub(crate) fn inherited_listeners(
+    spec: &WorkerSpec,
+) -> Result<Vec<tokio::net::TcpListener>, String> {
     let mut listeners = Vec::new();
     for (i, addr) in spec.listen.iter().enumerate() {
         let fd = FIRST_LISTENER_FD + i as i32;

@@ -44,19 +44,7 @@ impl Plugin {
             .map_err(|e| explain(e, spec, Some(&declared)))?;
         let plugin = Plugin { module };
         loaded();
-        let ctx = FfiContext {
-            service: spec.service.as_str().into(),
-            worker_id: spec.slot as u32,
-            plugin_version: spec.plugin_version.as_str().into(),
-            config: spec
-                .config
-                .iter()
-                .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
-                .collect::<RVec<_>>(),
-            config_toml: spec.config_toml.as_str().into(),
-            log: plugin_log,
-        };
-        match (module.start())(&ctx) {
+        match (module.start())(&context(spec)) {
             RResult::ROk(()) => Ok(plugin),
             RResult::RErr(reason) => Err(format!(
                 "plugin {} ({}) failed to start: {reason}. Fix the cause in the plugin's on_start \
@@ -96,6 +84,22 @@ impl Plugin {
     }
 }
 
+/// What the host tells a plugin at its start.
+pub(crate) fn context(spec: &WorkerSpec) -> FfiContext {
+    FfiContext {
+        service: spec.service.as_str().into(),
+        worker_id: spec.slot as u32,
+        plugin_version: spec.plugin_version.as_str().into(),
+        config: spec
+            .config
+            .iter()
+            .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
+            .collect::<RVec<_>>(),
+        config_toml: spec.config_toml.as_str().into(),
+        log: plugin_log,
+    }
+}
+
 /// Where the plugin's `plugin_api::info!` and friends end up: the worker's tracing output,
 /// inside the worker's span, so each line carries service, pid and plugin version. The
 /// plugin's panic hook logs through here too ("panicked at ..."): that line also goes to the
@@ -122,7 +126,7 @@ extern "C" fn plugin_log(level: u8, message: RStr<'_>) {
 
 /// One paragraph: what was expected, what was found, how to fix it. The raw abi_stable message
 /// (for layout mismatches, a dump of every type) goes to the debug log.
-fn explain(err: LibraryError, spec: &WorkerSpec, declared: Option<&str>) -> String {
+pub(crate) fn explain(err: LibraryError, spec: &WorkerSpec, declared: Option<&str>) -> String {
     tracing::debug!(
         "abi_stable load error for {}: {err}",
         spec.plugin_path.display()
