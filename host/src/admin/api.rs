@@ -235,6 +235,8 @@ impl From<ControlReply> for Event {
 
 #[derive(Serialize)]
 struct Series {
+    /// The master's clock (seconds since the Unix epoch), for the chart's right edge.
+    now: u64,
     /// Seconds between two points.
     interval_s: u64,
     services: std::collections::HashMap<String, Vec<super::metrics::Point>>,
@@ -250,6 +252,9 @@ fn series(master: &Master) -> Series {
         .min()
         .unwrap_or(u64::MAX);
     Series {
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         interval_s: super::metrics::SAMPLE_EVERY.as_secs(),
         services,
         events: master

@@ -114,13 +114,20 @@ impl EncodeMetric for Merged {
 pub struct Point {
     /// Seconds since the Unix epoch.
     pub t: u64,
+    /// Requests per second over the last three seconds.
     pub rps: f64,
-    /// The 99th percentile request duration in that second (ms), from the histogram buckets.
+    /// The 99th percentile request duration over the same seconds (ms), from the histogram
+    /// buckets.
     pub p99_ms: Option<f64>,
 }
 
 /// Requests and buckets since the last sample, and the samples.
-type Series = (u64, Vec<u64>, VecDeque<Point>);
+type Series = (u64, Vec<u64>, VecDeque<Point>, VecDeque<(u64, Vec<u64>)>);
+
+/// Samples a chart point is computed over: workers report once a second at most, so one
+/// sample may catch no report from a worker and the next two; a window of three evens that
+/// out.
+const WINDOW: usize = 3;
 
 pub struct Metrics {
     registry: Registry,
@@ -245,15 +252,16 @@ impl Metrics {
                 service: service.to_string(),
             };
             self.duration.get_or_create(&labels).add(sum, &buckets);
-            let mut series = self.series.lock().unwrap();
-            let entry = series.entry(service.to_string()).or_default();
-            entry.0 += buckets.iter().sum::<u64>();
-            if entry.1.len() < buckets.len() {
-                entry.1.resize(buckets.len(), 0);
-            }
-            for (total, n) in entry.1.iter_mut().zip(&buckets) {
-                *total += n;
-            }
+        }
+        // Every service that reports has a series, from its first heartbeat (idle is 0).
+        let mut series = self.series.lock().unwrap();
+        let entry = series.entry(service.to_string()).or_default();
+        entry.0 += buckets.iter().sum::<u64>();
+        if entry.1.len() < buckets.len() {
+            entry.1.resize(buckets.len(), 0);
+        }
+        for (total, n) in entry.1.iter_mut().zip(&buckets) {
+            *total += n;
         }
         *before = now.clone();
     }
@@ -329,11 +337,22 @@ impl Metrics {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut series = self.series.lock().unwrap();
-        for (requests, buckets, points) in series.values_mut() {
+        for (requests, buckets, points, recent) in series.values_mut() {
+            recent.push_back((*requests, buckets.clone()));
+            if recent.len() > WINDOW {
+                recent.pop_front();
+            }
+            let total: u64 = recent.iter().map(|(n, _)| n).sum();
+            let mut merged = vec![0; buckets.len()];
+            for (_, b) in recent.iter() {
+                for (m, n) in merged.iter_mut().zip(b) {
+                    *m += n;
+                }
+            }
             points.push_back(Point {
                 t,
-                rps: *requests as f64 / every.as_secs_f64(),
-                p99_ms: percentile(buckets, 0.99).map(|s| s * 1000.0),
+                rps: total as f64 / (every.as_secs_f64() * recent.len() as f64),
+                p99_ms: percentile(&merged, 0.99).map(|s| s * 1000.0),
             });
             while points.len() > SERIES_LEN {
                 points.pop_front();
@@ -349,7 +368,7 @@ impl Metrics {
             .lock()
             .unwrap()
             .iter()
-            .map(|(name, (_, _, points))| (name.clone(), points.iter().cloned().collect()))
+            .map(|(name, (_, _, points, _))| (name.clone(), points.iter().cloned().collect()))
             .collect()
     }
 }
