@@ -334,3 +334,31 @@ fn a_stop_closes_clients_with_going_away_and_a_dead_gateway_is_replaced() {
     );
     assert!(host.wait_exit());
 }
+
+#[test]
+fn wss_with_the_services_certificate() {
+    let dir = dir_with_config(
+        &config(1, 1, "tls = { cert = \"cert.pem\", key = \"key.pem\" }"),
+        &[("plugin.so", "chat")],
+    );
+    let certs = crate::tls::Certs::new();
+    certs.issue(dir.path());
+    let host = Host::start(dir, &["--config", "host.toml"]);
+    let addr = host.addr("chat");
+    runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(crate::http::tls_config(&certs.ca_pem, false))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{addr}/chat"), tls)
+            .await
+            .unwrap();
+        ws.send(Message::text("echo secure")).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "v1 echo secure"),
+            other => panic!("{other:?}"),
+        }
+    });
+}
