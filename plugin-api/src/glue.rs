@@ -50,12 +50,24 @@ pub fn root_module<P: Plugin>(name: &'static str, version: &'static str) -> Plug
 }
 
 extern "C" fn start<P: Plugin>(ctx: &FfiContext) -> RResult<(), RString> {
+    start_instance(ctx, P::on_start, |plugin| {
+        INSTANCE.set(Box::new(plugin)).is_ok()
+    })
+}
+
+/// A plugin's start, HTTP or WebSocket alike: install the log callback, call `on_start`
+/// (catching a panic), and keep the instance with `keep` (false: it was started already).
+pub(crate) fn start_instance<T>(
+    ctx: &FfiContext,
+    on_start: impl FnOnce(&Context) -> Result<T, crate::Error>,
+    keep: impl FnOnce(T) -> bool,
+) -> RResult<(), RString> {
     crate::log::install(ctx.log);
     let ctx = Context::from_ffi(ctx);
-    match catch_unwind(AssertUnwindSafe(|| P::on_start(ctx))) {
-        Ok(Ok(plugin)) => match INSTANCE.set(Box::new(plugin)) {
-            Ok(()) => ROk(()),
-            Err(_) => RErr("on_start was called twice in one process".into()),
+    match catch_unwind(AssertUnwindSafe(|| on_start(ctx))) {
+        Ok(Ok(plugin)) => match keep(plugin) {
+            true => ROk(()),
+            false => RErr("on_start was called twice in one process".into()),
         },
         Ok(Err(e)) => RErr(e.to_string().into()),
         Err(panic) => RErr(format!("on_start panicked: {}", panic_message(&*panic)).into()),

@@ -386,39 +386,24 @@ impl Gateway {
 
     /// Follows the master's messages until it says `Drain` or goes away.
     async fn talk_to_master(self: Arc<Self>, channel: UnixStream) {
-        let mut lines = crate::fdpass::LineReader::new(channel);
-        loop {
-            let (message, mut fds) = match lines.next_line().await {
-                Ok(Some((line, fds))) => (serde_json::from_str::<ToWorker>(&line), fds),
-                _ => {
-                    tracing::warn!("the master is gone: draining");
-                    return;
-                }
-            };
+        let mut messages = crate::worker::MasterMessages::new(channel);
+        while let Some((message, mut fds)) = messages.next().await {
             match message {
-                Ok(ToWorker::Drain) => {
+                ToWorker::Drain => {
                     tracing::info!("draining on the master's request");
                     return;
                 }
-                Ok(ToWorker::BusinessLink { slot, pid }) => match fds.pop() {
+                ToWorker::BusinessLink { slot, pid } => match fds.pop() {
                     Some(fd) => self.open_link(slot, pid, StdUnixStream::from(fd)),
                     None => tracing::warn!("a link to worker {pid} came without its socket"),
                 },
-                Ok(ToWorker::SlotHolder { slot, pid }) => self.router.set_holder(slot, pid),
-                Ok(ToWorker::Stats) => {
+                ToWorker::SlotHolder { slot, pid } => self.router.set_holder(slot, pid),
+                ToWorker::Stats => {
                     self.link.send(&FromWorker::Stats {
                         requests: self.router.clients() as u64,
                     });
                 }
-                Ok(ToWorker::ReopenLogs) => {
-                    if let Some(file) = fds.pop() {
-                        if let Err(e) = nix::unistd::dup2_stderr(&file) {
-                            tracing::warn!("could not switch to the reopened log file: {e}");
-                        }
-                    }
-                }
-                Ok(other) => tracing::debug!("gateway: ignoring {other:?}"),
-                Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
+                other => tracing::debug!("gateway: ignoring {other:?}"),
             }
         }
     }

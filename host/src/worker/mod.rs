@@ -302,11 +302,11 @@ async fn talk_to_master(
     link: Arc<Link>,
     stopped_accepting: oneshot::Receiver<()>,
 ) {
-    let mut lines = crate::fdpass::LineReader::new(channel);
+    let mut messages = MasterMessages::new(channel);
     let mut stopped_accepting = Some(stopped_accepting);
     loop {
-        let line = tokio::select! {
-            line = lines.next_line() => line,
+        let next = tokio::select! {
+            next = messages.next() => next,
             stopped = async { stopped_accepting.as_mut().expect("guarded").await },
                 if stopped_accepting.is_some() =>
             {
@@ -317,53 +317,72 @@ async fn talk_to_master(
                 continue;
             }
         };
-        let (message, mut fds) = match line {
-            Ok(Some((line, fds))) => (serde_json::from_str::<ToWorker>(&line), fds),
-            Ok(None) | Err(_) => {
-                if !*shared.draining.borrow() {
-                    tracing::warn!("the master is gone: draining");
-                }
-                shared.draining.send_replace(true);
-                return;
-            }
+        let Some((message, mut fds)) = next else {
+            shared.draining.send_replace(true);
+            return;
         };
         match message {
-            Ok(ToWorker::Drain) => {
+            ToWorker::Drain => {
                 tracing::info!("draining on the master's request");
                 shared.draining.send_replace(true);
             }
-            Ok(ToWorker::Stats) => {
+            ToWorker::Stats => {
                 let requests = shared.requests.load(std::sync::atomic::Ordering::Relaxed);
                 link.send(&FromWorker::Stats { requests });
             }
-            Ok(ToWorker::CloseIdle) => {
+            ToWorker::CloseIdle => {
                 tracing::info!(
                     "closing idle connections now (the slot has newer draining workers)"
                 );
                 shared.close_idle.send_replace(true);
             }
-            Ok(ToWorker::ReopenAccessLog) => match (fds.pop(), &shared.access_log) {
+            ToWorker::ReopenAccessLog => match (fds.pop(), &shared.access_log) {
                 (Some(file), Some(log)) => {
                     log.reopen(file.into());
                     tracing::info!("access log reopened");
                 }
                 _ => tracing::warn!("the master asked to reopen the access log, but there is none"),
             },
-            Ok(ToWorker::ReopenLogs) => match fds.pop() {
+            other => tracing::warn!("an HTTP worker ignores {other:?}"),
+        }
+    }
+}
+
+/// What a worker, gateway or business worker hears from the master, one message at a time;
+/// `None` once the master is gone (each then drains). What every role does the same way
+/// (`ReopenLogs`: log to the file that came with it) is done here.
+pub(crate) struct MasterMessages {
+    lines: crate::fdpass::LineReader,
+}
+
+impl MasterMessages {
+    pub fn new(channel: UnixStream) -> MasterMessages {
+        MasterMessages {
+            lines: crate::fdpass::LineReader::new(channel),
+        }
+    }
+
+    pub async fn next(&mut self) -> Option<(ToWorker, Vec<std::os::fd::OwnedFd>)> {
+        loop {
+            let (line, mut fds) = match self.lines.next_line().await {
+                Ok(Some(line)) => line,
+                Ok(None) | Err(_) => {
+                    tracing::warn!("the master is gone: draining");
+                    return None;
+                }
+            };
+            match serde_json::from_str::<ToWorker>(&line) {
                 // Everything this process logs goes to stderr: point it at the reopened file.
-                Some(file) => match nix::unistd::dup2_stderr(&file) {
-                    Ok(()) => tracing::info!("log file reopened"),
-                    Err(e) => tracing::warn!("could not switch to the reopened log file: {e}"),
+                Ok(ToWorker::ReopenLogs) => match fds.pop() {
+                    Some(file) => match nix::unistd::dup2_stderr(&file) {
+                        Ok(()) => tracing::info!("log file reopened"),
+                        Err(e) => tracing::warn!("could not switch to the reopened log file: {e}"),
+                    },
+                    None => tracing::warn!("the master asked to reopen logs but sent no file"),
                 },
-                None => tracing::warn!("the master asked to reopen logs but sent no file"),
-            },
-            Ok(ToWorker::Start(_)) => tracing::warn!("ignoring a second start message"),
-            Ok(
-                other @ (ToWorker::GatewayLink { .. }
-                | ToWorker::BusinessLink { .. }
-                | ToWorker::SlotHolder { .. }),
-            ) => tracing::warn!("an HTTP worker got a websocket message: {other:?}"),
-            Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
+                Ok(message) => return Some((message, fds)),
+                Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
+            }
         }
     }
 }

@@ -563,40 +563,25 @@ async fn talk_to_master(
     handled: &AtomicU64,
     draining: &AtomicBool,
 ) {
-    let mut lines = crate::fdpass::LineReader::new(channel);
-    loop {
-        let (message, mut fds) = match lines.next_line().await {
-            Ok(Some((line, fds))) => (serde_json::from_str::<ToWorker>(&line), fds),
-            _ => {
-                tracing::warn!("the master is gone: draining");
-                return;
-            }
-        };
+    let mut messages = super::MasterMessages::new(channel);
+    while let Some((message, mut fds)) = messages.next().await {
         match message {
-            Ok(ToWorker::Drain) => {
+            ToWorker::Drain => {
                 tracing::info!("draining on the master's request");
                 draining.store(true, Ordering::SeqCst);
                 link.send(&FromWorker::StoppedAccepting);
                 return;
             }
-            Ok(ToWorker::GatewayLink { gateway }) => match fds.pop() {
+            ToWorker::GatewayLink { gateway } => match fds.pop() {
                 Some(fd) => open_link(links, gateway, StdUnixStream::from(fd), events),
                 None => tracing::warn!("a link to gateway {gateway} came without its socket"),
             },
-            Ok(ToWorker::Stats) => {
+            ToWorker::Stats => {
                 link.send(&FromWorker::Stats {
                     requests: handled.load(Ordering::Relaxed),
                 });
             }
-            Ok(ToWorker::ReopenLogs) => {
-                if let Some(file) = fds.pop() {
-                    if let Err(e) = nix::unistd::dup2_stderr(&file) {
-                        tracing::warn!("could not switch to the reopened log file: {e}");
-                    }
-                }
-            }
-            Ok(other) => tracing::debug!("business worker: ignoring {other:?}"),
-            Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
+            other => tracing::debug!("business worker: ignoring {other:?}"),
         }
     }
 }

@@ -15,7 +15,7 @@ use super::{
     ffi::{FfiConnect, FfiGateway, WsPluginMod, WsPluginModRef},
     ConnectRequest, Gateway, Message, WsPlugin,
 };
-use crate::{ffi::FfiContext, glue::panic_message, Context};
+use crate::{ffi::FfiContext, glue::panic_message};
 
 /// The object-safe part of [`WsPlugin`].
 trait Instance: Send + Sync {
@@ -57,16 +57,9 @@ pub fn root_module<P: WsPlugin>(name: &'static str, version: &'static str) -> Ws
 }
 
 extern "C" fn start<P: WsPlugin>(ctx: &FfiContext) -> RResult<(), RString> {
-    crate::log::install(ctx.log);
-    let ctx = Context::from_ffi(ctx);
-    match catch_unwind(AssertUnwindSafe(|| P::on_start(ctx))) {
-        Ok(Ok(plugin)) => match INSTANCE.set(Box::new(plugin)) {
-            Ok(()) => ROk(()),
-            Err(_) => RErr("on_start was called twice in one process".into()),
-        },
-        Ok(Err(e)) => RErr(e.to_string().into()),
-        Err(panic) => RErr(format!("on_start panicked: {}", panic_message(&*panic)).into()),
-    }
+    crate::glue::start_instance(ctx, P::on_start, |plugin| {
+        INSTANCE.set(Box::new(plugin)).is_ok()
+    })
 }
 
 /// Runs `f` on the instance, turning a panic into its message.
