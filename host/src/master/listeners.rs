@@ -102,15 +102,22 @@ impl Given {
 }
 
 /// Makes a listener take no new connections, while those already queued stay queued for the
-/// workers to accept: a socket filter that drops every packet to it, so a new client's SYN goes
-/// unanswered (it retries, and finds the port closed once the last worker closed its copy).
-/// Closing the socket instead would reset every connection still in its queue; the workers,
-/// which each take what is queued before closing their copy, would race new arrivals.
-/// (Connections accepted earlier have sockets of their own: the filter does not touch them.)
+/// workers to accept: a socket filter that drops every SYN sent to it, so a new client's
+/// connect goes unanswered (it retries, and finds the port closed once the last worker closed
+/// its copy). Only SYNs: a handshake already under way when the filter lands completes (its
+/// last ACK passes) and joins the queue the workers take before closing their copies; a filter
+/// that dropped every packet left such a client believing it was connected, and reset when
+/// the socket closed. Closing the socket instead would reset every connection still in its
+/// queue. (Accepted connections have sockets of their own: the filter does not touch them.)
 pub fn stop_new_connections(listener: &TcpListener) {
-    // BPF_RET | BPF_K with 0: accept no bytes of any packet.
-    let drop_all = [socket2::SockFilter::new(0x06, 0, 0, 0)];
-    if let Err(e) = socket2::SockRef::from(listener).attach_filter(&drop_all) {
+    // A TCP socket's filter sees the segment from its TCP header: byte 13 holds the flags.
+    let drop_syns = [
+        socket2::SockFilter::new(0x30, 0, 0, 13), // BPF_LD | BPF_B | BPF_ABS: A = flags
+        socket2::SockFilter::new(0x45, 0, 1, 0x02), // BPF_JMP | BPF_JSET | BPF_K: SYN set?
+        socket2::SockFilter::new(0x06, 0, 0, 0),  // BPF_RET | BPF_K: drop
+        socket2::SockFilter::new(0x06, 0, 0, u32::MAX), // BPF_RET | BPF_K: keep all of it
+    ];
+    if let Err(e) = socket2::SockRef::from(listener).attach_filter(&drop_syns) {
         // Seen as EPERM for unprivileged processes on some kernels: the listener then just
         // closes, and a connection arriving in that instant may be reset.
         tracing::warn!(
@@ -130,4 +137,32 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::TcpStream,
+        time::Duration,
+    };
+
+    use super::*;
+
+    #[test]
+    fn a_stopped_listener_keeps_its_queue_and_answers_no_new_syn() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = TcpStream::connect(addr).unwrap();
+        stop_new_connections(&listener);
+        // Data sent on a connection that was queued before still arrives.
+        queued.write_all(b"ping").unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        let mut buf = [0; 4];
+        accepted.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+        // A new SYN is dropped, not answered: the connect times out.
+        let err = TcpStream::connect_timeout(&addr, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    }
 }
