@@ -99,6 +99,11 @@ const FIGURES: &[Figure] = &[
         run: tls,
         quick: false,
     },
+    Figure {
+        name: "accesslog",
+        run: access_log,
+        quick: false,
+    },
 ];
 
 /// The figures only `--full` runs, after the default ones: the long runs, and the place for the
@@ -225,7 +230,7 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
            of {rs} s per run, a reload every {every} s; reload time {rt} reloads at {rw:?} \
            workers; upgrade time {ut} rounds at {uw:?} workers; upgrades under load {ul} rounds \
            of {us} s per run; rebuild latency {rb} rounds; plugin boundary {br} rounds; HTTPS \
-           {tr} rounds of {ts} s per run\n\
+           {tr} rounds of {ts} s per run; access log {ar} rounds of {as_} s per run\n\
          - HTTPS: {h2load} for HTTP/2 ({H2_CONNS} connections, {H2_STREAMS} streams each), \
            wrk for HTTP/1.1, the bench's own client ({HANDSHAKE_CLIENTS} threads) for a new \
            connection per request\n\
@@ -254,6 +259,8 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
         br = m.boundary_rounds,
         tr = m.tls_rounds,
         ts = m.tls_secs,
+        ar = m.access_log_rounds,
+        as_ = m.access_log_secs,
         h2load = bench::tls::h2load_version(),
         names = names.join(", "),
         probation = "reload time with the host's defaults and with 0 s",
@@ -1291,6 +1298,154 @@ fn tls(cx: &Ctx, out: &mut Results) {
              connection's less a keep-alive request's of the same round. Negotiated by the \
              new connections: {negotiated}.\n\n{table}\n",
             rounds = m.tls_rounds,
+            table = t.render(),
+        ),
+        &t.goals,
+    );
+}
+
+/// Figure 11: the access log's cost on the request path: the host with no access log, with a
+/// JSON access log to a file on disk, and to /dev/null, interleaved.
+fn access_log(cx: &Ctx, out: &mut Results) {
+    let (b, m) = (&cx.b, &cx.mode);
+    // The system's temp dir: on this machine's disk (the root file system), not tmpfs.
+    let log_dir = tempfile::tempdir().unwrap();
+    let file = log_dir.path().join("access.log");
+    let variants: [(&str, Option<&Path>); 3] = [
+        ("off", None),
+        ("json to a file", Some(&file)),
+        ("json to /dev/null", Some(Path::new("/dev/null"))),
+    ];
+    let masters = variants.map(|(_, log)| {
+        Master::serving(
+            &b.host,
+            &Service {
+                access_log: log,
+                ..Service::new(&b.hello_v1, WORKERS)
+            },
+            "info",
+        )
+    });
+    let urls = masters.each_ref().map(|h| format!("http://{}/", h.addr()));
+    let pids = masters.each_ref().map(|h| h.pids());
+    assert!(pids.iter().all(|p| p.len() == WORKERS + 1));
+    for url in &urls {
+        wrk::run(url, CONNS, m.warmup_secs, None);
+    }
+    let truncate = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(0)
+            .unwrap()
+    };
+    thread::sleep(SETTLE);
+    truncate();
+    let mut runs: [Vec<Steady>; 3] = Default::default();
+    let mut lines_per_request = Vec::new();
+    for round in 0..m.access_log_rounds {
+        // Each variant goes first, second and third in turn.
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            runs[i].push(measure(&urls[i], &pids[i], m.access_log_secs));
+            if i == 1 {
+                // `measure` waited SETTLE after the run: the writer thread has emptied its queue.
+                let lines = fs::read(&file)
+                    .unwrap()
+                    .iter()
+                    .filter(|c| **c == b'\n')
+                    .count();
+                let requests = runs[1].last().unwrap().report.requests;
+                lines_per_request.push(lines as f64 / requests as f64);
+                truncate();
+            }
+        }
+    }
+    // The host logs how many lines a worker dropped when its writer fell behind (at each power
+    // of two); the largest count in a master's log.
+    let dropped = |h: &Master| {
+        h.log()
+            .lines()
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("access log: the writer is behind; ")?;
+                rest.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let dropped = masters.each_ref().map(dropped);
+    drop(masters);
+
+    let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
+    let cpu = runs.each_ref().map(|r| col(r, cpu_us));
+    let mut t = RoundTable::new(m.access_log_rounds);
+    let three = |t: &mut RoundTable, what: &str, v: [Vec<f64>; 3], ratio_what: &str| {
+        for (k, (name, _)) in variants.iter().enumerate() {
+            t.values(&format!("{what}: access log {name}"), &v[k]);
+        }
+        for k in 1..3 {
+            t.ratios(
+                &format!("**{ratio_what}: {} / off**", variants[k].0),
+                &ratios(&v[k], &v[0]),
+                None,
+            );
+        }
+    };
+    three(
+        &mut t,
+        "server CPU per request (µs)",
+        cpu.clone(),
+        "server CPU per request",
+    );
+    three(
+        &mut t,
+        "requests/s",
+        runs.each_ref().map(|r| col(r, |s| s.report.rps)),
+        "requests/s",
+    );
+    three(
+        &mut t,
+        "p99 latency (ms)",
+        runs.each_ref().map(|r| col(r, |s| s.report.p99_ms)),
+        "p99 latency",
+    );
+    for k in 1..3 {
+        t.values(
+            &format!("server CPU added per request (ns): {}", variants[k].0),
+            &cpu[k]
+                .iter()
+                .zip(&cpu[0])
+                .map(|(on, off)| (on - off) * 1000.0)
+                .collect::<Vec<_>>(),
+        );
+    }
+    t.values(
+        "lines in the file per request wrk counted",
+        &lines_per_request,
+    );
+    for (k, (name, _)) in variants.iter().enumerate() {
+        t.values(
+            &format!("failed requests: access log {name}"),
+            &col(&runs[k], |s| s.report.failed() as f64),
+        );
+    }
+    out.section(
+        "11. access log",
+        format!(
+            "## 11. Access log\n\nThree hosts ({WORKERS} workers, the hello plugin): no access \
+             log, `access_log = {{ path, format = \"json\" }}` to a file in the system's temp \
+             dir (on disk), and the same to /dev/null; {rounds} interleaved rounds of a {secs} s \
+             wrk run per host ({CONNS} keep-alive connections), each host first, second and \
+             third in turn. Server CPU is every process of the host (the workers' log writer \
+             threads included). The file is emptied after each of its runs, once its lines are \
+             counted. Lines the workers dropped because their writer fell behind (the host's \
+             own count, from its log): {d_file} to the file, {d_null} to /dev/null.\n\n\
+             {table}\n",
+            rounds = m.access_log_rounds,
+            secs = m.access_log_secs,
+            d_file = dropped[1],
+            d_null = dropped[2],
             table = t.render(),
         ),
         &t.goals,
