@@ -146,11 +146,14 @@ pub fn boundary_target() -> PathBuf {
     target_dir().join("bench-boundary")
 }
 
-/// Compiles the plugin-boundary microbenchmark without running it, so that its build time is
-/// not counted in the time of the figure that runs it.
+/// Compiles the microbenchmarks (plugin boundary, metrics counting) without running them, so
+/// that their build time is not counted in the time of the figures that run them. Both in one
+/// invocation and one target dir: same package, same features.
 pub fn build_boundary() {
     cargo(
-        &["bench", "--no-run", "-p", "bench", "--bench", "boundary"],
+        &[
+            "bench", "--no-run", "-p", "bench", "--bench", "boundary", "--bench", "stats",
+        ],
         Some(&boundary_target()),
         &[],
     );
@@ -450,6 +453,11 @@ pub struct Mode {
     /// Access log (figure 11): rounds of one run per variant (off, to a file, to /dev/null).
     pub access_log_rounds: usize,
     pub access_log_secs: u32,
+    /// The metrics-counting microbenchmark (figure 12): rounds, criterion's warm-up and
+    /// measurement per variant and round.
+    pub stats_rounds: usize,
+    pub stats_warmup: Duration,
+    pub stats_measure: Duration,
 }
 
 pub const QUICK: Mode = Mode {
@@ -476,6 +484,9 @@ pub const QUICK: Mode = Mode {
     tls_secs: 2,
     access_log_rounds: 5,
     access_log_secs: 2,
+    stats_rounds: 5,
+    stats_warmup: Duration::from_millis(100),
+    stats_measure: Duration::from_millis(300),
 };
 
 pub const DEFAULT: Mode = Mode {
@@ -504,6 +515,9 @@ pub const DEFAULT: Mode = Mode {
     tls_secs: 4,
     access_log_rounds: 5,
     access_log_secs: 4,
+    stats_rounds: 7,
+    stats_warmup: Duration::from_millis(200),
+    stats_measure: Duration::from_millis(500),
 };
 
 pub const FULL: Mode = Mode {

@@ -8,6 +8,7 @@
 //! `<target>/bench-results/<mode>-<date>.md`.
 
 use std::{
+    cell::Cell,
     collections::HashSet,
     fs,
     io::{BufRead, BufReader},
@@ -51,6 +52,9 @@ struct Ctx {
     out_dir: PathBuf,
     /// `<mode>-<date>`: the results file's name without `.md`, the prefix of the others.
     stem: String,
+    /// The host's median server CPU per request (µs) measured earlier in this run, and by which
+    /// figure: figure 12 puts the metrics counting's ns beside it.
+    host_cpu_us: Cell<Option<(f64, &'static str)>>,
 }
 
 struct Figure {
@@ -102,6 +106,11 @@ const FIGURES: &[Figure] = &[
     Figure {
         name: "accesslog",
         run: access_log,
+        quick: false,
+    },
+    Figure {
+        name: "stats",
+        run: stats,
         quick: false,
     },
 ];
@@ -165,7 +174,10 @@ fn main() {
 
     let started = Instant::now();
     let b = build();
-    if figures.iter().any(|f| f.name == "boundary") {
+    if figures
+        .iter()
+        .any(|f| f.name == "boundary" || f.name == "stats")
+    {
         build_boundary();
     }
     let build_time = started.elapsed();
@@ -178,6 +190,7 @@ fn main() {
         mode,
         out_dir: out_dir.clone(),
         stem: stem.clone(),
+        host_cpu_us: Cell::new(None),
     };
     let mut results = Results::new(out_dir.join(format!("{stem}.md")), header(&cx, &figures));
     let mut per_figure = Table::new(&["figure", "took"]);
@@ -230,7 +243,8 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
            of {rs} s per run, a reload every {every} s; reload time {rt} reloads at {rw:?} \
            workers; upgrade time {ut} rounds at {uw:?} workers; upgrades under load {ul} rounds \
            of {us} s per run; rebuild latency {rb} rounds; plugin boundary {br} rounds; HTTPS \
-           {tr} rounds of {ts} s per run; access log {ar} rounds of {as_} s per run\n\
+           {tr} rounds of {ts} s per run; access log {ar} rounds of {as_} s per run; metrics \
+           counting {mr} rounds\n\
          - HTTPS: {h2load} for HTTP/2 ({H2_CONNS} connections, {H2_STREAMS} streams each), \
            wrk for HTTP/1.1, the bench's own client ({HANDSHAKE_CLIENTS} threads) for a new \
            connection per request\n\
@@ -261,6 +275,7 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
         ts = m.tls_secs,
         ar = m.access_log_rounds,
         as_ = m.access_log_secs,
+        mr = m.stats_rounds,
         h2load = bench::tls::h2load_version(),
         names = names.join(", "),
         probation = "reload time with the host's defaults and with 0 s",
@@ -401,6 +416,10 @@ fn steady(cx: &Ctx, out: &mut Results) {
     let p99 = |r: &Steady| r.report.p99_ms;
     let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
     let failed = |r: &Steady| r.report.failed() as f64;
+    cx.host_cpu_us.set(Some((
+        report::spread(&col(&h, cpu_us)).median,
+        "figure 1 (steady, plain HTTP/1.1)",
+    )));
     t.compare(
         "server CPU per request (µs)",
         ("host", &col(&h, cpu_us)),
@@ -1379,6 +1398,12 @@ fn access_log(cx: &Ctx, out: &mut Results) {
 
     let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
     let cpu = runs.each_ref().map(|r| col(r, cpu_us));
+    if cx.host_cpu_us.get().is_none() {
+        cx.host_cpu_us.set(Some((
+            report::spread(&cpu[0]).median,
+            "figure 11 (access log off)",
+        )));
+    }
     let mut t = RoundTable::new(m.access_log_rounds);
     let three = |t: &mut RoundTable, what: &str, v: [Vec<f64>; 3], ratio_what: &str| {
         for (k, (name, _)) in variants.iter().enumerate() {
@@ -1449,5 +1474,94 @@ fn access_log(cx: &Ctx, out: &mut Results) {
             table = t.render(),
         ),
         &t.goals,
+    );
+}
+
+/// Figure 12: the metrics counting's cost per request, from the criterion microbenchmark in
+/// benches/stats.rs (an equivalent of the host's private `worker::stats`), beside the host's
+/// server CPU per request measured earlier in this run.
+fn stats(cx: &Ctx, out: &mut Results) {
+    let m = &cx.mode;
+    let json_path = cx.out_dir.join(format!("{}-stats.json", cx.stem));
+    let log_path = cx.out_dir.join(format!("{}-stats.log", cx.stem));
+    let log = fs::File::create(&log_path).unwrap();
+    let ok = cargo_command()
+        .args(["bench", "-p", "bench", "--bench", "stats", "--target-dir"])
+        .arg(bench::boundary_target())
+        .current_dir(root())
+        .env("CRITERION_HOME", cx.out_dir.join("criterion"))
+        .env("BENCH_MODE", m.name)
+        .env("BENCH_STATS_JSON", &json_path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "the stats benchmark failed: see {}", log_path.display());
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(&json_path).unwrap()).unwrap();
+    let _ = fs::remove_file(&json_path);
+    let get = |k: &str| -> Vec<f64> {
+        v[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (record, per_request, two) = (
+        get("record_ns"),
+        get("per_request_ns"),
+        get("two_threads_ns"),
+    );
+    let mut t = RoundTable::new(m.stats_rounds);
+    t.values(
+        "ns per request: record (3 relaxed adds, partition_point)",
+        &record,
+    );
+    t.values(
+        "ns per request: clock at start and end, record, served add",
+        &per_request,
+    );
+    t.values(
+        "ns per request: the same, 2 threads on one Stats (each)",
+        &two,
+    );
+    let share = match cx.host_cpu_us.get() {
+        Some((cpu_us, from)) => {
+            let pct = |ns: &[f64]| -> Vec<f64> {
+                ns.iter().map(|n| n / (cpu_us * 1000.0) * 100.0).collect()
+            };
+            t.values(
+                "% of the host's CPU per request: clock, record, served add",
+                &pct(&per_request),
+            );
+            t.values(
+                "% of the host's CPU per request: the same, 2 threads",
+                &pct(&two),
+            );
+            format!(
+                "The shares are of the host's median server CPU per request in {from} of this \
+                 run: {} µs.",
+                report::value(cpu_us)
+            )
+        }
+        None => "Run it with the steady or accesslog figure for its share of the host's CPU \
+                 per request."
+            .to_string(),
+    };
+    out.section(
+        "12. metrics counting",
+        format!(
+            "## 12. Metrics counting per request\n\n`cargo bench -p bench --bench stats` \
+             (criterion): an equivalent of the worker's private `Stats::record` (status class, \
+             3 relaxed atomic adds, a `partition_point` over the host's 14 duration bounds) and \
+             of what each request does around it, {} interleaved rounds of {} ms warm-up and {} \
+             ms measurement each; criterion's own report: {}. {share}\n\n{}\n",
+            m.stats_rounds,
+            m.stats_warmup.as_millis(),
+            m.stats_measure.as_millis(),
+            log_path.display(),
+            t.render()
+        ),
+        &[],
     );
 }
