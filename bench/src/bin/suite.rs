@@ -245,9 +245,7 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
            of {us} s per run; rebuild latency {rb} rounds; plugin boundary {br} rounds; HTTPS \
            {tr} rounds of {ts} s per run; access log {ar} rounds of {as_} s per run; metrics \
            counting {mr} rounds\n\
-         - HTTPS: {h2load} for HTTP/2 ({H2_CONNS} connections, {H2_STREAMS} streams each), \
-           wrk for HTTP/1.1, the bench's own client ({HANDSHAKE_CLIENTS} threads) for a new \
-           connection per request\n\
+         {https}\
          - figures: {names}\n\
          - probation keys: {probation}\n\n",
         mode = m.name,
@@ -276,7 +274,16 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
         ar = m.access_log_rounds,
         as_ = m.access_log_secs,
         mr = m.stats_rounds,
-        h2load = bench::tls::h2load_version(),
+        https = if names.contains(&"tls") {
+            format!(
+                "- HTTPS: {} for HTTP/2 ({H2_CONNS} connections, {H2_STREAMS} streams each), wrk \
+                 for HTTP/1.1, the bench's own client ({HANDSHAKE_CLIENTS} threads) for a new \
+                 connection per request\n",
+                bench::tls::h2load_version()
+            )
+        } else {
+            String::new()
+        },
         names = names.join(", "),
         probation = "reload time with the host's defaults and with 0 s",
     )
