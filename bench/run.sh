@@ -2,7 +2,9 @@
 # Runs every benchmark of docs/benchmarks.md in one command:
 #
 #   bash bench/run.sh            the default mode (under 20 minutes on 2 cores): the figures for docs
-#   bash bench/run.sh --quick    development (under 3 minutes): 5 short interleaved rounds each
+#   bash bench/run.sh --quick    development (under 3 minutes): 5 short interleaved rounds each,
+#                                every figure but tls, accesslog and stats (name them to run
+#                                them: `bash bench/run.sh --quick tls accesslog stats`)
 #   bash bench/run.sh --full     the default plus the long runs (no time bound)
 #   bash bench/run.sh soak [RELOADS [FAULTS]] [--rate R] ...
 #                                the soak: RELOADS good reloads under keep-alive load with FAULTS
@@ -11,14 +13,16 @@
 #
 # Figure names after the mode run only those (e.g. `bash bench/run.sh --quick steady`).
 # Results are printed and written to <target>/bench-results/<mode>-<date>.md.
-# It installs the load generator (wrk) and the peer (nginx) from Debian's packages if they are
-# missing. Never run in CI: absolute figures need a quiet machine; compare the ratios.
+# It installs the load generators (wrk; h2load, from nghttp2-client, for HTTP/2) and the peer
+# (nginx) from Debian's packages if they are missing. Never run in CI: absolute figures need a
+# quiet machine; compare the ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update
     apt-get install -y --no-install-recommends "${missing[@]}"

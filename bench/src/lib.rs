@@ -8,6 +8,7 @@ pub mod nginx;
 pub mod procs;
 pub mod rebuild;
 pub mod report;
+pub mod tls;
 pub mod upgrade;
 pub mod wrk;
 
@@ -145,11 +146,14 @@ pub fn boundary_target() -> PathBuf {
     target_dir().join("bench-boundary")
 }
 
-/// Compiles the plugin-boundary microbenchmark without running it, so that its build time is
-/// not counted in the time of the figure that runs it.
+/// Compiles the microbenchmarks (plugin boundary, metrics counting) without running them, so
+/// that their build time is not counted in the time of the figures that run them. Both in one
+/// invocation and one target dir: same package, same features.
 pub fn build_boundary() {
     cargo(
-        &["bench", "--no-run", "-p", "bench", "--bench", "boundary"],
+        &[
+            "bench", "--no-run", "-p", "bench", "--bench", "boundary", "--bench", "stats",
+        ],
         Some(&boundary_target()),
         &[],
     );
@@ -232,6 +236,10 @@ pub struct Service<'a> {
     pub workers: usize,
     pub probation: Probation,
     pub watch: bool,
+    /// `tls = { cert, key }` (absolute paths).
+    pub tls: Option<(&'a Path, &'a Path)>,
+    /// `access_log = { path, format = "json" }`.
+    pub access_log: Option<&'a Path>,
 }
 
 impl<'a> Service<'a> {
@@ -241,6 +249,8 @@ impl<'a> Service<'a> {
             workers,
             probation: Probation::Default,
             watch: false,
+            tls: None,
+            access_log: None,
         }
     }
 
@@ -253,6 +263,19 @@ impl<'a> Service<'a> {
         );
         if self.probation == Probation::Zero {
             t += "canary_probation = \"0s\"\nprobation = \"0s\"\n";
+        }
+        if let Some((cert, key)) = self.tls {
+            t += &format!(
+                "tls = {{ cert = {:?}, key = {:?} }}\n",
+                cert.display().to_string(),
+                key.display().to_string()
+            );
+        }
+        if let Some(path) = self.access_log {
+            t += &format!(
+                "access_log = {{ path = {:?}, format = \"json\" }}\n",
+                path.display().to_string()
+            );
         }
         t
     }
@@ -423,6 +446,18 @@ pub struct Mode {
     pub boundary_rounds: usize,
     pub boundary_warmup: Duration,
     pub boundary_measure: Duration,
+    /// HTTPS and HTTP/2 (figure 10): rounds, and the length of each run (HTTP/1.1 over TLS with
+    /// wrk, HTTP/2 with h2load, a new connection per request), per server.
+    pub tls_rounds: usize,
+    pub tls_secs: u32,
+    /// Access log (figure 11): rounds of one run per variant (off, to a file, to /dev/null).
+    pub access_log_rounds: usize,
+    pub access_log_secs: u32,
+    /// The metrics-counting microbenchmark (figure 12): rounds, criterion's warm-up and
+    /// measurement per variant and round.
+    pub stats_rounds: usize,
+    pub stats_warmup: Duration,
+    pub stats_measure: Duration,
 }
 
 pub const QUICK: Mode = Mode {
@@ -445,6 +480,13 @@ pub const QUICK: Mode = Mode {
     boundary_rounds: 5,
     boundary_warmup: Duration::from_millis(200),
     boundary_measure: Duration::from_millis(500),
+    tls_rounds: 5,
+    tls_secs: 2,
+    access_log_rounds: 5,
+    access_log_secs: 2,
+    stats_rounds: 5,
+    stats_warmup: Duration::from_millis(100),
+    stats_measure: Duration::from_millis(300),
 };
 
 pub const DEFAULT: Mode = Mode {
@@ -467,6 +509,15 @@ pub const DEFAULT: Mode = Mode {
     boundary_rounds: 7,
     boundary_warmup: Duration::from_secs(1),
     boundary_measure: Duration::from_secs(2),
+    // 5 rounds of 4 s runs (not the 7 of 10 s of figure 1): with figure 10's 30 runs and figure
+    // 11's 15, more would take the default mode past its 20 min.
+    tls_rounds: 5,
+    tls_secs: 4,
+    access_log_rounds: 5,
+    access_log_secs: 4,
+    stats_rounds: 7,
+    stats_warmup: Duration::from_millis(200),
+    stats_measure: Duration::from_millis(500),
 };
 
 pub const FULL: Mode = Mode {
@@ -497,5 +548,14 @@ mod tests {
         }
         .toml();
         assert!(zero.contains("canary_probation = \"0s\"\nprobation = \"0s\"\n"));
+        assert!(!default.contains("tls") && !default.contains("access_log"));
+        let ops = Service {
+            tls: Some((Path::new("/c/cert.pem"), Path::new("/c/key.pem"))),
+            access_log: Some(Path::new("/dev/null")),
+            ..Service::new(plugin, 2)
+        }
+        .toml();
+        assert!(ops.contains("tls = { cert = \"/c/cert.pem\", key = \"/c/key.pem\" }\n"));
+        assert!(ops.contains("access_log = { path = \"/dev/null\", format = \"json\" }\n"));
     }
 }

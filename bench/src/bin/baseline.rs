@@ -1,15 +1,22 @@
 //! The baseline server: the `hello` plugin's handler compiled statically (as an rlib) into a
-//! plain hyper HTTP/1.1 server, with the host's process model and none of its machinery: a
-//! parent binds the listener (same backlog), N child processes (re-executed, as the host's
-//! workers are) accept on it with a default multi-thread tokio runtime each, and call the
-//! handler inline. It is the ceiling the host is measured against.
+//! plain hyper server, with the host's process model and none of its machinery: a parent binds
+//! the listener (same backlog), N child processes (re-executed, as the host's workers are)
+//! accept on it with a default multi-thread tokio runtime each, and call the handler inline.
+//! It is the ceiling the host is measured against.
 //!
-//! `baseline --listen 127.0.0.1:PORT --workers N` (prints `ready` when every child listens).
+//! `baseline --listen 127.0.0.1:PORT --workers N [--tls-cert PEM --tls-key PEM]` (prints
+//! `ready` when every child listens). Without TLS it speaks HTTP/1.1 only. With TLS it sets up
+//! rustls as the host's workers do (`host::tls::acceptor`, repeated here so that the baseline
+//! links none of the host): ring as the one crypto provider chosen explicitly, the safe default
+//! protocol versions, one certificate chain and key read as PEM with rustls-pki-types, ALPN `h2`
+//! then `http/1.1`; it then serves HTTP/2 or HTTP/1.1 by what ALPN chose, with hyper's
+//! `http2::Builder` (tokio executor and timer, as the host) or `http1::Builder`.
 
 use std::{
     convert::Infallible,
     net::{SocketAddr, TcpListener},
     os::fd::{FromRawFd, OwnedFd},
+    path::Path,
     process::Command,
     sync::Arc,
 };
@@ -17,9 +24,18 @@ use std::{
 use bytes::Bytes;
 use command_fds::{CommandFdExt, FdMapping};
 use http_body_util::{BodyExt, Full};
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use plugin_api::{Context, Plugin, Request};
+use rustls::{
+    crypto::ring,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    ServerConfig,
+};
+use tokio_rustls::TlsAcceptor;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -28,8 +44,13 @@ fn main() {
             .position(|a| a == name)
             .map(|i| args[i + 1].clone())
     };
+    let tls = match (arg("--tls-cert"), arg("--tls-key")) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => panic!("--tls-cert and --tls-key go together"),
+    };
     if args.get(1).map(String::as_str) == Some("--child") {
-        return child();
+        return child(tls);
     }
     let addr: SocketAddr = arg("--listen").expect("--listen ADDR").parse().unwrap();
     let workers: usize = arg("--workers").map_or(2, |n| n.parse().unwrap());
@@ -47,12 +68,15 @@ fn main() {
     for _ in 0..workers {
         let fd = OwnedFd::from(listener.try_clone().unwrap());
         let mut cmd = Command::new("/proc/self/exe");
-        cmd.arg("--child")
-            .fd_mappings(vec![FdMapping {
-                parent_fd: fd,
-                child_fd: 3,
-            }])
-            .unwrap();
+        cmd.arg("--child");
+        if let Some((cert, key)) = &tls {
+            cmd.args(["--tls-cert", cert, "--tls-key", key]);
+        }
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: fd,
+            child_fd: 3,
+        }])
+        .unwrap();
         children.push(cmd.spawn().unwrap());
     }
     println!("ready");
@@ -61,12 +85,30 @@ fn main() {
     }
 }
 
-fn child() {
+/// The TLS acceptor as the host's workers set it up (host/src/tls.rs).
+fn acceptor(cert: &Path, key: &Path) -> TlsAcceptor {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let mut config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    TlsAcceptor::from(Arc::new(config))
+}
+
+fn child(tls: Option<(String, String)>) {
     // SAFETY: the parent maps the listening socket at fd 3 and nothing else in this process
     // owns that fd.
     let listener = unsafe { TcpListener::from_raw_fd(3) };
     listener.set_nonblocking(true).unwrap();
     let plugin = Arc::new(hello::Hello::on_start(&Context::for_tests("baseline")).unwrap());
+    let acceptor = tls.map(|(cert, key)| acceptor(Path::new(&cert), Path::new(&key)));
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -79,6 +121,7 @@ fn child() {
                 };
                 let _ = stream.set_nodelay(true);
                 let plugin = plugin.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let plugin = plugin.clone();
@@ -98,9 +141,25 @@ fn child() {
                             Ok::<_, Infallible>(out)
                         }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let Some(acceptor) = acceptor else {
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                        return;
+                    };
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        let _ = http2::Builder::new(TokioExecutor::new())
+                            .timer(TokioTimer::new())
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    } else {
+                        let _ = http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                    }
                 });
             }
         });
