@@ -177,6 +177,9 @@ pub struct WorkerSpec {
     pub config_toml: String,
     pub config: Vec<(String, String)>,
     pub max_body_bytes: usize,
+    /// The cap on a request body an async plugin reads as a stream.
+    #[serde(default = "default_max_stream_bytes")]
+    pub max_stream_bytes: u64,
     pub idle_grace_ms: u64,
     pub drain_timeout_ms: u64,
     /// How often the worker proves it is alive ([`FromWorker::Heartbeat`]).
@@ -305,6 +308,10 @@ pub struct RequestStats {
     /// Requests per duration bucket ([`DURATION_BUCKETS`], then one for longer).
     pub buckets: Vec<u64>,
     pub duration_sum_ns: u64,
+}
+
+fn default_max_stream_bytes() -> u64 {
+    crate::config::DEFAULT_MAX_STREAM
 }
 
 /// One message as it goes on the wire: JSON, then a newline.

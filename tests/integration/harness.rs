@@ -46,6 +46,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("old-api", "fixture_old_api"),
     ("not-a-plugin", "fixture_not_a_plugin"),
     ("inline-sleep", "fixture_inline_sleep"),
+    ("api-0-1", "fixture_api_0_1"),
 ];
 
 /// More builds of the `versioned` fixture, by the name `plugin()` takes, with the version and

@@ -6,6 +6,7 @@ mod http;
 mod load;
 
 mod cli;
+mod compat;
 mod config_reload;
 mod daemon;
 mod failures;

@@ -13,11 +13,13 @@
 //! same, in case someone sends it to a worker's group.
 
 mod access_log;
+mod body;
 mod conn;
 mod http;
 mod link;
 mod liveness;
 pub mod plugin;
+mod plugin_v01;
 mod respond;
 mod stats;
 
@@ -49,6 +51,9 @@ use crate::protocol::{
 };
 
 static WORKER_SPAN: OnceLock<tracing::Span> = OnceLock::new();
+
+/// How long a stopping worker waits for the plugin's `on_stop` and then its background tasks.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs `f` inside the worker's span, so that the line it logs carries service, pid and plugin
 /// version (threads of the blocking pool and the plugin's log callback have no span of their own).
@@ -146,7 +151,9 @@ pub fn main(master_pid: u32) -> ExitCode {
     };
     timings.started = monotonic_ns();
     if spec.check_only {
-        plugin.stop();
+        if let Err(e) = plugin.stop(STOP_DEADLINE) {
+            tracing::warn!("plugin stop: {e}");
+        }
         link.send(&ready(&plugin, timings));
         return ExitCode::SUCCESS;
     }
@@ -272,11 +279,20 @@ async fn serve(
         _ = http::until_draining(&mut drain_requested) => {}
     }
     shared.draining.send_replace(true);
+    // The plugin's drain notice: SSE streams and background loops end now, so the in-flight
+    // requests below can finish.
+    plugin.drain();
     if tokio::time::timeout(drain_timeout, server).await.is_err() {
         tracing::warn!("drain timeout ({drain_timeout:?}) reached with requests still in flight");
     }
-    let stop = tokio::task::spawn_blocking(move || plugin.stop());
-    let _ = tokio::time::timeout(Duration::from_secs(5), stop).await;
+    // on_stop, then the plugin's background tasks, on a thread that may block.
+    let stop = tokio::task::spawn_blocking(move || plugin.stop(STOP_DEADLINE));
+    match tokio::time::timeout(STOP_DEADLINE + Duration::from_secs(1), stop).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!("plugin stop: {e}"),
+        Ok(Err(e)) => tracing::warn!("plugin stop failed: {e}"),
+        Err(_) => tracing::warn!("the plugin's on_stop did not return in time"),
+    }
     liveness::send_heartbeat(&shared, &shared.link);
     tracing::info!(
         "drained after {} requests, exiting",
