@@ -39,6 +39,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("slow", "slow"),
     ("panic", "panic"),
     ("counter", "counter"),
+    ("wait", "wait"),
+    ("fetch", "fetch"),
     ("bad-start", "fixture_bad_start"),
     ("start-panic", "fixture_start_panic"),
     ("start-hang", "fixture_start_hang"),
@@ -47,6 +49,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("not-a-plugin", "fixture_not_a_plugin"),
     ("inline-sleep", "fixture_inline_sleep"),
     ("api-0-1", "fixture_api_0_1"),
+    ("async-wedge", "fixture_async_wedge"),
 ];
 
 /// More builds of the `versioned` fixture, by the name `plugin()` takes, with the version and

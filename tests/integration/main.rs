@@ -5,6 +5,7 @@ mod harness;
 mod http;
 mod load;
 
+mod async_handlers;
 mod cli;
 mod compat;
 mod config_reload;
