@@ -4,6 +4,7 @@
 //! - [`cli`]: command-line parsing and the client commands (`reload`, `status`, `stop`, `check`).
 //! - [`config`]: the TOML config file and the flags, checked into [`config::Config`].
 //! - [`dev`]: `host dev`, the build-serve-rebuild loop for one plugin crate.
+//! - [`new`]: `host new`, a new plugin crate that `host dev` runs at once.
 //! - [`state_dir`]: where a running master is found (control socket, pid file, lock).
 //! - [`tls`]: rustls server configuration, for services and the admin listener.
 //! - [`trust`]: the checks on every file and directory the host trusts (owner, mode, symlinks).
@@ -25,6 +26,7 @@ pub mod fdpass;
 pub mod inherit;
 pub mod logging;
 pub mod master;
+pub mod new;
 pub mod plugin_file;
 pub mod protocol;
 pub mod shadow;

@@ -268,7 +268,7 @@ impl Host {
         Host::launch_command(cmd, subcommand, dir, args)
     }
 
-    fn launch_command(
+    pub fn launch_command(
         mut cmd: Command,
         subcommand: &str,
         dir: TempDir,

@@ -14,6 +14,7 @@ mod failures;
 mod lifecycle;
 mod limits;
 mod liveness;
+mod new_plugin;
 mod plugins;
 mod reload;
 mod rollout;
