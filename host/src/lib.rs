@@ -12,6 +12,7 @@
 //! - [`plugin_file`]: what a plugin file is (a library for this machine, or what instead).
 //! - [`protocol`]: the messages between CLI and master, and between master and workers.
 //! - [`master`]: binds listeners, supervises workers, reloads them one by one.
+//! - [`kv`]: the key/value store the master keeps for plugins, across reloads.
 //! - [`worker`]: loads the plugin in its on-start hook and serves HTTP until told to drain.
 //!
 //! The master never loads a plugin: dlopen runs the library's constructors, and a broken build
@@ -24,6 +25,7 @@ pub mod daemon;
 pub mod dev;
 pub mod fdpass;
 pub mod inherit;
+pub mod kv;
 pub mod logging;
 pub mod master;
 pub mod new;

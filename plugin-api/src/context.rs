@@ -3,10 +3,10 @@
 
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
-    std_types::{RSlice, RStr, Tuple2},
+    std_types::{RResult, RSlice, RStr, RString, Tuple2},
 };
 
-use crate::ffi::{FfiContext, FfiContextRef, HostApi};
+use crate::ffi::{FfiContext, FfiContextRef, FfiFuture, FfiKvOp, FfiKvReply, HostApi};
 
 /// Where the plugin runs: service, worker slot, version, and the `[service.config]` table.
 #[derive(Clone, Copy)]
@@ -57,9 +57,14 @@ impl Context {
         extern "C" fn to_stderr_for(level: u8, id: RStr<'_>, message: RStr<'_>) {
             eprintln!("{:?}: [{id}] {message}", crate::Level::from_u8(level));
         }
+        extern "C" fn no_kv(_: FfiKvOp) -> FfiFuture<RResult<FfiKvReply, RString>> {
+            let e = "the host's key/value store is there only when a worker runs the plugin";
+            async_ffi::FutureExt::into_ffi(std::future::ready(RResult::RErr(e.into())))
+        }
         let host = HostApi {
             log: to_stderr,
             log_for_request: to_stderr_for,
+            kv: no_kv,
         }
         .leak_into_prefix();
         let leak = |s: &str| RStr::from_str(Box::leak(s.to_string().into_boxed_str()));

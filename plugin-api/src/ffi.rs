@@ -138,6 +138,55 @@ pub struct HostApi {
     /// The same for a line logged while a handler runs: the host adds the request's id.
     #[sabi(last_prefix_field)]
     pub log_for_request: extern "C" fn(level: u8, request_id: RStr<'_>, message: RStr<'_>),
+    /// The host's key/value store (see [`crate::kv`]): one operation, answered by a future
+    /// that waits on a channel only, so any executor may poll it.
+    pub kv: extern "C" fn(op: FfiKvOp) -> FfiFuture<RResult<FfiKvReply, RString>>,
+}
+
+/// Operations on the host's key/value store ([`FfiKvOp::op`]).
+pub mod kv_ops {
+    /// Reads `key`.
+    pub const GET: u8 = 1;
+    /// Sets `key` to `value` (with `ttl_ms`).
+    pub const SET: u8 = 2;
+    /// Deletes `key`.
+    pub const DELETE: u8 = 3;
+    /// Adds `by` to the whole number `key` holds.
+    pub const INCREMENT: u8 = 4;
+    /// Sets `value` (`RNone`: deletes) if the current value is `expected` (`RNone`: missing).
+    pub const COMPARE_AND_SWAP: u8 = 5;
+    /// Sets `key`'s time to live (`ttl_ms`).
+    pub const EXPIRE: u8 = 6;
+}
+
+/// One key/value operation. Versioned like requests.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct FfiKvOp {
+    /// One of [`kv_ops`].
+    pub op: u8,
+    /// The key (per service: services never share keys).
+    pub key: RString,
+    /// The value to set.
+    pub value: ROption<RVec<u8>>,
+    /// The value compare-and-swap expects.
+    pub expected: ROption<RVec<u8>>,
+    /// What increment adds.
+    pub by: i64,
+    /// Time to live in milliseconds (`SET`, `COMPARE_AND_SWAP`, `EXPIRE`); `RNone`: none.
+    pub ttl_ms: ROption<u64>,
+}
+
+/// What a key/value operation gives back.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct FfiKvReply {
+    /// The value `GET` found.
+    pub value: ROption<RVec<u8>>,
+    /// The number `INCREMENT` made.
+    pub number: i64,
+    /// Whether the operation changed something (always true for `GET` and `INCREMENT`).
+    pub done: bool,
 }
 
 /// What the host tells a plugin when it starts it; the host keeps it alive for the life of the

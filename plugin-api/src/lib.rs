@@ -73,6 +73,7 @@ mod body;
 mod context;
 pub mod ffi;
 mod glue;
+pub mod kv;
 mod log;
 mod request;
 mod response;

@@ -52,6 +52,11 @@ std::thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// The host's services, once the host started the plugin.
+pub(crate) fn host() -> Option<HostApiRef> {
+    HOST_LOG.get().copied()
+}
+
 /// Routes this plugin's log lines, and its panic messages, to the host.
 pub(crate) fn install(host: HostApiRef) {
     if HOST_LOG.set(host).is_ok() {

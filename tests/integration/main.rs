@@ -11,6 +11,7 @@ mod compat;
 mod config_reload;
 mod daemon;
 mod failures;
+mod kv;
 mod lifecycle;
 mod limits;
 mod liveness;

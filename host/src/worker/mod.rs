@@ -16,6 +16,7 @@ mod access_log;
 mod body;
 mod conn;
 mod http;
+mod kv;
 mod link;
 mod liveness;
 pub mod plugin;
@@ -329,6 +330,7 @@ async fn talk_to_master(
         let (message, mut fds) = match line {
             Ok(Some((line, fds))) => (serde_json::from_str::<ToWorker>(&line), fds),
             Ok(None) | Err(_) => {
+                kv::fail_all();
                 if !*shared.draining.borrow() {
                     tracing::warn!("the master is gone: draining");
                 }
@@ -366,6 +368,7 @@ async fn talk_to_master(
                 },
                 None => tracing::warn!("the master asked to reopen logs but sent no file"),
             },
+            Ok(ToWorker::KvReply { id, result }) => kv::answer(id, result),
             Ok(ToWorker::Start(_)) => tracing::warn!("ignoring a second start message"),
             Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
         }

@@ -191,6 +191,7 @@ fn context(spec: &WorkerSpec) -> plugin_api::ffi::FfiContextRef {
     let host = HostApi {
         log: plugin_log,
         log_for_request: plugin_log_for_request,
+        kv: super::kv::call,
     }
     .leak_into_prefix();
     FfiContext {
