@@ -54,6 +54,8 @@ pub struct Build {
     pub baseline: PathBuf,
     pub hello_v1: PathBuf,
     pub hello_v2: PathBuf,
+    /// hello's handler as an async plugin (the `async` figure).
+    pub hello_async: PathBuf,
 }
 
 pub fn build() -> Build {
@@ -69,7 +71,16 @@ pub fn build() -> Build {
     // be rebuilt twice on every run.
     let host_target = target.join("bench-host");
     cargo(
-        &["build", "--release", "-p", "host", "-p", "hello"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "host",
+            "-p",
+            "hello",
+            "-p",
+            "hello-async",
+        ],
         Some(&host_target),
         None,
     );
@@ -88,13 +99,22 @@ pub fn build() -> Build {
     replace(&host_target.join("release/libhello.so"), &hello_v1);
     let hello_v2 = out.join("hello-v2.so");
     replace(&v2_target.join("release/libhello.so"), &hello_v2);
+    let hello_async = out.join("hello-async.so");
+    replace(&host_target.join("release/libhello_async.so"), &hello_async);
     let b = Build {
         host: host_target.join("release/host"),
         baseline: target.join("release/baseline"),
         hello_v1,
         hello_v2,
+        hello_async,
     };
-    for p in [&b.host, &b.baseline, &b.hello_v1, &b.hello_v2] {
+    for p in [
+        &b.host,
+        &b.baseline,
+        &b.hello_v1,
+        &b.hello_v2,
+        &b.hello_async,
+    ] {
         assert!(p.is_file(), "the build did not produce {}", p.display());
     }
     b
