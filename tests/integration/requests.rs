@@ -9,7 +9,11 @@ use hyper::{client::conn::http1, HeaderMap};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-use crate::harness::{dir_with_config, Host};
+use crate::{
+    harness::{dir_with_config, Host},
+    http::{tls_config, Conn, Transport},
+    tls::Certs,
+};
 
 pub struct Answer {
     pub status: u16,
@@ -127,4 +131,27 @@ fn a_json_body_over_max_body_bytes_is_a_413() {
     assert_eq!(resp.status, 413, "{}", resp.body);
     let short = call(&addr, "POST", "/items", &[], r#"{"name":"pen","qty":1}"#);
     assert_eq!(short.status, 201);
+}
+
+#[test]
+fn a_plugin_is_told_a_request_came_over_tls_and_http2() {
+    let config = r#"
+        [[service]]
+        name = "api"
+        listen = ["127.0.0.1:0"]
+        plugin = "plugin.so"
+        workers = 1
+        tls = { cert = "cert.pem", key = "key.pem" }
+    "#;
+    let certs = Certs::new();
+    let dir = dir_with_config(config, &[("plugin.so", "api")]);
+    certs.issue(dir.path());
+    let host = Host::start(dir, &["--config", "host.toml"]);
+    let addr = host.addr("api");
+    let tls = Transport::Tls(tls_config(&certs.ca_pem, true));
+    let resp = Conn::with(&addr, tls, true).get("/whoami").unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let facts: Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(facts["tls"], true, "{facts}");
+    assert_eq!(facts["http_version"], "HTTP/2.0", "{facts}");
 }

@@ -14,14 +14,14 @@ use crate::{
 };
 
 /// A CA, and a server certificate for `localhost` and 127.0.0.1 signed by it.
-struct Certs {
-    ca_pem: String,
+pub struct Certs {
+    pub ca_pem: String,
     ca: rcgen::Certificate,
     ca_key: rcgen::KeyPair,
 }
 
 impl Certs {
-    fn new() -> Certs {
+    pub fn new() -> Certs {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -37,7 +37,7 @@ impl Certs {
     }
 
     /// Writes a new server certificate and its key to `cert.pem` and `key.pem` in `dir`.
-    fn issue(&self, dir: &Path) -> String {
+    pub fn issue(&self, dir: &Path) -> String {
         let key = rcgen::KeyPair::generate().unwrap();
         let params =
             rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])

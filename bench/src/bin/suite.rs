@@ -294,7 +294,7 @@ fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
     runs.iter().map(f).collect()
 }
 
-/// Figure 6: the CPU cost per request of an async handler (a task on the plugin's runtime,
+/// Figure 9: the CPU cost per request of an async handler (a task on the plugin's runtime,
 /// awaited through an FFI-safe future) against the same handler called inline (sync,
 /// `BLOCKING = false`): hello and hello-async, on two masters measured in interleaved rounds.
 fn async_path(cx: &Ctx, out: &mut Results) {
@@ -337,9 +337,9 @@ fn async_path(cx: &Ctx, out: &mut Results) {
     t.values("failed requests: async", &col(&a, failed));
     t.values("failed requests: inline sync", &col(&s, failed));
     out.section(
-        "6. async",
+        "9. async",
         format!(
-            "## 6. Async handlers: CPU per request against the inline sync path\n\n\
+            "## 9. Async handlers: CPU per request against the inline sync path\n\n\
              hello-async and hello (the same handler), {} workers each, {} interleaved rounds \
              of {} s per server; async / inline sync within each round.\n\n{}\n",
             WORKERS,
