@@ -57,6 +57,8 @@ pub struct Build {
     pub baseline: PathBuf,
     pub hello_v1: PathBuf,
     pub hello_v2: PathBuf,
+    /// hello's handler as an async plugin (the `async` figure).
+    pub hello_async: PathBuf,
 }
 
 pub fn build() -> Build {
@@ -87,13 +89,22 @@ pub fn build() -> Build {
     replace(&host_target.join("release/libhello.so"), &hello_v1);
     let hello_v2 = out.join("hello-v2.so");
     replace(&v2_target.join("release/libhello.so"), &hello_v2);
+    let hello_async = out.join("hello-async.so");
+    replace(&host_target.join("release/libhello_async.so"), &hello_async);
     let b = Build {
         host,
         baseline: target.join("release/baseline"),
         hello_v1,
         hello_v2,
+        hello_async,
     };
-    for p in [&b.host, &b.baseline, &b.hello_v1, &b.hello_v2] {
+    for p in [
+        &b.host,
+        &b.baseline,
+        &b.hello_v1,
+        &b.hello_v2,
+        &b.hello_async,
+    ] {
         assert!(p.is_file(), "the build did not produce {}", p.display());
     }
     b
@@ -107,7 +118,16 @@ pub fn build_host() -> PathBuf {
 
 fn build_host_in(host_target: &Path) -> PathBuf {
     cargo(
-        &["build", "--release", "-p", "host", "-p", "hello"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "host",
+            "-p",
+            "hello",
+            "-p",
+            "hello-async",
+        ],
         Some(host_target),
         &[],
     );
