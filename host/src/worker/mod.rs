@@ -302,6 +302,11 @@ async fn serve(
         Err(_) => tracing::warn!("the plugin's on_stop did not return in time"),
     }
     liveness::send_heartbeat(&shared, &shared.link);
+    if let Some(log) = &shared.access_log {
+        // Every request served is in the log before the worker exits (the writer takes its
+        // buffer only every moment).
+        log.finish(Duration::from_secs(2));
+    }
     tracing::info!(
         "drained after {} requests, exiting",
         shared.requests.load(std::sync::atomic::Ordering::Relaxed)
