@@ -385,7 +385,7 @@ fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
     runs.iter().map(f).collect()
 }
 
-/// Figure 9: the CPU cost per request of an async handler (a task on the plugin's runtime,
+/// Figure 14: the CPU cost per request of an async handler (a task on the plugin's runtime,
 /// awaited through an FFI-safe future) against the same handler called inline (sync,
 /// `BLOCKING = false`): hello and hello-async, on two masters measured in interleaved rounds.
 fn async_path(cx: &Ctx, out: &mut Results) {
@@ -400,16 +400,16 @@ fn async_path(cx: &Ctx, out: &mut Results) {
     wrk::run(&sync_url, CONNS, m.warmup_secs, None);
     wrk::run(&async_url, CONNS, m.warmup_secs, None);
     let (mut s, mut a) = (Vec::new(), Vec::new());
-    for round in 0..m.steady_rounds {
+    for round in 0..m.async_rounds {
         if round % 2 == 0 {
-            a.push(measure(&async_url, &async_pids, m.steady_secs));
-            s.push(measure(&sync_url, &sync_pids, m.steady_secs));
+            a.push(measure(&async_url, &async_pids, m.async_secs));
+            s.push(measure(&sync_url, &sync_pids, m.async_secs));
         } else {
-            s.push(measure(&sync_url, &sync_pids, m.steady_secs));
-            a.push(measure(&async_url, &async_pids, m.steady_secs));
+            s.push(measure(&sync_url, &sync_pids, m.async_secs));
+            a.push(measure(&async_url, &async_pids, m.async_secs));
         }
     }
-    let mut t = RoundTable::new(m.steady_rounds);
+    let mut t = RoundTable::new(m.async_rounds);
     let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
     let rps = |r: &Steady| r.report.rps;
     let failed = |r: &Steady| r.report.failed() as f64;
@@ -428,14 +428,14 @@ fn async_path(cx: &Ctx, out: &mut Results) {
     t.values("failed requests: async", &col(&a, failed));
     t.values("failed requests: inline sync", &col(&s, failed));
     out.section(
-        "9. async",
+        "14. async",
         format!(
-            "## 9. Async handlers: CPU per request against the inline sync path\n\n\
+            "## 14. Async handlers: CPU per request against the inline sync path\n\n\
              hello-async and hello (the same handler), {} workers each, {} interleaved rounds \
              of {} s per server; async / inline sync within each round.\n\n{}\n",
             WORKERS,
-            m.steady_rounds,
-            m.steady_secs,
+            m.async_rounds,
+            m.async_secs,
             t.render()
         ),
         &t.goals,
