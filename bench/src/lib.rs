@@ -5,6 +5,7 @@
 pub mod chart;
 pub mod load;
 pub mod nginx;
+pub mod prefork;
 pub mod procs;
 pub mod rebuild;
 pub mod report;

@@ -11,11 +11,7 @@ use std::{
     cell::Cell,
     collections::HashSet,
     fs,
-    io::{BufRead, BufReader},
-    net::{TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -23,16 +19,13 @@ use std::{
 use bench::{
     build, build_boundary, cargo_command, chart,
     nginx::Nginx,
+    prefork::Prefork,
     procs, replace,
     report::{self, ratios, Goal, Results, RoundTable, Table},
     root, target_dir,
     tls::Certs,
     upgrade::Masters,
     wrk, Build, Master, Mode, Probation, Service,
-};
-use nix::{
-    sys::signal::{killpg, Signal},
-    unistd::Pid,
 };
 
 /// Worker processes for the host, the baseline and nginx alike.
@@ -289,64 +282,19 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
     )
 }
 
-/// The baseline server (bench/src/bin/baseline.rs), in its own process group.
-struct Baseline {
-    child: Child,
-    addr: String,
-}
-
-impl Baseline {
-    /// With `tls`, it serves HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with that certificate.
-    fn start(b: &Build, tls: Option<&Certs>) -> Baseline {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(&b.baseline);
-        cmd.args(["--listen", &addr, "--workers", &WORKERS.to_string()]);
-        if let Some(c) = tls {
-            cmd.arg("--tls-cert")
-                .arg(&c.cert)
-                .arg("--tls-key")
-                .arg(&c.key);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            // Its children log each start ("Info: hello v1 started"), which would mix with the
-            // results; a baseline that fails to start still says so through its stdout.
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let baseline = Baseline { child, addr };
-        assert_eq!(line.trim(), "ready", "baseline did not start");
-        let start = Instant::now();
-        while TcpStream::connect(&baseline.addr).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "baseline never listened"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-        baseline
-    }
-}
-
-impl Drop for Baseline {
-    fn drop(&mut self) {
-        let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-/// A free port: bind to 0, read it, let it go (the baseline takes the number on its command line).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The baseline server (bench/src/bin/baseline.rs); with `tls`, it serves HTTPS (HTTP/2 or
+/// HTTP/1.1 by ALPN) with that certificate.
+fn baseline(b: &Build, tls: Option<&Certs>) -> Prefork {
+    let tls_args = tls.map(|c| {
+        [
+            "--tls-cert".to_string(),
+            c.cert.display().to_string(),
+            "--tls-key".to_string(),
+            c.key.display().to_string(),
+        ]
+    });
+    let args: Vec<&str> = tls_args.iter().flatten().map(String::as_str).collect();
+    Prefork::start(&b.baseline, WORKERS, &args)
 }
 
 /// One measured steady run: wrk's report, server CPU seconds, and RSS (MiB) per process
@@ -384,7 +332,7 @@ fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
 fn steady(cx: &Ctx, out: &mut Results) {
     let (b, m) = (&cx.b, &cx.mode);
     let host = Master::serving(&b.host, &Service::new(&b.hello_v1, WORKERS), "info");
-    let baseline = Baseline::start(b, None);
+    let baseline = baseline(b, None);
     let host_url = format!("http://{}/", host.addr());
     let base_url = format!("http://{}/", baseline.addr);
     // Server CPU is the CPU time of these processes (master and workers, parent and children),
@@ -1182,7 +1130,7 @@ fn tls(cx: &Ctx, out: &mut Results) {
         },
         "info",
     );
-    let baseline = Baseline::start(b, Some(&certs));
+    let baseline = baseline(b, Some(&certs));
     let addrs = [host.addr(), baseline.addr.clone()];
     let pids = [host.pids(), procs::tree(baseline.child.id())];
     assert!(pids.iter().all(|p| p.len() == WORKERS + 1));
