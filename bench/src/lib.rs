@@ -51,13 +51,16 @@ pub fn target_dir() -> PathBuf {
     PathBuf::from(meta["target_directory"].as_str().unwrap())
 }
 
-/// Release builds: `host` and `baseline`, and `hello` as v1 and v2, copied to
-/// `<target>/bench-plugins`.
+/// Release builds: `host`, `baseline` and `ws_baseline`, and `hello` and `chat` (figure 13's
+/// WebSocket plugin) as v1 and v2, copied to `<target>/bench-plugins`.
 pub struct Build {
     pub host: PathBuf,
     pub baseline: PathBuf,
+    pub ws_baseline: PathBuf,
     pub hello_v1: PathBuf,
     pub hello_v2: PathBuf,
+    pub chat_v1: PathBuf,
+    pub chat_v2: PathBuf,
 }
 
 pub fn build() -> Build {
@@ -74,41 +77,73 @@ pub fn build() -> Build {
     let host_target = target.join("bench-host");
     let host = build_host_in(&host_target);
     cargo(
-        &["build", "--release", "-p", "bench", "--bin", "baseline"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "bench",
+            "--bin",
+            "baseline",
+            "--bin",
+            "ws_baseline",
+        ],
         None,
         &[],
     );
+    // chat v2 beside hello v2: both plugins depend on plugin-api alone, so building them
+    // together unifies nothing new, and a second run finds both fresh.
     let v2_target = target.join("bench-hello-v2");
     cargo(
-        &["build", "--release", "-p", "hello"],
+        &["build", "--release", "-p", "hello", "-p", "chat"],
         Some(&v2_target),
-        &[("HELLO_VERSION", "v2")],
+        &[("HELLO_VERSION", "v2"), ("CHAT_VERSION", "v2")],
     );
-    let hello_v1 = out.join("hello-v1.so");
-    replace(&host_target.join("release/libhello.so"), &hello_v1);
-    let hello_v2 = out.join("hello-v2.so");
-    replace(&v2_target.join("release/libhello.so"), &hello_v2);
+    let copy = |from: &Path, name: &str| {
+        let to = out.join(name);
+        replace(from, &to);
+        to
+    };
     let b = Build {
         host,
         baseline: target.join("release/baseline"),
-        hello_v1,
-        hello_v2,
+        ws_baseline: target.join("release/ws_baseline"),
+        hello_v1: copy(&host_target.join("release/libhello.so"), "hello-v1.so"),
+        hello_v2: copy(&v2_target.join("release/libhello.so"), "hello-v2.so"),
+        chat_v1: copy(&host_target.join("release/libchat.so"), "chat-v1.so"),
+        chat_v2: copy(&v2_target.join("release/libchat.so"), "chat-v2.so"),
     };
-    for p in [&b.host, &b.baseline, &b.hello_v1, &b.hello_v2] {
+    for p in [
+        &b.host,
+        &b.baseline,
+        &b.ws_baseline,
+        &b.hello_v1,
+        &b.hello_v2,
+        &b.chat_v1,
+        &b.chat_v2,
+    ] {
         assert!(p.is_file(), "the build did not produce {}", p.display());
     }
     b
 }
 
-/// The release host binary alone (built with hello, in the same target dir as [`build`], so
-/// that both find it fresh).
+/// The release host binary alone (built with hello and chat, in the same target dir as
+/// [`build`], so that both find it fresh).
 pub fn build_host() -> PathBuf {
     build_host_in(&target_dir().join("bench-host"))
 }
 
 fn build_host_in(host_target: &Path) -> PathBuf {
     cargo(
-        &["build", "--release", "-p", "host", "-p", "hello"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "host",
+            "-p",
+            "hello",
+            "-p",
+            "chat",
+        ],
         Some(host_target),
         &[],
     );
@@ -186,12 +221,14 @@ pub fn cargo_command() -> Command {
 }
 
 /// `cargo ARGS [--target-dir DIR]` with the build-time variables the plugins read
-/// (`HELLO_VERSION`, `FIXTURE_VERSION`, `FIXTURE_FAULT`) unset unless `env` sets them.
+/// (`HELLO_VERSION`, `CHAT_VERSION`, `FIXTURE_VERSION`, `FIXTURE_FAULT`) unset unless `env`
+/// sets them.
 fn cargo(args: &[&str], target_dir: Option<&Path>, env: &[(&str, &str)]) {
     let mut cmd = cargo_command();
     cmd.args(args)
         .current_dir(root())
         .env_remove("HELLO_VERSION")
+        .env_remove("CHAT_VERSION")
         .env_remove("FIXTURE_VERSION")
         .env_remove("FIXTURE_FAULT")
         .envs(env.iter().copied());
