@@ -3,6 +3,7 @@
 //! report (per-round ratios, median, spread, verdict; `report.rs`).
 
 pub mod chart;
+pub mod gateway;
 pub mod load;
 pub mod nginx;
 pub mod prefork;
@@ -12,6 +13,7 @@ pub mod report;
 pub mod tls;
 pub mod upgrade;
 pub mod wrk;
+pub mod ws;
 
 use std::{
     fs,
@@ -496,6 +498,12 @@ pub struct Mode {
     pub stats_rounds: usize,
     pub stats_warmup: Duration,
     pub stats_measure: Duration,
+    /// WebSocket gateway (figure 13): rounds of an echo run per side (host, host with a reload
+    /// every 2 s, baseline) and its length; idle connections opened per server and round for
+    /// the memory per connection.
+    pub gateway_rounds: usize,
+    pub gateway_secs: u32,
+    pub gateway_idle_conns: usize,
 }
 
 pub const QUICK: Mode = Mode {
@@ -525,6 +533,10 @@ pub const QUICK: Mode = Mode {
     stats_rounds: 5,
     stats_warmup: Duration::from_millis(100),
     stats_measure: Duration::from_millis(300),
+    // One reload a run, at 2 s, with its canary probation (1 s) over before the run ends.
+    gateway_rounds: 5,
+    gateway_secs: 4,
+    gateway_idle_conns: 1_000,
 };
 
 pub const DEFAULT: Mode = Mode {
@@ -556,6 +568,11 @@ pub const DEFAULT: Mode = Mode {
     stats_rounds: 7,
     stats_warmup: Duration::from_millis(200),
     stats_measure: Duration::from_millis(500),
+    // Reloads at 2 s and 4 s; 5 rounds of 5 s, not figure 1's 7 of 10 s, to stay near the 20
+    // min with figures 9-12 in it.
+    gateway_rounds: 5,
+    gateway_secs: 5,
+    gateway_idle_conns: 10_000,
 };
 
 pub const FULL: Mode = Mode {

@@ -106,6 +106,11 @@ const FIGURES: &[Figure] = &[
         run: stats,
         quick: false,
     },
+    Figure {
+        name: "gateway",
+        run: gateway,
+        quick: false,
+    },
 ];
 
 /// The figures only `--full` runs, after the default ones: the long runs, and the place for the
@@ -237,8 +242,9 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
            workers; upgrade time {ut} rounds at {uw:?} workers; upgrades under load {ul} rounds \
            of {us} s per run; rebuild latency {rb} rounds; plugin boundary {br} rounds; HTTPS \
            {tr} rounds of {ts} s per run; access log {ar} rounds of {as_} s per run; metrics \
-           counting {mr} rounds\n\
-         {https}\
+           counting {mr} rounds; WebSocket gateway {gr} rounds of {gs} s per run, {gn} idle \
+           connections\n\
+         {https}{websocket}\
          - figures: {names}\n\
          - probation keys: {probation}\n\n",
         mode = m.name,
@@ -267,12 +273,24 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
         ar = m.access_log_rounds,
         as_ = m.access_log_secs,
         mr = m.stats_rounds,
+        gr = m.gateway_rounds,
+        gs = m.gateway_secs,
+        gn = m.gateway_idle_conns,
         https = if names.contains(&"tls") {
             format!(
                 "- HTTPS: {} for HTTP/2 ({H2_CONNS} connections, {H2_STREAMS} streams each), wrk \
                  for HTTP/1.1, the bench's own client ({HANDSHAKE_CLIENTS} threads) for a new \
                  connection per request\n",
                 bench::tls::h2load_version()
+            )
+        } else {
+            String::new()
+        },
+        websocket = if names.contains(&"gateway") {
+            format!(
+                "- WebSocket: the bench's own client (tokio-tungstenite, 1 thread, {} \
+                 connections for the echo runs)\n",
+                bench::gateway::CONNS
             )
         } else {
             String::new()
@@ -1518,5 +1536,47 @@ fn stats(cx: &Ctx, out: &mut Results) {
             t.render()
         ),
         &[],
+    );
+}
+
+/// Figure 13: the WebSocket gateway (`bench::gateway`): echo round trips through the chat
+/// plugin's `echo` against a plain tokio-tungstenite echo server, the host again with a reload
+/// every 2 s, and memory per idle connection.
+fn gateway(cx: &Ctx, out: &mut Results) {
+    let m = &cx.mode;
+    let svg = cx.out_dir.join(format!("{}-gateway-memory.svg", cx.stem));
+    let f = bench::gateway::run(&cx.b, m, WORKERS, &svg);
+    let mut goals = f.echo.goals.clone();
+    goals.extend(f.memory.goals.iter().cloned());
+    out.section(
+        "13. websocket gateway",
+        format!(
+            "## 13. WebSocket gateway\n\nThe host's WebSocket service (`kind = \"websocket\"`, \
+             {WORKERS} gateways, {WORKERS} business workers, the chat plugin, default probation) \
+             against `ws_baseline` (tokio-tungstenite echo, {WORKERS} child processes). \
+             {rounds} interleaved rounds; in each, a {secs} s run of the bench's client \
+             (tokio-tungstenite, one thread, {conns} connections, each sending `echo N` and \
+             waiting for the answer with N) on the host, on the host with a `host reload` every \
+             {every} s (the chat v1 and v2 builds in turn), and on the baseline. Server CPU is \
+             every process of the server over the round trips, as in figure 1. {reloads} reloads \
+             in all, {failed} failed.\n\n{echo}\n\
+             Memory per idle connection: in each round a fresh host and a fresh baseline in \
+             turn, {n} connections opened to each and left idle; the server's memory (every \
+             process, from /proc: VmRSS, and Pss from smaps_rollup) before and after, divided by \
+             the connections.\n\n{memory}\n\
+             Chart of the servers' RSS as {n} idle connections are opened in steps (a fresh \
+             server each, after the rounds): {svg}\n\n",
+            rounds = m.gateway_rounds,
+            secs = m.gateway_secs,
+            conns = bench::gateway::CONNS,
+            every = bench::gateway::RELOAD_EVERY.as_secs(),
+            reloads = f.reloads,
+            failed = f.failed_reloads,
+            echo = f.echo.render(),
+            n = m.gateway_idle_conns,
+            memory = f.memory.render(),
+            svg = svg.display(),
+        ),
+        &goals,
     );
 }
