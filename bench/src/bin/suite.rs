@@ -106,21 +106,25 @@ const FIGURES: &[Figure] = &[
         run: stats,
         quick: false,
     },
+];
+
+/// The figures only `--full` runs, after the default ones (or any mode when they are named):
+/// the long runs; figure 13 (gateway), which would take the default mode past its 20 min
+/// (docs/benchmarks.md, "Modes"); and the place for the scaling curves (requests/s and CPU per
+/// request by connection count and by worker count) when they are written. Each gets its name
+/// here and a function below.
+const FULL_ONLY: &[Figure] = &[
+    Figure {
+        name: "reload-long",
+        run: reload_long,
+        quick: false,
+    },
     Figure {
         name: "gateway",
         run: gateway,
         quick: false,
     },
 ];
-
-/// The figures only `--full` runs, after the default ones: the long runs, and the place for the
-/// scaling curves (requests/s and CPU per request by connection count and by worker count) when
-/// they are written. Each gets its name here and a function below.
-const FULL_ONLY: &[Figure] = &[Figure {
-    name: "reload-long",
-    run: reload_long,
-    quick: false,
-}];
 
 fn usage() -> ! {
     let names: Vec<&str> = FIGURES.iter().chain(FULL_ONLY).map(|f| f.name).collect();
@@ -131,7 +135,7 @@ fn usage() -> ! {
         .collect();
     eprintln!(
         "usage: suite [--quick | --full] [FIGURE...]\n  figures: {} (the last {} only with \
-         --full; {} only when named with --quick)",
+         --full or when named; {} only when named with --quick)",
         names.join(", "),
         FULL_ONLY.len(),
         not_quick.join(", ")
@@ -157,7 +161,12 @@ fn main() {
     }
     let figures: Vec<&Figure> = FIGURES
         .iter()
-        .chain(if mode.name == "full" { FULL_ONLY } else { &[] })
+        // A figure named on the command line runs in any mode, with that mode's settings.
+        .chain(if mode.name == "full" || !only.is_empty() {
+            FULL_ONLY
+        } else {
+            &[]
+        })
         .filter(|f| {
             if only.is_empty() {
                 f.quick || mode.name != "quick"
