@@ -20,7 +20,10 @@ use std::{
 use bench::report::RoundTable;
 use criterion::{BenchmarkId, Criterion};
 use host::{protocol::WorkerSpec, worker::plugin::Plugin as Loaded};
-use plugin_api::{ffi::FfiRequest, Context, Plugin, Request};
+use plugin_api::{
+    ffi::{FfiBody, FfiRequest},
+    Context, Plugin, Request,
+};
 
 fn main() {
     let mode = std::env::var("BENCH_MODE")
@@ -42,6 +45,7 @@ fn main() {
         config_toml: String::new(),
         config: vec![],
         max_body_bytes: 1 << 20,
+        max_stream_bytes: 1 << 30,
         idle_grace_ms: 0,
         drain_timeout_ms: 0,
         heartbeat_ms: 1000,
@@ -64,7 +68,10 @@ fn main() {
         path: "/".into(),
         query: "".into(),
         headers: Default::default(),
-        body: Default::default(),
+        client_addr: "127.0.0.1:1".into(),
+        tls: false,
+        http_version: "HTTP/1.1".into(),
+        request_id: "bench".into(),
     };
     let direct = hello::Hello::on_start(&Context::for_tests("bench")).unwrap();
     let request = Request::new("GET", "/");
@@ -83,7 +90,9 @@ fn main() {
             b.iter_custom(|iters| {
                 let t = Instant::now();
                 for _ in 0..iters {
-                    let _ = black_box(loaded.handle(black_box(&ffi_request)));
+                    let _ = black_box(
+                        loaded.handle(black_box(&ffi_request), FfiBody::full(Default::default())),
+                    );
                 }
                 let d = t.elapsed();
                 abi = (abi.0 + d, abi.1 + iters);

@@ -53,14 +53,16 @@ pub fn target_dir() -> PathBuf {
     PathBuf::from(meta["target_directory"].as_str().unwrap())
 }
 
-/// Release builds: `host`, `baseline` and `ws_baseline`, and `hello` and `chat` (figure 13's
-/// WebSocket plugin) as v1 and v2, copied to `<target>/bench-plugins`.
+/// Release builds: `host`, `baseline` and `ws_baseline`; `hello` and `chat` (figure 13's
+/// WebSocket plugin) as v1 and v2, and `hello-async`, copied to `<target>/bench-plugins`.
 pub struct Build {
     pub host: PathBuf,
     pub baseline: PathBuf,
     pub ws_baseline: PathBuf,
     pub hello_v1: PathBuf,
     pub hello_v2: PathBuf,
+    /// hello's handler as an async plugin (the `async` figure).
+    pub hello_async: PathBuf,
     pub chat_v1: PathBuf,
     pub chat_v2: PathBuf,
 }
@@ -111,6 +113,10 @@ pub fn build() -> Build {
         ws_baseline: target.join("release/ws_baseline"),
         hello_v1: copy(&host_target.join("release/libhello.so"), "hello-v1.so"),
         hello_v2: copy(&v2_target.join("release/libhello.so"), "hello-v2.so"),
+        hello_async: copy(
+            &host_target.join("release/libhello_async.so"),
+            "hello-async.so",
+        ),
         chat_v1: copy(&host_target.join("release/libchat.so"), "chat-v1.so"),
         chat_v2: copy(&v2_target.join("release/libchat.so"), "chat-v2.so"),
     };
@@ -120,6 +126,7 @@ pub fn build() -> Build {
         &b.ws_baseline,
         &b.hello_v1,
         &b.hello_v2,
+        &b.hello_async,
         &b.chat_v1,
         &b.chat_v2,
     ] {
@@ -128,8 +135,8 @@ pub fn build() -> Build {
     b
 }
 
-/// The release host binary alone (built with hello and chat, in the same target dir as
-/// [`build`], so that both find it fresh).
+/// The release host binary alone (built with hello, hello-async and chat, in the same target
+/// dir as [`build`], so that both find it fresh).
 pub fn build_host() -> PathBuf {
     build_host_in(&target_dir().join("bench-host"))
 }
@@ -143,6 +150,8 @@ fn build_host_in(host_target: &Path) -> PathBuf {
             "host",
             "-p",
             "hello",
+            "-p",
+            "hello-async",
             "-p",
             "chat",
         ],

@@ -65,6 +65,18 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_WORKERS)]
         workers: usize,
     },
+    /// Create a new plugin crate in directory NAME, ready for `host dev NAME`.
+    New {
+        /// The crate's name (lower-case letters, digits, - and _).
+        name: String,
+        /// Where to create it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The plugin-api the crate depends on: a directory, or a git URL (default: the
+        /// plugin-api source this host was built from).
+        #[arg(long, env = "HOST_PLUGIN_API")]
+        plugin_api: Option<String>,
+    },
     /// Replace the workers of the running master, one by one, with ones that load the rebuilt
     /// plugin; waits for the outcome.
     Reload {
@@ -230,6 +242,11 @@ pub fn main() -> ExitCode {
             listen,
             workers,
         } => crate::dev::main(&path, listen, workers, state),
+        Command::New {
+            name,
+            dir,
+            plugin_api,
+        } => crate::new::main(&name, dir, plugin_api),
         Command::Check(args) => match args.config(false) {
             Ok((config, _)) => check(config),
             Err(e) => usage_error(&e),

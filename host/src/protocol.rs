@@ -209,6 +209,9 @@ pub struct WorkerSpec {
     pub config_toml: String,
     pub config: Vec<(String, String)>,
     pub max_body_bytes: usize,
+    /// The cap on a request body an async plugin reads as a stream.
+    #[serde(default = "default_max_stream_bytes")]
+    pub max_stream_bytes: u64,
     pub idle_grace_ms: u64,
     pub drain_timeout_ms: u64,
     /// How often the worker proves it is alive ([`FromWorker::Heartbeat`]).
@@ -298,6 +301,11 @@ pub enum ToWorker {
         slot: usize,
         pid: u32,
     },
+    /// The answer to [`FromWorker::Kv`] `id`.
+    KvReply {
+        id: u64,
+        result: Result<KvValue, String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -335,6 +343,12 @@ pub enum FromWorker {
     Panicked {
         message: String,
     },
+    /// An operation on the host's key/value store (`crate::kv`); answered with
+    /// [`ToWorker::KvReply`] with the same id.
+    Kv {
+        id: u64,
+        op: KvOp,
+    },
 }
 
 /// The upper bounds (seconds) of the request-duration histogram buckets; the last bucket is
@@ -351,6 +365,68 @@ pub struct RequestStats {
     /// Requests per duration bucket ([`DURATION_BUCKETS`], then one for longer).
     pub buckets: Vec<u64>,
     pub duration_sum_ns: u64,
+}
+
+fn default_max_stream_bytes() -> u64 {
+    crate::config::DEFAULT_MAX_STREAM
+}
+
+/// An operation on the host's key/value store (see `crate::kv`). Values are bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum KvOp {
+    Get {
+        key: String,
+    },
+    /// Sets the value, with a time to live when `ttl_ms` is given.
+    Set {
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    },
+    Delete {
+        key: String,
+    },
+    /// Adds `by` to the whole number the key holds (0 when it is missing); keeps its expiry.
+    Increment {
+        key: String,
+        by: i64,
+    },
+    /// Sets `new` (`None`: deletes) only if the value is `expected` (`None`: missing).
+    CompareAndSwap {
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+        ttl_ms: Option<u64>,
+    },
+    /// Gives the key a time to live (`None`: none).
+    Expire {
+        key: String,
+        ttl_ms: Option<u64>,
+    },
+}
+
+impl KvOp {
+    pub fn key(&self) -> &str {
+        match self {
+            KvOp::Get { key }
+            | KvOp::Set { key, .. }
+            | KvOp::Delete { key }
+            | KvOp::Increment { key, .. }
+            | KvOp::CompareAndSwap { key, .. }
+            | KvOp::Expire { key, .. } => key,
+        }
+    }
+}
+
+/// What a key/value operation gives back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum KvValue {
+    /// `Get`: the value, if the key is there.
+    Value(Option<Vec<u8>>),
+    /// `Increment`: the new number.
+    Number(i64),
+    /// `Set`, `Delete`, `CompareAndSwap`, `Expire`: whether it changed something.
+    Done(bool),
 }
 
 /// One message as it goes on the wire: JSON, then a newline.

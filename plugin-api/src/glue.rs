@@ -1,70 +1,106 @@
-//! The `extern "C"` functions behind [`crate::export_plugin!`]: they own the plugin instance,
-//! convert between FFI and plain types, and stop panics at the boundary (abi_stable aborts the
-//! whole process if a panic unwinds through an `extern "C"` function).
+//! The `extern "C"` functions behind [`crate::export_plugin!`] and
+//! [`crate::export_async_plugin!`]: they own the plugin instance, convert between FFI and plain
+//! types, run async handlers on the plugin's runtime, and stop panics at the boundary
+//! (abi_stable aborts the whole process if a panic unwinds through an `extern "C"` function).
 
 use std::{
     any::Any,
     panic::{catch_unwind, AssertUnwindSafe},
     sync::OnceLock,
+    time::Duration,
 };
 
 use abi_stable::{
     prefix_type::PrefixTypeTrait,
     std_types::{RErr, ROk, RResult, RStr, RString},
 };
+use async_ffi::{FfiFuture, FutureExt};
 
 use crate::{
-    ffi::{FfiContext, FfiRequest, FfiResponse, PluginMod, PluginModRef},
-    Context, Plugin, Request, Response,
+    ffi::{calls, FfiBody, FfiContextRef, FfiRequest, FfiResponse, PluginMod, PluginModRef},
+    log::{REQUEST_ID, SYNC_REQUEST_ID},
+    runtime, AsyncPlugin, Context, Plugin, Request,
 };
 
-/// The object-safe part of [`Plugin`], so that one static can hold any plugin type.
-trait Instance: Send + Sync {
-    fn handle(&self, req: &Request) -> Response;
-    fn on_stop(&self);
-}
-
-impl<P: Plugin> Instance for P {
-    fn handle(&self, req: &Request) -> Response {
-        Plugin::handle(self, req)
-    }
-    fn on_stop(&self) {
-        Plugin::on_stop(self)
-    }
-}
-
 // One per library: each plugin links its own copy of plugin-api, and a worker loads one plugin.
-static INSTANCE: OnceLock<Box<dyn Instance>> = OnceLock::new();
+// `Any`, so that the generic entry points find their own type in it.
+static INSTANCE: OnceLock<Box<dyn Any + Send + Sync>> = OnceLock::new();
+static CONTEXT: OnceLock<Context> = OnceLock::new();
 
-/// Builds the root module for plugin type `P`; `name` and `version` are the plugin crate's.
+fn instance<P: 'static>() -> Result<&'static P, RString> {
+    INSTANCE
+        .get()
+        .and_then(|i| i.downcast_ref::<P>())
+        .ok_or_else(|| RString::from("the plugin was not started"))
+}
+
+fn limits() -> (u64, u64) {
+    CONTEXT.get().map_or((u64::MAX, u64::MAX), Context::limits)
+}
+
+/// Builds the root module for a sync plugin `P`; `name` and `version` are the plugin crate's.
 pub fn root_module<P: Plugin>(name: &'static str, version: &'static str) -> PluginModRef {
     PluginMod {
         name: RStr::from_str(name),
         version: RStr::from_str(version),
+        calls: if P::BLOCKING {
+            calls::BLOCKING
+        } else {
+            calls::INLINE
+        },
         start: start::<P>,
-        handle,
-        stop,
-        blocking: P::BLOCKING,
+        handle: handle::<P>,
+        handle_async: not_async,
+        ping,
+        drain,
+        stop: stop::<P>,
     }
     .leak_into_prefix()
 }
 
-extern "C" fn start<P: Plugin>(ctx: &FfiContext) -> RResult<(), RString> {
-    start_instance(ctx, P::on_start, |plugin| {
-        INSTANCE.set(Box::new(plugin)).is_ok()
-    })
+/// Builds the root module for an async plugin `P`.
+pub fn async_root_module<P: AsyncPlugin>(
+    name: &'static str,
+    version: &'static str,
+) -> PluginModRef {
+    PluginMod {
+        name: RStr::from_str(name),
+        version: RStr::from_str(version),
+        calls: calls::ASYNC,
+        start: start_async::<P>,
+        handle: not_sync,
+        handle_async: handle_async::<P>,
+        ping,
+        drain,
+        stop: stop_async::<P>,
+    }
+    .leak_into_prefix()
 }
 
-/// A plugin's start, HTTP or WebSocket alike: install the log callback, call `on_start`
-/// (catching a panic), and keep the instance with `keep` (false: it was started already).
-pub(crate) fn start_instance<T>(
-    ctx: &FfiContext,
-    on_start: impl FnOnce(&Context) -> Result<T, crate::Error>,
+/// What every start, HTTP or WebSocket, does before the plugin's own `on_start`.
+pub(crate) fn prepare(ctx: FfiContextRef) -> Context {
+    crate::log::install(ctx.host());
+    let ctx = Context::from_ffi(ctx);
+    let _ = CONTEXT.set(ctx);
+    if let Some(n) = ctx.config("runtime_threads").and_then(|n| n.parse().ok()) {
+        runtime::set_threads(n);
+    }
+    ctx
+}
+
+fn keep<P: Send + Sync + 'static>(
+    result: std::thread::Result<Result<P, crate::Error>>,
+) -> RResult<(), RString> {
+    keep_with(result, |plugin| INSTANCE.set(Box::new(plugin)).is_ok())
+}
+
+/// The outcome of an `on_start` (`result`, a panic caught), the instance kept with `keep`
+/// (false: one was started already).
+pub(crate) fn keep_with<T>(
+    result: std::thread::Result<Result<T, crate::Error>>,
     keep: impl FnOnce(T) -> bool,
 ) -> RResult<(), RString> {
-    crate::log::install(ctx.log);
-    let ctx = Context::from_ffi(ctx);
-    match catch_unwind(AssertUnwindSafe(|| on_start(ctx))) {
+    match result {
         Ok(Ok(plugin)) => match keep(plugin) {
             true => ROk(()),
             false => RErr("on_start was called twice in one process".into()),
@@ -74,20 +110,130 @@ pub(crate) fn start_instance<T>(
     }
 }
 
-extern "C" fn handle(req: &FfiRequest) -> RResult<FfiResponse, RString> {
-    let Some(plugin) = INSTANCE.get() else {
-        return RErr("the plugin was not started".into());
+extern "C" fn start<P: Plugin>(ctx: FfiContextRef) -> RResult<(), RString> {
+    let ctx = prepare(ctx);
+    keep(catch_unwind(AssertUnwindSafe(|| P::on_start(&ctx))))
+}
+
+extern "C" fn start_async<P: AsyncPlugin>(ctx: FfiContextRef) -> RResult<(), RString> {
+    let ctx = prepare(ctx);
+    // The host calls this from a plain thread: block on the plugin's runtime (started here).
+    keep(catch_unwind(AssertUnwindSafe(|| {
+        runtime::block_on(P::on_start(&ctx))
+    })))
+}
+
+extern "C" fn handle<P: Plugin>(req: &FfiRequest, body: FfiBody) -> RResult<FfiResponse, RString> {
+    let plugin = match instance::<P>() {
+        Ok(p) => p,
+        Err(e) => return RErr(e),
     };
-    match catch_unwind(AssertUnwindSafe(|| plugin.handle(Request::from_ffi(req)))) {
-        Ok(response) => ROk(response.into_ffi()),
-        Err(panic) => RErr(format!("handler panicked: {}", panic_message(&*panic)).into()),
+    let call = || {
+        let req = Request::from_ffi(req, body, limits());
+        SYNC_REQUEST_ID.with(|id| *id.borrow_mut() = Some(req.id().to_string()));
+        let response = plugin.handle(&req);
+        SYNC_REQUEST_ID.with(|id| *id.borrow_mut() = None);
+        response.into_ffi()
+    };
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(response) => ROk(response),
+        Err(panic) => {
+            SYNC_REQUEST_ID.with(|id| *id.borrow_mut() = None);
+            RErr(format!("handler panicked: {}", panic_message(&*panic)).into())
+        }
     }
 }
 
-extern "C" fn stop() {
-    if let Some(plugin) = INSTANCE.get() {
-        // A panic in on_stop has nowhere useful to go: the hook has logged it, the worker exits.
-        let _ = catch_unwind(AssertUnwindSafe(|| plugin.on_stop()));
+/// Cancels the handler's task when the host drops its future (timeout, client gone).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+extern "C" fn handle_async<P: AsyncPlugin>(
+    req: &FfiRequest,
+    body: FfiBody,
+) -> FfiFuture<RResult<FfiResponse, RString>> {
+    let plugin = match instance::<P>() {
+        Ok(p) => p,
+        Err(e) => return std::future::ready(RErr(e)).into_ffi(),
+    };
+    let req = match catch_unwind(AssertUnwindSafe(|| Request::from_ffi(req, body, limits()))) {
+        Ok(req) => req,
+        Err(panic) => {
+            let message = format!("reading the request panicked: {}", panic_message(&*panic));
+            return std::future::ready(RErr(message.into())).into_ffi();
+        }
+    };
+    let id = req.id().to_string();
+    // The handler runs on the plugin's runtime; the future the host polls only waits for it.
+    let task = runtime::handle()
+        .spawn(REQUEST_ID.scope(id, async move { plugin.handle(req).await.into_ffi() }));
+    let cancel = AbortOnDrop(task.abort_handle());
+    async move {
+        let _cancel = cancel;
+        match task.await {
+            Ok(response) => ROk(response),
+            Err(e) if e.is_panic() => {
+                RErr(format!("handler panicked: {}", panic_message(&*e.into_panic())).into())
+            }
+            Err(_) => RErr("the handler's task was cancelled".into()),
+        }
+    }
+    .into_ffi()
+}
+
+extern "C" fn not_async(_: &FfiRequest, _: FfiBody) -> FfiFuture<RResult<FfiResponse, RString>> {
+    std::future::ready(RErr("this plugin's handler is not async".into())).into_ffi()
+}
+
+extern "C" fn not_sync(_: &FfiRequest, _: FfiBody) -> RResult<FfiResponse, RString> {
+    RErr("this plugin's handler is async".into())
+}
+
+extern "C" fn ping() -> FfiFuture<()> {
+    if !runtime::started() {
+        return std::future::ready(()).into_ffi();
+    }
+    let task = runtime::handle().spawn(async {});
+    async move {
+        let _ = task.await;
+    }
+    .into_ffi()
+}
+
+extern "C" fn drain() {
+    runtime::start_draining();
+}
+
+extern "C" fn stop<P: Plugin>(timeout_ms: u64) -> RResult<(), RString> {
+    let stopped = match instance::<P>() {
+        // A panic in on_stop has nowhere useful to go: the hook has logged it.
+        Ok(plugin) => catch_unwind(AssertUnwindSafe(|| plugin.on_stop())).is_ok(),
+        Err(_) => true,
+    };
+    finish(stopped, timeout_ms)
+}
+
+extern "C" fn stop_async<P: AsyncPlugin>(timeout_ms: u64) -> RResult<(), RString> {
+    let stopped = match instance::<P>() {
+        Ok(plugin) => {
+            catch_unwind(AssertUnwindSafe(|| runtime::block_on(plugin.on_stop()))).is_ok()
+        }
+        Err(_) => true,
+    };
+    finish(stopped, timeout_ms)
+}
+
+fn finish(stopped: bool, timeout_ms: u64) -> RResult<(), RString> {
+    let tasks = runtime::stop(Duration::from_millis(timeout_ms));
+    match (stopped, tasks) {
+        (true, Ok(())) => ROk(()),
+        (false, _) => RErr("on_stop panicked".into()),
+        (true, Err(e)) => RErr(e.into()),
     }
 }
 

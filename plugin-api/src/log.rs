@@ -2,14 +2,16 @@
 //!
 //! A plugin has its own copy of every crate it links, `tracing` included, and that copy has no
 //! subscriber: events from it would vanish. So logging goes through a callback the host passes in
-//! [`crate::ffi::FfiContext::log`], and the host writes the line with the worker's service, pid
-//! and plugin version. Before the host starts the plugin (or in unit tests) lines go to stderr.
+//! [`crate::ffi::HostApi`], and the host writes the line with the worker's service, pid
+//! and plugin version, and the request's id when a handler logs it (the glue sets it for the
+//! length of each handler call). Before the host starts the plugin (or in unit tests) lines go
+//! to stderr.
 
 use std::{fmt, sync::OnceLock};
 
 use abi_stable::std_types::RStr;
 
-use crate::ffi::LogFn;
+use crate::ffi::HostApiRef;
 
 /// How important a log line is; the host maps it onto its own log levels.
 #[repr(u8)]
@@ -37,11 +39,27 @@ impl Level {
     }
 }
 
-static HOST_LOG: OnceLock<LogFn> = OnceLock::new();
+static HOST_LOG: OnceLock<HostApiRef> = OnceLock::new();
+
+tokio::task_local! {
+    /// The id of the request whose handler is running (async handlers).
+    pub(crate) static REQUEST_ID: String;
+}
+
+std::thread_local! {
+    /// The id of the request whose sync handler runs on this thread.
+    pub(crate) static SYNC_REQUEST_ID: std::cell::RefCell<Option<String>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The host's services, once the host started the plugin.
+pub(crate) fn host() -> Option<HostApiRef> {
+    HOST_LOG.get().copied()
+}
 
 /// Routes this plugin's log lines, and its panic messages, to the host.
-pub(crate) fn install(host_log: LogFn) {
-    if HOST_LOG.set(host_log).is_ok() {
+pub(crate) fn install(host: HostApiRef) {
+    if HOST_LOG.set(host).is_ok() {
         // The plugin links its own copy of std, so this hook replaces only the plugin's default
         // hook (which would print to stderr without service or pid). The glue still catches the
         // panic; this line adds where it happened.
@@ -64,8 +82,16 @@ pub(crate) fn install(host_log: LogFn) {
 /// Sends one line to the host (or to stderr before the host started the plugin).
 pub fn log(level: Level, args: fmt::Arguments<'_>) {
     let message = args.to_string();
-    match HOST_LOG.get() {
-        Some(host) => host(level as u8, RStr::from_str(&message)),
-        None => eprintln!("{level:?}: {message}"),
+    let Some(host) = HOST_LOG.get() else {
+        return eprintln!("{level:?}: {message}");
+    };
+    let id = REQUEST_ID
+        .try_with(|id| Some(id.clone()))
+        .unwrap_or_else(|_| SYNC_REQUEST_ID.with(|id| id.borrow().clone()));
+    match id {
+        Some(id) => {
+            (host.log_for_request())(level as u8, RStr::from_str(&id), RStr::from_str(&message))
+        }
+        None => (host.log())(level as u8, RStr::from_str(&message)),
     }
 }

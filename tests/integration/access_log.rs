@@ -1,13 +1,14 @@
 //! The access log: one line per request in either format, from every worker into one file
 //! without torn lines, and a new file after `host reopen-logs` (logrotate's way).
 
-use std::fs;
+use std::{fs, time::Duration};
 
 use serde_json::Value;
 
 use crate::{
     harness::{dir_with_config, output_text, wait_until, Host},
     http::Conn,
+    load::Load,
 };
 
 fn start(format: &str, workers: usize) -> Host {
@@ -109,6 +110,24 @@ fn combined_lines_read_as_apache_writes_them_and_reopen_logs_moves_to_a_new_file
             .any(|l| l.contains("GET /after"))
     });
     assert_eq!(lines(&host, "access.log.1").len(), 1);
+}
+
+#[test]
+fn workers_replaced_under_load_leave_every_line_behind() {
+    let host = start("json", 2);
+    let load = Load::start(&host.addr("web"), 4, Duration::ZERO);
+    load.wait_for_more(300);
+    // The old workers serve until the moment they exit: their last lines must be written
+    // before they do (the writer takes its buffer only every moment).
+    host.replace_plugin("versioned-v2");
+    host.reload_ok();
+    load.wait_for_more(300);
+    let seen = load.stop();
+    assert!(seen.errors.is_empty(), "{:?}", seen.errors);
+    wait_until("a line for every request answered", || {
+        lines(&host, "access.log").len() >= seen.ok
+    });
+    assert_eq!(lines(&host, "access.log").len(), seen.ok);
 }
 
 #[test]

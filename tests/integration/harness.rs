@@ -40,6 +40,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("panic", "panic"),
     ("counter", "counter"),
     ("chat", "chat"),
+    ("wait", "wait"),
+    ("fetch", "fetch"),
+    ("api", "api"),
+    ("upload", "upload"),
+    ("sse", "sse"),
     ("bad-start", "fixture_bad_start"),
     ("start-panic", "fixture_start_panic"),
     ("start-hang", "fixture_start_hang"),
@@ -47,6 +52,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("old-api", "fixture_old_api"),
     ("not-a-plugin", "fixture_not_a_plugin"),
     ("inline-sleep", "fixture_inline_sleep"),
+    ("api-0-1", "fixture_api_0_1"),
+    ("async-wedge", "fixture_async_wedge"),
 ];
 
 /// More builds of the `versioned` fixture, by the name `plugin()` takes, with the version and
@@ -277,7 +284,7 @@ impl Host {
         Host::launch_command(cmd, subcommand, dir, args)
     }
 
-    fn launch_command(
+    pub fn launch_command(
         mut cmd: Command,
         subcommand: &str,
         dir: TempDir,

@@ -106,6 +106,11 @@ const FIGURES: &[Figure] = &[
         run: stats,
         quick: false,
     },
+    Figure {
+        name: "async",
+        run: async_path,
+        quick: false,
+    },
 ];
 
 /// The figures only `--full` runs, after the default ones (or any mode when they are named):
@@ -353,6 +358,63 @@ fn measure(url: &str, pids: &[u32], seconds: u32) -> Steady {
 
 fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
     runs.iter().map(f).collect()
+}
+
+/// Figure 9: the CPU cost per request of an async handler (a task on the plugin's runtime,
+/// awaited through an FFI-safe future) against the same handler called inline (sync,
+/// `BLOCKING = false`): hello and hello-async, on two masters measured in interleaved rounds.
+fn async_path(cx: &Ctx, out: &mut Results) {
+    let (b, m) = (&cx.b, &cx.mode);
+    let sync = Master::serving(&b.host, &Service::new(&b.hello_v1, WORKERS), "info");
+    let asyn = Master::serving(&b.host, &Service::new(&b.hello_async, WORKERS), "info");
+    let (sync_url, async_url) = (
+        format!("http://{}/", sync.addr()),
+        format!("http://{}/", asyn.addr()),
+    );
+    let (sync_pids, async_pids) = (sync.pids(), asyn.pids());
+    wrk::run(&sync_url, CONNS, m.warmup_secs, None);
+    wrk::run(&async_url, CONNS, m.warmup_secs, None);
+    let (mut s, mut a) = (Vec::new(), Vec::new());
+    for round in 0..m.steady_rounds {
+        if round % 2 == 0 {
+            a.push(measure(&async_url, &async_pids, m.steady_secs));
+            s.push(measure(&sync_url, &sync_pids, m.steady_secs));
+        } else {
+            s.push(measure(&sync_url, &sync_pids, m.steady_secs));
+            a.push(measure(&async_url, &async_pids, m.steady_secs));
+        }
+    }
+    let mut t = RoundTable::new(m.steady_rounds);
+    let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
+    let rps = |r: &Steady| r.report.rps;
+    let failed = |r: &Steady| r.report.failed() as f64;
+    t.compare(
+        "server CPU per request (µs)",
+        ("async", &col(&a, cpu_us)),
+        ("inline sync", &col(&s, cpu_us)),
+        None,
+    );
+    t.compare(
+        "requests/s",
+        ("async", &col(&a, rps)),
+        ("inline sync", &col(&s, rps)),
+        None,
+    );
+    t.values("failed requests: async", &col(&a, failed));
+    t.values("failed requests: inline sync", &col(&s, failed));
+    out.section(
+        "9. async",
+        format!(
+            "## 9. Async handlers: CPU per request against the inline sync path\n\n\
+             hello-async and hello (the same handler), {} workers each, {} interleaved rounds \
+             of {} s per server; async / inline sync within each round.\n\n{}\n",
+            WORKERS,
+            m.steady_rounds,
+            m.steady_secs,
+            t.render()
+        ),
+        &t.goals,
+    );
 }
 
 /// Figure 1 (throughput, latency, CPU per request) and figure 4 (memory).

@@ -96,6 +96,14 @@ impl Config {
                     "{at}: max_body_bytes must be more than 0"
                 )));
             }
+            let max_stream_bytes = s
+                .max_stream_bytes
+                .map_or(DEFAULT_MAX_STREAM, |b| b.as_u64());
+            if max_stream_bytes == 0 {
+                return Err(ConfigError(format!(
+                    "{at}: max_stream_bytes must be more than 0"
+                )));
+            }
             let positive = |d: Option<Duration>, default: Duration, field: &str| match d {
                 Some(d) if d.is_zero() => {
                     Err(ConfigError(format!("{at}: {field} must be longer than 0")))
@@ -205,6 +213,7 @@ impl Config {
                 workers,
                 reloadable: s.reloadable.unwrap_or(true),
                 max_body_bytes,
+                max_stream_bytes,
                 keep_versions,
                 watch: s.watch.unwrap_or(false),
                 watch_debounce: s.watch_debounce.unwrap_or(DEFAULT_WATCH_DEBOUNCE),

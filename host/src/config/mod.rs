@@ -27,6 +27,8 @@ pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 /// A websocket service's largest message by default, and the largest it may be set to.
 pub const DEFAULT_MAX_MESSAGE: usize = 1024 * 1024;
 pub const MAX_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// The default cap on a request body read as a stream by an async plugin: 10 GiB.
+pub const DEFAULT_MAX_STREAM: u64 = 10 * 1024 * 1024 * 1024;
 pub const DEFAULT_KEEP_VERSIONS: usize = 5;
 pub const DEFAULT_WATCH_DEBOUNCE: Duration = Duration::from_millis(100);
 pub const DEFAULT_CANARY_PROBATION: Duration = Duration::from_secs(1);
@@ -127,6 +129,8 @@ pub struct ServiceConfig {
     /// How long a draining worker keeps an idle keep-alive connection open (see `worker::http`).
     pub idle_grace: Duration,
     pub max_body_bytes: usize,
+    /// A request body that an async plugin reads as a stream is cut past this (413).
+    pub max_stream_bytes: u64,
     /// How many versions the shadow store keeps for rollback, the live one included.
     pub keep_versions: usize,
     /// Reload by itself when the plugin file is rebuilt (`master::watcher`).

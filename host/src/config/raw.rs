@@ -60,6 +60,7 @@ pub struct RawService {
     #[serde(default, with = "humantime_serde")]
     pub idle_grace: Option<Duration>,
     pub max_body_bytes: Option<ByteSize>,
+    pub max_stream_bytes: Option<ByteSize>,
     pub keep_versions: Option<usize>,
     pub watch: Option<bool>,
     #[serde(default, with = "humantime_serde")]

@@ -493,6 +493,7 @@ pub fn worker_spec(
         config_toml: toml::to_string(&config.plugin_config).unwrap_or_default(),
         config: flatten(&config.plugin_config),
         max_body_bytes: config.max_body_bytes,
+        max_stream_bytes: config.max_stream_bytes,
         idle_grace_ms: config.idle_grace.as_millis() as u64,
         drain_timeout_ms: config.drain_timeout.as_millis() as u64,
         heartbeat_ms: heartbeat_interval(config.liveness_timeout).as_millis() as u64,

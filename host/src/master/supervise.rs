@@ -203,6 +203,11 @@ impl Master {
                 self.replace_gracefully(pid, &reason);
             }
             FromWorker::Panicked { message } => w.last_panic = Some((message, Instant::now())),
+            // The host's key/value store (crate::kv), answered on the worker's own channel.
+            FromWorker::Kv { id, op } => {
+                let result = crate::kv::store().apply(w.service.name(), op);
+                w.tell(crate::protocol::ToWorker::KvReply { id, result });
+            }
         }
     }
 

@@ -174,7 +174,7 @@ where
                         header(header::USER_AGENT),
                     )
                 });
-                let mut resp = respond::respond(req, &shared).await;
+                let mut resp = respond::respond(req, &shared, client).await;
                 let took = started.elapsed();
                 shared.stats.record(resp.status().as_u16(), took);
                 if let (Some(log), Some((method, uri, version, referer, agent))) =

@@ -20,8 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore},
@@ -31,7 +29,7 @@ use tracing::Instrument;
 use super::{link::Link, plugin::Plugin};
 use crate::protocol::WorkerSpec;
 
-pub type Response = hyper::Response<Full<Bytes>>;
+pub type Response = hyper::Response<super::body::Body>;
 
 /// Failed accepts are logged at most this often (with how many there were).
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);

@@ -4,7 +4,9 @@
 //!   every `heartbeat_ms`. When that runtime stalls (every thread stuck in a handler, a
 //!   deadlock, SIGSTOP) the heartbeats stop and the master kills the worker after its
 //!   `liveness_timeout`. The heartbeat carries the request count, resident memory and open
-//!   connections (recycling and status use them).
+//!   connections (recycling and status use them). An async plugin runs on a runtime of its
+//!   own, so the heartbeat also needs a task of that runtime to run first (the plugin's
+//!   `ping`): a plugin whose runtime threads are all stuck stops the heartbeats too.
 //! - **Handler timeout**: a handler that runs longer than `handler_timeout` has taken a thread
 //!   for good. A blocking handler's client gets a 503 (`worker::http`); an inline handler's
 //!   client cannot (its connection lives on the stuck thread), but the heartbeat task sees the
@@ -102,8 +104,24 @@ pub async fn heartbeat(shared: Arc<Shared>, link: Arc<Link>, every: Duration) {
     let handler_timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut plugin_stuck = false;
     loop {
         tick.tick().await;
+        if let Some(ping) = shared.plugin.ping() {
+            let patience = every * 2;
+            if tokio::time::timeout(patience, ping).await.is_err() {
+                if !plugin_stuck {
+                    tracing::warn!(
+                        "the plugin's runtime has not run a task for {} ms: its threads are \
+                         stuck (an async handler that blocks?); no heartbeat until it recovers",
+                        patience.as_millis()
+                    );
+                }
+                plugin_stuck = true;
+                continue;
+            }
+            plugin_stuck = false;
+        }
         if let Some(age) = INLINE_CALLS.oldest().filter(|age| *age > handler_timeout) {
             ask_for_replacement(
                 &link,

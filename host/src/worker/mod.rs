@@ -13,12 +13,15 @@
 //! same, in case someone sends it to a worker's group.
 
 mod access_log;
+mod body;
 mod conn;
 mod http;
+mod kv;
 pub(crate) mod link;
 mod liveness;
 pub(crate) use liveness::rss_bytes;
 pub mod plugin;
+mod plugin_v01;
 mod respond;
 mod stats;
 mod ws;
@@ -51,6 +54,9 @@ use crate::protocol::{
 };
 
 static WORKER_SPAN: OnceLock<tracing::Span> = OnceLock::new();
+
+/// How long a stopping worker waits for the plugin's `on_stop` and then its background tasks.
+const STOP_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs `f` inside the worker's span, so that the line it logs carries service, pid and plugin
 /// version (threads of the blocking pool and the plugin's log callback have no span of their own).
@@ -153,7 +159,9 @@ pub fn main(master_pid: u32) -> ExitCode {
     };
     timings.started = monotonic_ns();
     if spec.check_only {
-        plugin.stop();
+        if let Err(e) = plugin.stop(STOP_DEADLINE) {
+            tracing::warn!("plugin stop: {e}");
+        }
         link.send(&ready(&plugin, timings));
         return ExitCode::SUCCESS;
     }
@@ -279,12 +287,26 @@ async fn serve(
         _ = http::until_draining(&mut drain_requested) => {}
     }
     shared.draining.send_replace(true);
+    // The plugin's drain notice: SSE streams and background loops end now, so the in-flight
+    // requests below can finish.
+    plugin.drain();
     if tokio::time::timeout(drain_timeout, server).await.is_err() {
         tracing::warn!("drain timeout ({drain_timeout:?}) reached with requests still in flight");
     }
-    let stop = tokio::task::spawn_blocking(move || plugin.stop());
-    let _ = tokio::time::timeout(Duration::from_secs(5), stop).await;
+    // on_stop, then the plugin's background tasks, on a thread that may block.
+    let stop = tokio::task::spawn_blocking(move || plugin.stop(STOP_DEADLINE));
+    match tokio::time::timeout(STOP_DEADLINE + Duration::from_secs(1), stop).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!("plugin stop: {e}"),
+        Ok(Err(e)) => tracing::warn!("plugin stop failed: {e}"),
+        Err(_) => tracing::warn!("the plugin's on_stop did not return in time"),
+    }
     liveness::send_heartbeat(&shared, &shared.link);
+    if let Some(log) = &shared.access_log {
+        // Every request served is in the log before the worker exits (the writer takes its
+        // buffer only every moment).
+        log.finish(Duration::from_secs(2));
+    }
     tracing::info!(
         "drained after {} requests, exiting",
         shared.requests.load(std::sync::atomic::Ordering::Relaxed)
@@ -367,6 +389,8 @@ impl MasterMessages {
             let (line, mut fds) = match self.lines.next_line().await {
                 Ok(Some(line)) => line,
                 Ok(None) | Err(_) => {
+                    // A plugin waiting for the store's answer gets an error, not a hang.
+                    kv::fail_all();
                     tracing::warn!("the master is gone: draining");
                     return None;
                 }
@@ -380,6 +404,8 @@ impl MasterMessages {
                     },
                     None => tracing::warn!("the master asked to reopen logs but sent no file"),
                 },
+                // Every role's plugin may call the key/value store.
+                Ok(ToWorker::KvReply { id, result }) => kv::answer(id, result),
                 Ok(message) => return Some((message, fds)),
                 Err(e) => tracing::warn!("ignoring an unreadable message from the master: {e}"),
             }

@@ -1,31 +1,52 @@
-//! Loading a plugin library inside a worker, and turning abi_stable's load errors into advice.
-//! Public for `bench/`, which measures the boundary with it.
+//! Loading a plugin library inside a worker, calling it, and turning abi_stable's load errors
+//! into advice. Public for `bench/`, which measures the boundary with it.
 //!
 //! Loading goes through `lib_header_from_path(..).init_root_module()`, not
 //! `RootModule::load_from_file`, because the latter caches one module per type per process.
 //! A library is never unloaded (unloading Rust dylibs is unsound); the worker process is the unit
 //! that is thrown away.
+//!
+//! Two ABIs: the version a library declares picks the root-module type it is checked against,
+//! plugin-api 0.2 (this host's) or the frozen 0.1 (`super::plugin_v01`), so plugins built
+//! before 0.2 keep loading and serving unchanged.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
     path::Path,
+    time::Duration,
 };
 
 use abi_stable::{
-    library::{lib_header_from_path, LibraryError},
-    std_types::{RResult, RStr, RString, RVec, Tuple2},
+    library::{lib_header_from_path, LibHeader, LibraryError},
+    prefix_type::PrefixTypeTrait,
+    std_types::{RResult, RSlice, RStr, RString, Tuple2},
 };
 use plugin_api::{
-    ffi::{FfiContext, FfiRequest, FfiResponse, PluginModRef},
+    ffi::{calls, FfiBody, FfiContext, FfiFuture, FfiRequest, FfiResponse, HostApi, PluginModRef},
     Level,
 };
 
+use super::plugin_v01::V01;
 use crate::protocol::WorkerSpec;
+
+/// How the host calls a plugin's handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Calls {
+    /// Sync, may block: on the blocking pool.
+    Blocking,
+    /// Sync, never blocks: inline on the async thread.
+    Inline,
+    /// Async: the plugin's runtime runs it; the host awaits an FFI-safe future.
+    Async,
+}
 
 /// A loaded and started plugin. `Copy`: it is a `'static` reference to the root module.
 #[derive(Clone, Copy)]
-pub struct Plugin {
-    module: PluginModRef,
+pub enum Plugin {
+    /// Built against this host's plugin-api (0.2).
+    Current(PluginModRef),
+    /// Built against plugin-api 0.1.
+    V01(V01),
 }
 
 impl Plugin {
@@ -39,12 +60,13 @@ impl Plugin {
         let header = lib_header_from_path(path).map_err(|e| explain(e, spec, None))?;
         // What the library says it was built against, for errors about it.
         let declared = header.version_strings().to_string();
-        let module = header
-            .init_root_module::<PluginModRef>()
-            .map_err(|e| explain(e, spec, Some(&declared)))?;
-        let plugin = Plugin { module };
+        let plugin = load(header, &declared).map_err(|e| explain(e, spec, Some(&declared)))?;
         loaded();
-        match (module.start())(&context(spec)) {
+        let started = match plugin {
+            Plugin::Current(module) => (module.start())(context(spec)),
+            Plugin::V01(v01) => v01.start(spec, plugin_log),
+        };
+        match started {
             RResult::ROk(()) => Ok(plugin),
             RResult::RErr(reason) => Err(format!(
                 "plugin {} ({}) failed to start: {reason}. Fix the cause in the plugin's on_start \
@@ -57,69 +79,175 @@ impl Plugin {
 
     /// The plugin crate's name.
     pub fn name(&self) -> &'static str {
-        self.module.name().as_str()
+        match self {
+            Plugin::Current(m) => m.name().as_str(),
+            Plugin::V01(v) => v.name(),
+        }
     }
 
     /// The plugin crate's version (from its Cargo.toml).
     pub fn crate_version(&self) -> &'static str {
-        self.module.version().as_str()
+        match self {
+            Plugin::Current(m) => m.version().as_str(),
+            Plugin::V01(v) => v.crate_version(),
+        }
     }
 
-    /// Whether the handler may block ([`plugin_api::Plugin::BLOCKING`]); plugins built before
-    /// the field existed may block.
-    pub fn blocking(&self) -> bool {
-        self.module.blocking().unwrap_or(true)
+    /// The plugin-api line the plugin was built against: `0.2` or `0.1`.
+    pub fn api(&self) -> &'static str {
+        match self {
+            Plugin::Current(_) => "0.2",
+            Plugin::V01(_) => "0.1",
+        }
     }
 
-    /// Calls the plugin's handler; `Err` carries a panic message.
-    pub fn handle(&self, req: &FfiRequest) -> Result<FfiResponse, String> {
-        (self.module.handle())(req)
-            .into_result()
-            .map_err(String::from)
+    /// How the handler is called; 0.1 plugins without the declaration may block.
+    pub fn calls(&self) -> Calls {
+        match self {
+            Plugin::Current(m) => match m.calls() {
+                calls::INLINE => Calls::Inline,
+                calls::ASYNC => Calls::Async,
+                _ => Calls::Blocking,
+            },
+            Plugin::V01(v) if v.blocking() => Calls::Blocking,
+            Plugin::V01(_) => Calls::Inline,
+        }
     }
 
-    /// Tells the plugin the worker stops.
-    pub fn stop(&self) {
-        (self.module.stop())()
+    /// Calls a sync handler; `Err` carries a panic message.
+    pub fn handle(&self, req: &FfiRequest, body: FfiBody) -> Result<FfiResponse, String> {
+        match self {
+            Plugin::Current(m) => (m.handle())(req, body).into_result().map_err(String::from),
+            Plugin::V01(v) => v.handle(req, body),
+        }
+    }
+
+    /// Starts an async handler call (a 0.1 plugin has none: this calls it in place).
+    pub fn handle_async(
+        &self,
+        req: &FfiRequest,
+        body: FfiBody,
+    ) -> FfiFuture<RResult<FfiResponse, RString>> {
+        match self {
+            Plugin::Current(m) => (m.handle_async())(req, body),
+            Plugin::V01(_) => {
+                let result = self.handle(req, body).map_err(RString::from).into();
+                async_ffi::FutureExt::into_ffi(std::future::ready(result))
+            }
+        }
+    }
+
+    /// A future that resolves once the plugin's runtime has run a task (`None`: no runtime).
+    pub fn ping(&self) -> Option<FfiFuture<()>> {
+        match self {
+            Plugin::Current(m) => Some((m.ping())()),
+            Plugin::V01(_) => None,
+        }
+    }
+
+    /// Tells the plugin the worker drains (`plugin_api::shutdown` resolves).
+    pub fn drain(&self) {
+        if let Plugin::Current(m) = self {
+            (m.drain())()
+        }
+    }
+
+    /// Tells the plugin the worker stops, and waits up to `deadline` for its background
+    /// tasks; `Err` says what did not finish.
+    pub fn stop(&self, deadline: Duration) -> Result<(), String> {
+        match self {
+            Plugin::Current(m) => (m.stop())(deadline.as_millis() as u64)
+                .into_result()
+                .map_err(String::from),
+            Plugin::V01(v) => {
+                v.stop();
+                Ok(())
+            }
+        }
     }
 }
 
-/// What the host tells a plugin at its start.
-pub(crate) fn context(spec: &WorkerSpec) -> FfiContext {
-    FfiContext {
-        service: spec.service.as_str().into(),
-        worker_id: spec.slot as u32,
-        plugin_version: spec.plugin_version.as_str().into(),
-        config: spec
-            .config
-            .iter()
-            .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
-            .collect::<RVec<_>>(),
-        config_toml: spec.config_toml.as_str().into(),
-        log: plugin_log,
+/// Checks the library against the root-module type of the API line it declares.
+fn load(header: &'static LibHeader, declared: &str) -> Result<Plugin, LibraryError> {
+    if declared.starts_with("0.1.") {
+        return V01::load(header).map(Plugin::V01);
     }
+    header
+        .init_root_module::<PluginModRef>()
+        .map(Plugin::Current)
+}
+
+/// The context the plugin keeps for the life of the worker: made once, and leaked on purpose
+/// (the 'static strings are what lets the plugin keep it).
+pub(crate) fn context(spec: &WorkerSpec) -> plugin_api::ffi::FfiContextRef {
+    fn leak(s: &str) -> RStr<'static> {
+        RStr::from_str(Box::leak(s.to_string().into_boxed_str()))
+    }
+    let config: Vec<_> = spec
+        .config
+        .iter()
+        .map(|(k, v)| Tuple2(leak(k), leak(v)))
+        .collect();
+    let host = HostApi {
+        log: plugin_log,
+        log_for_request: plugin_log_for_request,
+        kv: super::kv::call,
+    }
+    .leak_into_prefix();
+    FfiContext {
+        service: leak(&spec.service),
+        worker_id: spec.slot as u32,
+        plugin_version: leak(&spec.plugin_version),
+        config: RSlice::from_slice(Box::leak(config.into_boxed_slice())),
+        config_toml: leak(&spec.config_toml),
+        max_body_bytes: spec.max_body_bytes as u64,
+        max_stream_bytes: spec.max_stream_bytes,
+        host,
+    }
+    .leak_into_prefix()
 }
 
 /// Where the plugin's `plugin_api::info!` and friends end up: the worker's tracing output,
 /// inside the worker's span, so each line carries service, pid and plugin version. The
 /// plugin's panic hook logs through here too ("panicked at ..."): that line also goes to the
 /// master at once, so that if an abort follows, the master can say why the worker died.
-extern "C" fn plugin_log(level: u8, message: RStr<'_>) {
+pub(super) extern "C" fn plugin_log(level: u8, message: RStr<'_>) {
+    log_line(level, None, message.as_str())
+}
+
+/// The same, for a line a handler logged: it carries the request's id.
+extern "C" fn plugin_log_for_request(level: u8, request_id: RStr<'_>, message: RStr<'_>) {
+    log_line(level, Some(request_id.as_str()), message.as_str())
+}
+
+fn log_line(level: u8, request_id: Option<&str>, message: &str) {
     // A panic must not unwind into the plugin's frames (that aborts); logging should not panic,
     // but this is a boundary.
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        if level == Level::Error as u8 && message.as_str().starts_with("panicked") {
+        if level == Level::Error as u8 && message.starts_with("panicked") {
             if let Some(link) = super::link::Link::global() {
                 link.send(&crate::protocol::FromWorker::Panicked {
-                    message: message.as_str().to_string(),
+                    message: message.to_string(),
                 });
             }
         }
-        super::in_worker_span(|| match Level::from_u8(level) {
-            Level::Error => tracing::error!(target: "plugin", "{message}"),
-            Level::Warn => tracing::warn!(target: "plugin", "{message}"),
-            Level::Info => tracing::info!(target: "plugin", "{message}"),
-            Level::Debug => tracing::debug!(target: "plugin", "{message}"),
+        super::in_worker_span(|| match (Level::from_u8(level), request_id) {
+            (Level::Error, None) => tracing::error!(target: "plugin", "{message}"),
+            (Level::Warn, None) => tracing::warn!(target: "plugin", "{message}"),
+            (Level::Info, None) => tracing::info!(target: "plugin", "{message}"),
+            (Level::Debug, None) => tracing::debug!(target: "plugin", "{message}"),
+            (Level::Error, Some(id)) => {
+                tracing::error!(target: "plugin", request_id = id, "{message}")
+            }
+            (Level::Warn, Some(id)) => {
+                tracing::warn!(target: "plugin", request_id = id, "{message}")
+            }
+            (Level::Info, Some(id)) => {
+                tracing::info!(target: "plugin", request_id = id, "{message}")
+            }
+            (Level::Debug, Some(id)) => {
+                tracing::debug!(target: "plugin", request_id = id, "{message}")
+            }
         })
     }));
 }
@@ -152,7 +280,8 @@ pub(crate) fn explain(err: LibraryError, spec: &WorkerSpec, declared: Option<&st
             "plugin {source} was built against plugin-api {actual_version}, but this host uses \
              plugin-api {expected_version}, which is not compatible with it. Rebuild the plugin \
              against plugin-api {api} (set `plugin-api = \"{api}\"` in its Cargo.toml, then \
-             cargo build) and reload."
+             cargo build) and reload. (This host also loads plugins built against plugin-api \
+             0.1.)"
         ),
         LibraryError::ParseVersionError(e) => format!(
             "plugin {source} declares a plugin-api version that cannot be read ({e}). Rebuild it \

@@ -8,20 +8,27 @@
 //! `body_timeout` between two parts is a 408; a handler that overruns `handler_timeout` is a 503.
 
 use std::{
-    sync::{atomic::Ordering, Arc},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
+use abi_stable::std_types::RStr;
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderName, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Incoming};
-use plugin_api::ffi::{FfiHeader, FfiRequest, FfiResponse};
+use http::{header, HeaderName, HeaderValue, Method, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use plugin_api::ffi::{FfiBody, FfiHeader, FfiRequest, FfiResponse};
 
 use super::{
+    body::{self, Body},
     http::{Response, Shared},
     in_worker_span,
     liveness::{ask_for_replacement, INLINE_CALLS},
+    plugin::Calls,
 };
 
 /// What `call_plugin` returns when the handler overran `handler_timeout` (the client gets 503).
@@ -30,14 +37,30 @@ const TIMED_OUT: &str = "handler timed out";
 /// An inline call that takes longer than this is reported: the plugin said it never blocks.
 const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
 
-pub async fn respond(req: hyper::Request<Incoming>, shared: &Arc<Shared>) -> Response {
+/// A client's `X-Request-Id` is used as the request's id when it is at most this long and
+/// printable; otherwise the worker makes one.
+const MAX_CLIENT_REQUEST_ID: usize = 64;
+
+pub async fn respond(
+    req: hyper::Request<Incoming>,
+    shared: &Arc<Shared>,
+    client: Option<SocketAddr>,
+) -> Response {
     if shared.spec.host_routes {
         if let Some(path) = req.uri().path().strip_prefix("/__host/") {
             return builtin(path, req.method(), shared);
         }
     }
-    let (parts, body) = req.into_parts();
-    let body = match read_body(&parts, body, shared).await {
+    let (parts, incoming) = req.into_parts();
+    let id = request_id(&parts.headers);
+    let calls = shared.plugin.calls();
+    let body = match calls {
+        Calls::Async => stream_body(&parts, incoming, shared),
+        Calls::Blocking | Calls::Inline => read_body(&parts, incoming, shared)
+            .await
+            .map(|bytes| FfiBody::full(bytes.to_vec().into())),
+    };
+    let body = match body {
         Ok(body) => body,
         Err(response) => return response,
     };
@@ -53,11 +76,14 @@ pub async fn respond(req: hyper::Request<Incoming>, shared: &Arc<Shared>) -> Res
                 value: value.as_bytes().into(),
             })
             .collect(),
-        body: body.to_vec().into(),
+        client_addr: client.map(|c| c.to_string()).unwrap_or_default().into(),
+        tls: shared.tls.is_some(),
+        http_version: RStr::from_str(version_text(parts.version)),
+        request_id: id.as_str().into(),
     };
-    let result = call_plugin(shared, request, &parts).await;
+    let result = call_plugin(shared, calls, request, body, &parts, &id).await;
     let failure = match result {
-        Ok(response) => match into_hyper(response) {
+        Ok(response) => match into_hyper(response, &id) {
             Ok(response) => return response,
             Err(e) => format!("the plugin returned an invalid response: {e}"),
         },
@@ -69,11 +95,86 @@ pub async fn respond(req: hyper::Request<Incoming>, shared: &Arc<Shared>) -> Res
         }
         Err(e) => e,
     };
-    in_worker_span(|| tracing::error!("{} {} -> 500: {failure}", parts.method, parts.uri.path()));
+    in_worker_span(|| {
+        tracing::error!(
+            request_id = id.as_str(),
+            "{} {} -> 500: {failure}",
+            parts.method,
+            parts.uri.path()
+        )
+    });
     text(
         StatusCode::INTERNAL_SERVER_ERROR,
         "the plugin failed on this request; the host's log has the details\n",
     )
+}
+
+/// The request's id: the client's `X-Request-Id` when it is short and printable, else the
+/// worker's pid and a count, which no other worker of this machine repeats while it lives.
+fn request_id(headers: &http::HeaderMap) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let given = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= MAX_CLIENT_REQUEST_ID
+                && v.bytes().all(|b| b.is_ascii_graphic())
+        });
+    match given {
+        Some(id) => id.to_string(),
+        None => format!(
+            "{:x}-{:x}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ),
+    }
+}
+
+fn version_text(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// An async plugin reads the body as it arrives: a body that is already complete goes whole,
+/// any other is pumped to the plugin (see `worker::body`), within `max_stream_bytes`.
+// The error is the response to send (as `read_body`'s is); it is made at most once a request.
+#[allow(clippy::result_large_err)]
+fn stream_body(
+    parts: &http::request::Parts,
+    incoming: Incoming,
+    shared: &Shared,
+) -> Result<FfiBody, Response> {
+    let limit = shared.spec.max_stream_bytes;
+    if declared_length(parts).is_some_and(|n| n > limit) {
+        return Err(text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body is larger than this service's max_stream_bytes ({limit} bytes)\n"
+            ),
+        ));
+    }
+    if incoming.is_end_stream() {
+        return Ok(FfiBody::full(Default::default()));
+    }
+    let stall = Duration::from_millis(shared.spec.body_timeout_ms);
+    Ok(FfiBody {
+        bytes: Default::default(),
+        rest: abi_stable::std_types::RSome(body::pump(incoming, limit, stall)),
+    })
+}
+
+fn declared_length(parts: &http::request::Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// The whole request body, within `max_body_bytes` and `body_timeout` (see the module comment).
@@ -89,11 +190,7 @@ async fn read_body(
             format!("request body is larger than this service's limit of {limit} bytes\n"),
         )
     };
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(parts);
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
@@ -132,69 +229,108 @@ async fn read_body(
     }
 }
 
-/// Calls the handler where the plugin says it belongs. A handler that may block runs on the
-/// blocking pool, so the worker's other connections keep being served; one that never blocks
-/// runs right here, on the async thread, which saves the handoff to the pool and back (about
-/// two thirds of the host's CPU time per request for a small handler: docs/benchmarks.md).
+/// Calls the handler where the plugin says it belongs. A sync handler that may block runs on
+/// the blocking pool, so the worker's other connections keep being served; one that never
+/// blocks runs right here, on the async thread, which saves the handoff to the pool and back
+/// (about two thirds of the host's CPU time per request for a small handler:
+/// docs/benchmarks.md). An async handler runs on the plugin's own runtime: the host awaits the
+/// FFI-safe future that waits for it, under `handler_timeout` (dropping it cancels the task;
+/// no thread is lost, so the worker is not replaced for it).
 async fn call_plugin(
     shared: &Shared,
+    calls: Calls,
     request: FfiRequest,
+    body: FfiBody,
     parts: &http::request::Parts,
+    id: &str,
 ) -> Result<FfiResponse, String> {
     let plugin = shared.plugin;
-    if plugin.blocking() {
-        let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
-        let call = tokio::task::spawn_blocking(move || in_worker_span(|| plugin.handle(&request)));
-        return match tokio::time::timeout(timeout, call).await {
-            Ok(joined) => {
-                joined.unwrap_or_else(|join| Err(format!("the handler thread failed: {join}")))
-            }
-            Err(_) => {
-                // The thread is lost for good (a thread cannot be cancelled): answer the client,
-                // and have this worker replaced before it runs out of threads.
-                in_worker_span(|| {
-                    ask_for_replacement(
-                        &shared.link,
-                        &shared.replacement_asked,
-                        format!(
-                            "a handler call for {} {} has run longer than handler_timeout ({}): \
-                             its thread is lost",
+    let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
+    match calls {
+        Calls::Async => {
+            let call = plugin.handle_async(&request, body);
+            drop(request);
+            match tokio::time::timeout(timeout, call).await {
+                Ok(result) => result.into_result().map_err(String::from),
+                Err(_) => {
+                    in_worker_span(|| {
+                        tracing::warn!(
+                            request_id = id,
+                            "{} {}: the async handler has run longer than handler_timeout ({}); \
+                             it was cancelled and the client got a 503",
                             parts.method,
                             parts.uri.path(),
                             humantime::format_duration(timeout)
-                        ),
+                        )
+                    });
+                    Err(TIMED_OUT.to_string())
+                }
+            }
+        }
+        Calls::Blocking => {
+            let call = tokio::task::spawn_blocking(move || {
+                in_worker_span(|| plugin.handle(&request, body))
+            });
+            match tokio::time::timeout(timeout, call).await {
+                Ok(joined) => {
+                    joined.unwrap_or_else(|join| Err(format!("the handler thread failed: {join}")))
+                }
+                Err(_) => {
+                    // The thread is lost for good (a thread cannot be cancelled): answer the
+                    // client, and have this worker replaced before it runs out of threads.
+                    in_worker_span(|| {
+                        ask_for_replacement(
+                            &shared.link,
+                            &shared.replacement_asked,
+                            format!(
+                                "a handler call for {} {} (request {id}) has run longer than \
+                                 handler_timeout ({}): its thread is lost",
+                                parts.method,
+                                parts.uri.path(),
+                                humantime::format_duration(timeout)
+                            ),
+                        )
+                    });
+                    Err(TIMED_OUT.to_string())
+                }
+            }
+        }
+        Calls::Inline => {
+            let started = Instant::now();
+            let result = {
+                let _call = INLINE_CALLS.begin();
+                plugin.handle(&request, body)
+            };
+            let took = started.elapsed();
+            if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
+                in_worker_span(|| {
+                    tracing::warn!(
+                        request_id = id,
+                        "{} {} took {} ms in plugin {}, which declares BLOCKING = false, so it \
+                         held one of the worker's async threads (and other requests) for that \
+                         long. If its handler can block, remove `const BLOCKING: bool = false` \
+                         from the plugin, or make it an AsyncPlugin. (Said once per worker.)",
+                        parts.method,
+                        parts.uri.path(),
+                        took.as_millis(),
+                        plugin.name()
                     )
                 });
-                Err(TIMED_OUT.to_string())
             }
-        };
+            result
+        }
     }
-    let started = Instant::now();
-    let result = {
-        let _call = INLINE_CALLS.begin();
-        plugin.handle(&request)
-    };
-    let took = started.elapsed();
-    if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
-        in_worker_span(|| {
-            tracing::warn!(
-            "{} {} took {} ms in plugin {}, which declares BLOCKING = false, so it held one of \
-             the worker's async threads (and other requests) for that long. If its handler can \
-             block, remove `const BLOCKING: bool = false` from the plugin. (Said once per worker.)",
-            parts.method,
-            parts.uri.path(),
-            took.as_millis(),
-            plugin.name()
-        )
-        });
-    }
-    result
 }
 
-fn into_hyper(ffi: FfiResponse) -> Result<Response, String> {
+fn into_hyper(ffi: FfiResponse, id: &str) -> Result<Response, String> {
     let status = StatusCode::from_u16(ffi.status)
         .map_err(|_| format!("status {} is not an HTTP status", ffi.status))?;
-    let mut response = hyper::Response::new(Full::new(Bytes::from(ffi.body.into_vec())));
+    let body = match ffi.body.rest.into_option() {
+        None => Body::full(ffi.body.bytes.into_vec()),
+        // What the plugin put before its stream is dropped: `Response::stream` never sets it.
+        Some(stream) => Body::stream(stream),
+    };
+    let mut response = hyper::Response::new(body);
     *response.status_mut() = status;
     for h in ffi.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
@@ -202,6 +338,9 @@ fn into_hyper(ffi: FfiResponse) -> Result<Response, String> {
         let value = HeaderValue::from_bytes(&h.value)
             .map_err(|_| format!("the value of header {name} is not valid"))?;
         response.headers_mut().append(name, value);
+    }
+    if let Ok(id) = HeaderValue::from_str(id) {
+        response.headers_mut().insert("x-request-id", id);
     }
     Ok(response)
 }
@@ -229,7 +368,9 @@ fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
             "plugin": shared.plugin.name(),
             "plugin_crate_version": shared.plugin.crate_version(),
             "plugin_version": shared.spec.plugin_version,
-            "blocking_handlers": shared.plugin.blocking(),
+            "blocking_handlers": shared.plugin.calls() == Calls::Blocking,
+            "handler_calls": format!("{:?}", shared.plugin.calls()).to_lowercase(),
+            "plugin_api": shared.plugin.api(),
             "uptime_ms": shared.started.elapsed().as_millis() as u64,
             "requests": shared.requests.load(Ordering::Relaxed),
         }),
@@ -246,7 +387,7 @@ fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
             )
         }
     };
-    let mut response = hyper::Response::new(Full::new(Bytes::from(body.to_string() + "\n")));
+    let mut response = hyper::Response::new(Body::full(body.to_string() + "\n"));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -255,7 +396,7 @@ fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
 }
 
 pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
-    let mut response = hyper::Response::new(Full::new(Bytes::from(body.into())));
+    let mut response = hyper::Response::new(Body::full(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -75,7 +75,7 @@ impl WsPlugin {
             }
             Err(e) => return Err(super::plugin::explain(e, spec, Some(&declared))),
         };
-        match (module.start())(&super::plugin::context(spec)) {
+        match (module.start())(super::plugin::context(spec)) {
             ROk(()) => Ok(WsPlugin { module }),
             RErr(reason) => Err(format!(
                 "plugin {} ({}) failed to start: {reason}. Fix the cause in the plugin's \

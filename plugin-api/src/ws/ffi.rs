@@ -14,7 +14,7 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::ffi::{FfiContext, FfiHeader};
+use crate::ffi::{FfiContextRef, FfiHeader};
 
 /// A client's session: keys and values, as the gateway keeps them.
 pub type FfiSession = RVec<Tuple2<RString, RString>>;
@@ -112,7 +112,7 @@ pub struct WsPluginMod {
     /// The plugin crate's version (`CARGO_PKG_VERSION`).
     pub version: RStr<'static>,
     /// Creates the plugin instance; an error is the reason the start failed.
-    pub start: extern "C" fn(&FfiContext) -> RResult<(), RString>,
+    pub start: extern "C" fn(FfiContextRef) -> RResult<(), RString>,
     /// A client asks to connect: `Ok(None)` accepts it, `Ok(Some(reason))` refuses it; an
     /// error is a panic message (the client is refused).
     pub connect: extern "C" fn(&FfiGateway, &FfiConnect) -> RResult<ROption<RString>, RString>,

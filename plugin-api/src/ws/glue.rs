@@ -15,7 +15,7 @@ use super::{
     ffi::{FfiConnect, FfiGateway, WsPluginMod, WsPluginModRef},
     ConnectRequest, Gateway, Message, WsPlugin,
 };
-use crate::{ffi::FfiContext, glue::panic_message};
+use crate::{ffi::FfiContextRef, glue::panic_message};
 
 /// The object-safe part of [`WsPlugin`].
 trait Instance: Send + Sync {
@@ -56,10 +56,12 @@ pub fn root_module<P: WsPlugin>(name: &'static str, version: &'static str) -> Ws
     .leak_into_prefix()
 }
 
-extern "C" fn start<P: WsPlugin>(ctx: &FfiContext) -> RResult<(), RString> {
-    crate::glue::start_instance(ctx, P::on_start, |plugin| {
-        INSTANCE.set(Box::new(plugin)).is_ok()
-    })
+extern "C" fn start<P: WsPlugin>(ctx: FfiContextRef) -> RResult<(), RString> {
+    let ctx = crate::glue::prepare(ctx);
+    crate::glue::keep_with(
+        catch_unwind(AssertUnwindSafe(|| P::on_start(&ctx))),
+        |plugin| INSTANCE.set(Box::new(plugin)).is_ok(),
+    )
 }
 
 /// Runs `f` on the instance, turning a panic into its message.

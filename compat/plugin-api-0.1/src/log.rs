@@ -1,0 +1,71 @@
+//! Plugin logging: the macros [`crate::info!`] and friends hand their message to the host.
+//!
+//! A plugin has its own copy of every crate it links, `tracing` included, and that copy has no
+//! subscriber: events from it would vanish. So logging goes through a callback the host passes in
+//! [`crate::ffi::FfiContext::log`], and the host writes the line with the worker's service, pid
+//! and plugin version. Before the host starts the plugin (or in unit tests) lines go to stderr.
+
+use std::{fmt, sync::OnceLock};
+
+use abi_stable::std_types::RStr;
+
+use crate::ffi::LogFn;
+
+/// How important a log line is; the host maps it onto its own log levels.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// Something failed.
+    Error = 1,
+    /// Something looks wrong but the plugin carries on.
+    Warn = 2,
+    /// Normal operation.
+    Info = 3,
+    /// Details for debugging.
+    Debug = 4,
+}
+
+impl Level {
+    /// The level for a number received over FFI; unknown numbers count as `Info`.
+    pub fn from_u8(n: u8) -> Level {
+        match n {
+            1 => Level::Error,
+            2 => Level::Warn,
+            4 => Level::Debug,
+            _ => Level::Info,
+        }
+    }
+}
+
+static HOST_LOG: OnceLock<LogFn> = OnceLock::new();
+
+/// Routes this plugin's log lines, and its panic messages, to the host.
+pub(crate) fn install(host_log: LogFn) {
+    if HOST_LOG.set(host_log).is_ok() {
+        // The plugin links its own copy of std, so this hook replaces only the plugin's default
+        // hook (which would print to stderr without service or pid). The glue still catches the
+        // panic; this line adds where it happened.
+        std::panic::set_hook(Box::new(|info| {
+            let location = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            log(
+                Level::Error,
+                format_args!(
+                    "panicked{location}: {}",
+                    crate::glue::panic_message(info.payload())
+                ),
+            );
+        }));
+    }
+}
+
+/// Sends one line to the host (or to stderr before the host started the plugin).
+pub fn log(level: Level, args: fmt::Arguments<'_>) {
+    let message = args.to_string();
+    match HOST_LOG.get() {
+        Some(host) => host(level as u8, RStr::from_str(&message)),
+        None => eprintln!("{level:?}: {message}"),
+    }
+}

@@ -1,0 +1,255 @@
+//! [`Request`]: what a handler receives. The host's request head is copied out of the FFI
+//! struct once, when the call starts, so a handler owns its request and may keep it across
+//! `.await` points; the body is either all here (sync handlers, small bodies) or read in
+//! chunks from the host as the handler asks for them.
+
+use std::net::SocketAddr;
+
+use crate::{
+    body::{BodyError, Incoming},
+    ffi::{FfiBody, FfiRequest},
+};
+
+/// An HTTP request.
+pub struct Request {
+    method: String,
+    path: String,
+    query: String,
+    headers: Vec<(String, Vec<u8>)>,
+    client: Option<SocketAddr>,
+    tls: bool,
+    version: &'static str,
+    id: String,
+    params: Vec<(String, String)>,
+    body: Incoming,
+    /// Bytes of a body read whole that [`Request::body`] hands out.
+    whole: Vec<u8>,
+    max_body_bytes: u64,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Request {
+    /// A request, for unit tests of a plugin: `Request::new("GET", "/hello?name=x")`.
+    pub fn new(method: &str, path_and_query: &str) -> Request {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        Request {
+            method: method.into(),
+            path: path.into(),
+            query: query.into(),
+            headers: Vec::new(),
+            client: None,
+            tls: false,
+            version: "HTTP/1.1",
+            id: "test".into(),
+            params: Vec::new(),
+            body: Incoming::whole(Vec::new()),
+            whole: Vec::new(),
+            max_body_bytes: u64::MAX,
+        }
+    }
+
+    /// Adds a header (for unit tests).
+    pub fn with_header(mut self, name: &str, value: &str) -> Request {
+        self.headers
+            .push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// Sets the body (for unit tests).
+    pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Request {
+        self.whole = body.into();
+        self.body = Incoming::whole(Vec::new());
+        self
+    }
+
+    /// Sets the client address (for unit tests).
+    pub fn with_client_addr(mut self, addr: SocketAddr) -> Request {
+        self.client = Some(addr);
+        self
+    }
+
+    /// Copies the host's request; `limits` are the service's (max_body_bytes, max_stream_bytes).
+    pub(crate) fn from_ffi(req: &FfiRequest, body: FfiBody, limits: (u64, u64)) -> Request {
+        let (whole, incoming) = match body.rest.into_option() {
+            None => (body.bytes.into_vec(), Incoming::whole(Vec::new())),
+            Some(rest) => (
+                Vec::new(),
+                Incoming {
+                    first: Some(body.bytes.into_vec()),
+                    rest: Some(rest),
+                    read: 0,
+                    limit: limits.1,
+                },
+            ),
+        };
+        Request {
+            method: req.method.as_str().to_string(),
+            path: req.path.as_str().to_string(),
+            query: req.query.as_str().to_string(),
+            headers: req
+                .headers
+                .iter()
+                .map(|h| (h.name.as_str().to_string(), h.value.to_vec()))
+                .collect(),
+            client: req.client_addr.as_str().parse::<SocketAddr>().ok(),
+            tls: req.tls,
+            version: req.http_version.as_str(),
+            id: req.request_id.as_str().to_string(),
+            params: Vec::new(),
+            body: incoming,
+            whole,
+            max_body_bytes: limits.0,
+        }
+    }
+
+    /// The method: `GET`, `POST`, ...
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The path, without the query string: `/hello`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The raw query string, without `?`; empty when there is none.
+    pub fn query(&self) -> &str {
+        &self.query
+    }
+
+    /// The raw value of the first query parameter `name` (not percent-decoded).
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query()
+            .split('&')
+            .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// A parameter of the route that matched (see [`crate::Router`]): `{id}` in `/users/{id}`.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn set_params(&mut self, params: Vec<(String, String)>) {
+        self.params = params;
+    }
+
+    /// All headers, names in lower case, values as bytes.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+
+    /// The first value of header `name` (any case), if it is present and valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// The value of cookie `name`, from the `Cookie` headers.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers()
+            .filter(|(n, _)| *n == "cookie")
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .flat_map(cookie::Cookie::split_parse)
+            .filter_map(Result::ok)
+            .find(|c| c.name() == name)
+            .map(|c| c.value().to_string())
+    }
+
+    /// The client's address (the peer of the connection; behind a proxy, the proxy's).
+    pub fn client_addr(&self) -> Option<SocketAddr> {
+        self.client
+    }
+
+    /// Whether the request came over TLS (HTTPS).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// `HTTP/1.1`, `HTTP/2.0`, ...
+    pub fn http_version(&self) -> &str {
+        self.version
+    }
+
+    /// The request's id: the host's log lines for this request carry it, and so do the
+    /// plugin's own lines logged while its handler runs. It is the client's `X-Request-Id`
+    /// when that is short and printable, else one the host made.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The whole body, in a sync handler (the host read it first, up to `max_body_bytes`).
+    /// In an async handler the body may still be on its way: read it with
+    /// [`Request::bytes`] or [`Request::chunk`]; this gives only what was read whole.
+    pub fn body(&self) -> &[u8] {
+        &self.whole
+    }
+
+    /// Reads the whole body into memory: at most `max_body_bytes` (a longer one is a
+    /// [`BodyError`] that converts into a 413).
+    pub async fn bytes(&mut self) -> Result<Vec<u8>, BodyError> {
+        if self.body.is_whole() {
+            return Ok(std::mem::take(&mut self.whole));
+        }
+        let limit = self.max_body_bytes;
+        if let Some(declared) = self
+            .header("content-length")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if declared > limit {
+                return Err(too_large(limit));
+            }
+        }
+        let mut all = Vec::new();
+        while let Some(chunk) = self.body.next().await? {
+            if all.len() as u64 + chunk.len() as u64 > limit {
+                return Err(too_large(limit));
+            }
+            all.extend_from_slice(&chunk);
+        }
+        Ok(all)
+    }
+
+    /// The next chunk of the body, `None` at its end: reads a body of any size up to
+    /// `max_stream_bytes` in constant memory. The client sends the next part only as the
+    /// handler reads (backpressure).
+    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>, BodyError> {
+        if self.body.is_whole() {
+            let whole = std::mem::take(&mut self.whole);
+            return Ok(Some(whole).filter(|w| !w.is_empty()));
+        }
+        self.body.next().await
+    }
+
+    /// Parses the body as JSON (at most `max_body_bytes`); an error converts into a 400 or 413.
+    #[cfg(feature = "json")]
+    pub async fn json<T: serde::de::DeserializeOwned>(&mut self) -> Result<T, BodyError> {
+        let bytes = self.bytes().await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| BodyError::new(400, format!("the request body is not valid JSON: {e}")))
+    }
+}
+
+fn too_large(limit: u64) -> BodyError {
+    BodyError::new(
+        413,
+        format!("the request body is larger than this service's limit of {limit} bytes"),
+    )
+}

@@ -1,0 +1,46 @@
+//! Plugins built against plugin-api 0.1 (the fixture api-0-1, built against the frozen copy
+//! in compat/plugin-api-0.1) keep loading and serving in a 0.2 host, and a service moves
+//! between a 0.1 and a 0.2 plugin with ordinary reloads.
+
+use crate::{
+    harness::Host,
+    http::{get, Conn},
+};
+
+#[test]
+fn a_plugin_built_against_api_0_1_serves_unchanged() {
+    let host = Host::serving("api-0-1", 1, &[]);
+    let addr = host.addr("plugin");
+    host.wait_for_log("api 0.1 plugin started as worker 0");
+    let resp = Conn::new(&addr)
+        .send("POST", "/a/b?x=1", b"payload".to_vec())
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        resp.body,
+        "hello from plugin-api 0.1.0: POST /a/b q=x=1 x-test=- body=payload\n"
+    );
+    let worker: serde_json::Value =
+        serde_json::from_str(&get(&addr, "/__host/worker").body).unwrap();
+    assert_eq!(worker["plugin_api"], "0.1", "{worker}");
+    assert_eq!(worker["handler_calls"], "blocking", "0.1's default");
+
+    // A panic is still one 500, and the worker goes on.
+    assert_eq!(get(&addr, "/panic").status, 500);
+    assert_eq!(get(&addr, "/").status, 200);
+    host.wait_for_log("a 0.1 plugin panicked");
+}
+
+#[test]
+fn a_service_reloads_from_an_api_0_1_plugin_to_0_2_and_back() {
+    let host = Host::serving("api-0-1", 2, &[]);
+    let addr = host.addr("plugin");
+    assert!(get(&addr, "/").body.contains("plugin-api 0.1.0"));
+    host.replace_plugin("versioned");
+    host.reload_ok();
+    assert!(get(&addr, "/").body.contains("versioned v1"));
+    host.replace_plugin("api-0-1");
+    host.reload_ok();
+    assert!(get(&addr, "/").body.contains("plugin-api 0.1.0"));
+    host.wait_for_log("api 0.1 plugin stopping");
+}
