@@ -5,7 +5,8 @@
 #   bash bench/run.sh --quick    development (under 3 minutes): 5 short interleaved rounds each,
 #                                every figure but tls, accesslog and stats (name them to run
 #                                them: `bash bench/run.sh --quick tls accesslog stats`)
-#   bash bench/run.sh --full     the default plus the long runs (no time bound)
+#   bash bench/run.sh --full     the default plus the long runs and the WebSocket gateway (no time
+#                                bound; `bash bench/run.sh [--quick] gateway` runs the gateway alone)
 #   bash bench/run.sh soak [RELOADS [FAULTS]] [--rate R] ...
 #                                the soak: RELOADS good reloads under keep-alive load with FAULTS
 #                                faults injected between them (bench/src/bin/soak.rs; 1000 100

@@ -1,5 +1,6 @@
-//! The reload-under-load chart: requests per 100 ms over time, one line per server, with the
-//! reload moments marked. Drawn by plotters as SVG.
+//! The suite's charts, drawn by plotters as SVG: panels of lines over x, with vertical marks.
+//! Two uses: requests per 100 ms over time with the reload moments marked (figure 6, [`draw`]),
+//! and a server's memory by open connections (figure 13, [`draw_panels`]).
 
 use std::path::Path;
 
@@ -12,52 +13,86 @@ pub struct Series<'a> {
     pub reloads: &'a [u64],
 }
 
+/// One panel: its caption, axis names, named lines of (x, y) points, and x values to mark with a
+/// vertical line (`marks_are` says what they are, in the legend).
+pub struct Panel<'a> {
+    pub caption: String,
+    pub x_desc: &'a str,
+    pub y_desc: &'a str,
+    pub lines: Vec<(String, Vec<(f64, f64)>)>,
+    pub marks: Vec<f64>,
+    pub marks_are: &'a str,
+}
+
+/// The reload chart: a panel per server, responses per 100 ms over seconds since its first
+/// bucket, with its reloads marked.
 pub fn draw(
     path: &Path,
     title: &str,
     series: &[Series<'_>],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1000, 300 * series.len() as u32)).into_drawing_area();
+    let panels: Vec<Panel> = series
+        .iter()
+        .filter_map(|s| {
+            let &(t0, _) = s.buckets.first()?;
+            // Drop the first and last bucket: partial, as the run starts and stops inside them.
+            let inner = &s.buckets[1..s.buckets.len().saturating_sub(1)];
+            let seconds = |t: u64| t.saturating_sub(t0) as f64 / 1000.0;
+            Some(Panel {
+                caption: format!("{title}: {}", s.name),
+                x_desc: "seconds",
+                y_desc: "responses / 100 ms",
+                lines: vec![(
+                    s.name.to_string(),
+                    inner.iter().map(|&(t, n)| (seconds(t), n as f64)).collect(),
+                )],
+                marks: s.reloads.iter().map(|&r| seconds(r)).collect(),
+                marks_are: "reloads",
+            })
+        })
+        .collect();
+    draw_panels(path, &panels)
+}
+
+/// Panels one above the other, 1000 x 300 pixels each.
+pub fn draw_panels(path: &Path, panels: &[Panel<'_>]) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1000, 300 * panels.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels = root.split_evenly((series.len(), 1));
+    let areas = root.split_evenly((panels.len(), 1));
     let colors = [BLUE, RED, GREEN];
-    for (i, (panel, s)) in panels.iter().zip(series).enumerate() {
-        let Some(&(t0, _)) = s.buckets.first() else {
-            continue;
-        };
-        // Drop the first and last bucket: partial, as the run starts and stops inside them.
-        let inner = &s.buckets[1..s.buckets.len().saturating_sub(1)];
-        let points: Vec<(f64, f64)> = inner
-            .iter()
-            .map(|&(t, n)| ((t - t0) as f64 / 1000.0, n as f64))
-            .collect();
-        let x_max = points.last().map_or(1.0, |p| p.0 + 0.1);
-        let y_max = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(format!("{title}: {}", s.name), ("sans-serif", 18))
+    let mut color = 0;
+    for (area, p) in areas.iter().zip(panels) {
+        let points = p.lines.iter().flat_map(|(_, l)| l.iter());
+        let x_max = points.clone().map(|pt| pt.0).fold(0.0, f64::max).max(1.0) * 1.02;
+        let y_max = points.map(|pt| pt.1).fold(1.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&p.caption, ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(35)
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
         chart
             .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("responses / 100 ms")
+            .x_desc(p.x_desc)
+            .y_desc(p.y_desc)
             .disable_x_mesh()
             .draw()?;
-        for &r in s.reloads {
-            let x = r.saturating_sub(t0) as f64 / 1000.0;
+        for &x in &p.marks {
             chart.draw_series(LineSeries::new(vec![(x, 0.0), (x, y_max)], BLACK.mix(0.35)))?;
         }
-        chart
-            .draw_series(LineSeries::new(
-                points,
-                colors[i % colors.len()].stroke_width(2),
-            ))?
-            .label(format!("{} (vertical lines: reloads)", s.name))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colors[i % colors.len()])
-            });
+        for (name, line) in &p.lines {
+            let c = colors[color % colors.len()];
+            color += 1;
+            let label = if p.marks.is_empty() {
+                name.clone()
+            } else {
+                format!("{name} (vertical lines: {})", p.marks_are)
+            };
+            chart
+                .draw_series(LineSeries::new(line.iter().copied(), c.stroke_width(2)))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))

@@ -63,6 +63,23 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Proportional set size of a process in MiB (its private pages, and each shared page divided
+/// by the processes that map it), from /proc/PID/smaps_rollup: summed over a server's
+/// processes, shared code (the host binary in the master and its workers) counts once.
+pub fn pss_mib(pid: u32) -> f64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// The pids whose parent is `pid`, from /proc/PID/task/*/children.
 pub fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {

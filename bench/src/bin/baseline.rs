@@ -12,17 +12,9 @@
 //! then `http/1.1`; it then serves HTTP/2 or HTTP/1.1 by what ALPN chose, with hyper's
 //! `http2::Builder` (tokio executor and timer, as the host) or `http1::Builder`.
 
-use std::{
-    convert::Infallible,
-    net::{SocketAddr, TcpListener},
-    os::fd::{FromRawFd, OwnedFd},
-    path::Path,
-    process::Command,
-    sync::Arc,
-};
+use std::{convert::Infallible, net::SocketAddr, path::Path, sync::Arc};
 
 use bytes::Bytes;
-use command_fds::{CommandFdExt, FdMapping};
 use http_body_util::{BodyExt, Full};
 use hyper::{
     server::conn::{http1, http2},
@@ -54,35 +46,16 @@ fn main() {
     }
     let addr: SocketAddr = arg("--listen").expect("--listen ADDR").parse().unwrap();
     let workers: usize = arg("--workers").map_or(2, |n| n.parse().unwrap());
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )
-    .unwrap();
-    socket.set_reuse_address(true).unwrap();
-    socket.bind(&addr.into()).unwrap();
-    socket.listen(1024).unwrap();
-    let listener: TcpListener = socket.into();
-    let mut children = Vec::new();
-    for _ in 0..workers {
-        let fd = OwnedFd::from(listener.try_clone().unwrap());
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.arg("--child");
-        if let Some((cert, key)) = &tls {
-            cmd.args(["--tls-cert", cert, "--tls-key", key]);
-        }
-        cmd.fd_mappings(vec![FdMapping {
-            parent_fd: fd,
-            child_fd: 3,
-        }])
-        .unwrap();
-        children.push(cmd.spawn().unwrap());
-    }
-    println!("ready");
-    for mut c in children {
-        let _ = c.wait();
-    }
+    let child_args = match &tls {
+        Some((cert, key)) => vec![
+            "--tls-cert".into(),
+            cert.clone(),
+            "--tls-key".into(),
+            key.clone(),
+        ],
+        None => Vec::new(),
+    };
+    bench::prefork::parent(addr, workers, &child_args);
 }
 
 /// The TLS acceptor as the host's workers set it up (host/src/tls.rs).
@@ -103,10 +76,7 @@ fn acceptor(cert: &Path, key: &Path) -> TlsAcceptor {
 }
 
 fn child(tls: Option<(String, String)>) {
-    // SAFETY: the parent maps the listening socket at fd 3 and nothing else in this process
-    // owns that fd.
-    let listener = unsafe { TcpListener::from_raw_fd(3) };
-    listener.set_nonblocking(true).unwrap();
+    let listener = bench::prefork::inherited_listener();
     let plugin = Arc::new(hello::Hello::on_start(&Context::for_tests("baseline")).unwrap());
     let acceptor = tls.map(|(cert, key)| acceptor(Path::new(&cert), Path::new(&key)));
     tokio::runtime::Builder::new_multi_thread()

@@ -11,11 +11,7 @@ use std::{
     cell::Cell,
     collections::HashSet,
     fs,
-    io::{BufRead, BufReader},
-    net::{TcpListener, TcpStream},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -23,16 +19,13 @@ use std::{
 use bench::{
     build, build_boundary, cargo_command, chart,
     nginx::Nginx,
+    prefork::Prefork,
     procs, replace,
     report::{self, ratios, Goal, Results, RoundTable, Table},
     root, target_dir,
     tls::Certs,
     upgrade::Masters,
     wrk, Build, Master, Mode, Probation, Service,
-};
-use nix::{
-    sys::signal::{killpg, Signal},
-    unistd::Pid,
 };
 
 /// Worker processes for the host, the baseline and nginx alike.
@@ -120,14 +113,23 @@ const FIGURES: &[Figure] = &[
     },
 ];
 
-/// The figures only `--full` runs, after the default ones: the long runs, and the place for the
-/// scaling curves (requests/s and CPU per request by connection count and by worker count) when
-/// they are written. Each gets its name here and a function below.
-const FULL_ONLY: &[Figure] = &[Figure {
-    name: "reload-long",
-    run: reload_long,
-    quick: false,
-}];
+/// The figures only `--full` runs, after the default ones (or any mode when they are named):
+/// the long runs; figure 13 (gateway), which would take the default mode past its 20 min
+/// (docs/benchmarks.md, "Modes"); and the place for the scaling curves (requests/s and CPU per
+/// request by connection count and by worker count) when they are written. Each gets its name
+/// here and a function below.
+const FULL_ONLY: &[Figure] = &[
+    Figure {
+        name: "reload-long",
+        run: reload_long,
+        quick: false,
+    },
+    Figure {
+        name: "gateway",
+        run: gateway,
+        quick: false,
+    },
+];
 
 fn usage() -> ! {
     let names: Vec<&str> = FIGURES.iter().chain(FULL_ONLY).map(|f| f.name).collect();
@@ -138,7 +140,7 @@ fn usage() -> ! {
         .collect();
     eprintln!(
         "usage: suite [--quick | --full] [FIGURE...]\n  figures: {} (the last {} only with \
-         --full; {} only when named with --quick)",
+         --full or when named; {} only when named with --quick)",
         names.join(", "),
         FULL_ONLY.len(),
         not_quick.join(", ")
@@ -164,7 +166,12 @@ fn main() {
     }
     let figures: Vec<&Figure> = FIGURES
         .iter()
-        .chain(if mode.name == "full" { FULL_ONLY } else { &[] })
+        // A figure named on the command line runs in any mode, with that mode's settings.
+        .chain(if mode.name == "full" || !only.is_empty() {
+            FULL_ONLY
+        } else {
+            &[]
+        })
         .filter(|f| {
             if only.is_empty() {
                 f.quick || mode.name != "quick"
@@ -249,8 +256,9 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
            workers; upgrade time {ut} rounds at {uw:?} workers; upgrades under load {ul} rounds \
            of {us} s per run; rebuild latency {rb} rounds; plugin boundary {br} rounds; HTTPS \
            {tr} rounds of {ts} s per run; access log {ar} rounds of {as_} s per run; metrics \
-           counting {mr} rounds\n\
-         {https}\
+           counting {mr} rounds; WebSocket gateway {gr} rounds of {gs} s per run, {gn} idle \
+           connections\n\
+         {https}{websocket}\
          - figures: {names}\n\
          - probation keys: {probation}\n\n",
         mode = m.name,
@@ -279,6 +287,9 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
         ar = m.access_log_rounds,
         as_ = m.access_log_secs,
         mr = m.stats_rounds,
+        gr = m.gateway_rounds,
+        gs = m.gateway_secs,
+        gn = m.gateway_idle_conns,
         https = if names.contains(&"tls") {
             format!(
                 "- HTTPS: {} for HTTP/2 ({H2_CONNS} connections, {H2_STREAMS} streams each), wrk \
@@ -289,69 +300,33 @@ fn header(cx: &Ctx, figures: &[&Figure]) -> String {
         } else {
             String::new()
         },
+        websocket = if names.contains(&"gateway") {
+            format!(
+                "- WebSocket: the bench's own client (tokio-tungstenite, 1 thread, {} \
+                 connections for the echo runs)\n",
+                bench::gateway::CONNS
+            )
+        } else {
+            String::new()
+        },
         names = names.join(", "),
         probation = "reload time with the host's defaults and with 0 s",
     )
 }
 
-/// The baseline server (bench/src/bin/baseline.rs), in its own process group.
-struct Baseline {
-    child: Child,
-    addr: String,
-}
-
-impl Baseline {
-    /// With `tls`, it serves HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with that certificate.
-    fn start(b: &Build, tls: Option<&Certs>) -> Baseline {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(&b.baseline);
-        cmd.args(["--listen", &addr, "--workers", &WORKERS.to_string()]);
-        if let Some(c) = tls {
-            cmd.arg("--tls-cert")
-                .arg(&c.cert)
-                .arg("--tls-key")
-                .arg(&c.key);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            // Its children log each start ("Info: hello v1 started"), which would mix with the
-            // results; a baseline that fails to start still says so through its stdout.
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let baseline = Baseline { child, addr };
-        assert_eq!(line.trim(), "ready", "baseline did not start");
-        let start = Instant::now();
-        while TcpStream::connect(&baseline.addr).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "baseline never listened"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-        baseline
-    }
-}
-
-impl Drop for Baseline {
-    fn drop(&mut self) {
-        let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-/// A free port: bind to 0, read it, let it go (the baseline takes the number on its command line).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The baseline server (bench/src/bin/baseline.rs); with `tls`, it serves HTTPS (HTTP/2 or
+/// HTTP/1.1 by ALPN) with that certificate.
+fn baseline(b: &Build, tls: Option<&Certs>) -> Prefork {
+    let tls_args = tls.map(|c| {
+        [
+            "--tls-cert".to_string(),
+            c.cert.display().to_string(),
+            "--tls-key".to_string(),
+            c.key.display().to_string(),
+        ]
+    });
+    let args: Vec<&str> = tls_args.iter().flatten().map(String::as_str).collect();
+    Prefork::start(&b.baseline, WORKERS, &args)
 }
 
 /// One measured steady run: wrk's report, server CPU seconds, and RSS (MiB) per process
@@ -446,7 +421,7 @@ fn async_path(cx: &Ctx, out: &mut Results) {
 fn steady(cx: &Ctx, out: &mut Results) {
     let (b, m) = (&cx.b, &cx.mode);
     let host = Master::serving(&b.host, &Service::new(&b.hello_v1, WORKERS), "info");
-    let baseline = Baseline::start(b, None);
+    let baseline = baseline(b, None);
     let host_url = format!("http://{}/", host.addr());
     let base_url = format!("http://{}/", baseline.addr);
     // Server CPU is the CPU time of these processes (master and workers, parent and children),
@@ -1244,7 +1219,7 @@ fn tls(cx: &Ctx, out: &mut Results) {
         },
         "info",
     );
-    let baseline = Baseline::start(b, Some(&certs));
+    let baseline = baseline(b, Some(&certs));
     let addrs = [host.addr(), baseline.addr.clone()];
     let pids = [host.pids(), procs::tree(baseline.child.id())];
     assert!(pids.iter().all(|p| p.len() == WORKERS + 1));
@@ -1632,5 +1607,47 @@ fn stats(cx: &Ctx, out: &mut Results) {
             t.render()
         ),
         &[],
+    );
+}
+
+/// Figure 13: the WebSocket gateway (`bench::gateway`): echo round trips through the chat
+/// plugin's `echo` against a plain tokio-tungstenite echo server, the host again with a reload
+/// every 2 s, and memory per idle connection.
+fn gateway(cx: &Ctx, out: &mut Results) {
+    let m = &cx.mode;
+    let svg = cx.out_dir.join(format!("{}-gateway-memory.svg", cx.stem));
+    let f = bench::gateway::run(&cx.b, m, WORKERS, &svg);
+    let mut goals = f.echo.goals.clone();
+    goals.extend(f.memory.goals.iter().cloned());
+    out.section(
+        "13. websocket gateway",
+        format!(
+            "## 13. WebSocket gateway\n\nThe host's WebSocket service (`kind = \"websocket\"`, \
+             {WORKERS} gateways, {WORKERS} business workers, the chat plugin, default probation) \
+             against `ws_baseline` (tokio-tungstenite echo, {WORKERS} child processes). \
+             {rounds} interleaved rounds; in each, a {secs} s run of the bench's client \
+             (tokio-tungstenite, one thread, {conns} connections, each sending `echo N` and \
+             waiting for the answer with N) on the host, on the host with a `host reload` every \
+             {every} s (the chat v1 and v2 builds in turn), and on the baseline. Server CPU is \
+             every process of the server over the round trips, as in figure 1. {reloads} reloads \
+             in all, {failed} failed.\n\n{echo}\n\
+             Memory per idle connection: in each round a fresh host and a fresh baseline in \
+             turn, {n} connections opened to each and left idle; the server's memory (every \
+             process, from /proc: VmRSS, and Pss from smaps_rollup) before and after, divided by \
+             the connections.\n\n{memory}\n\
+             Chart of the servers' RSS as {n} idle connections are opened in steps (a fresh \
+             server each, after the rounds): {svg}\n\n",
+            rounds = m.gateway_rounds,
+            secs = m.gateway_secs,
+            conns = bench::gateway::CONNS,
+            every = bench::gateway::RELOAD_EVERY.as_secs(),
+            reloads = f.reloads,
+            failed = f.failed_reloads,
+            echo = f.echo.render(),
+            n = m.gateway_idle_conns,
+            memory = f.memory.render(),
+            svg = svg.display(),
+        ),
+        &goals,
     );
 }
