@@ -36,6 +36,15 @@ impl Link {
         link
     }
 
+    /// A link that is not made the process's global one: for unit tests that build a worker's
+    /// state in-process (`worker::alloc_count`).
+    #[cfg(test)]
+    pub fn unregistered(writer: UnixStream) -> Arc<Link> {
+        Arc::new(Link {
+            writer: Mutex::new(writer),
+        })
+    }
+
     pub fn global() -> Option<&'static Arc<Link>> {
         LINK.get()
     }

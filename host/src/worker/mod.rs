@@ -13,6 +13,8 @@
 //! same, in case someone sends it to a worker's group.
 
 mod access_log;
+#[cfg(test)]
+mod alloc_count;
 mod body;
 mod conn;
 mod http;
