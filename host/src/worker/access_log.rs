@@ -240,24 +240,48 @@ fn version(v: Version) -> &'static str {
 /// version: `1.2.3.4 - - [30/Nov/2026:10:00:00 +0000] "GET / HTTP/1.1" 200 18 "-" "curl/8"
 /// 0.000412 pid=123 plugin=3879408`.
 fn combined(r: &Request<'_>, out: &mut Vec<u8>) {
-    let time = httpdate_clf(SystemTime::now());
-    let quoted = |v: Option<&str>| v.map_or("-".to_string(), |s| s.replace('"', "\\\""));
-    // Writing to a Vec cannot fail.
+    // Written piece by piece into `out`: no string is made for a field (writing to a Vec cannot
+    // fail).
+    match r.client {
+        Some(a) => _ = write!(out, "{}", a.ip()),
+        None => out.push(b'-'),
+    }
+    let _ = write!(
+        out,
+        " - - [{}] \"{} ",
+        httpdate_clf(SystemTime::now()),
+        r.method
+    );
+    escaped(out, r.target, b"%22");
+    let _ = write!(out, " {}\" {} {} \"", version(r.version), r.status, r.bytes);
+    quoted(out, r.referer);
+    out.extend_from_slice(b"\" \"");
+    quoted(out, r.user_agent);
     let _ = writeln!(
         out,
-        "{} - - [{time}] \"{} {} {}\" {} {} \"{}\" \"{}\" {:.6} pid={} plugin={}",
-        r.client.map_or("-".to_string(), |a| a.ip().to_string()),
-        r.method,
-        r.target.replace('"', "%22"),
-        version(r.version),
-        r.status,
-        r.bytes,
-        quoted(r.referer),
-        quoted(r.user_agent),
+        "\" {:.6} pid={} plugin={}",
         r.took.as_secs_f64(),
         std::process::id(),
         r.plugin_version
     );
+}
+
+/// `text` with each `"` written as `with`.
+fn escaped(out: &mut Vec<u8>, text: &str, with: &[u8]) {
+    for (i, part) in text.split('"').enumerate() {
+        if i > 0 {
+            out.extend_from_slice(with);
+        }
+        out.extend_from_slice(part.as_bytes());
+    }
+}
+
+/// A quoted field of the combined format: `-` when absent.
+fn quoted(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        Some(v) => escaped(out, v, b"\\\""),
+        None => out.push(b'-'),
+    }
 }
 
 #[derive(Serialize)]
@@ -353,6 +377,20 @@ mod tests {
             "{line}"
         );
         assert!(line.ends_with("plugin=3879408\n"), "{line}");
+    }
+
+    #[test]
+    fn quotes_in_combined_fields_are_escaped() {
+        let mut req = request();
+        req.target = "/a\"b";
+        req.referer = Some("x\"y");
+        req.client = None;
+        let mut line = Vec::new();
+        combined(&req, &mut line);
+        let line = String::from_utf8(line).unwrap();
+        assert!(line.starts_with("- - - ["), "{line}");
+        assert!(line.contains("\"GET /a%22b HTTP/1.1\""), "{line}");
+        assert!(line.contains(" \"x\\\"y\" \"curl/8\" "), "{line}");
     }
 
     #[test]

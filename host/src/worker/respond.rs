@@ -340,7 +340,10 @@ fn into_hyper(ffi: FfiResponse, id: &str) -> Result<Response, String> {
         response.headers_mut().append(name, value);
     }
     if let Ok(id) = HeaderValue::from_str(id) {
-        response.headers_mut().insert("x-request-id", id);
+        // A static name: a `&str` name is copied on every insert.
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), id);
     }
     Ok(response)
 }
