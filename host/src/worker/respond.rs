@@ -4,7 +4,8 @@
 //!
 //! Limits, each with its status: a body declared (Content-Length) or found larger than
 //! `max_body_bytes` is a 413, before any of it is read when it is declared (so a client that
-//! sent `Expect: 100-continue` is told at once, without a 100); a body that stalls longer than
+//! sent `Expect: 100-continue` is told at once, without a 100; any other client's body is read
+//! and dropped meanwhile, so that it reads the 413 rather than a reset); a body that stalls longer than
 //! `body_timeout` between two parts is a 408; a handler that overruns `handler_timeout` is a 503.
 
 use std::{
@@ -40,6 +41,9 @@ const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
 /// A client's `X-Request-Id` is used as the request's id when it is at most this long and
 /// printable; otherwise the worker makes one.
 const MAX_CLIENT_REQUEST_ID: usize = 64;
+/// A refused body is read and dropped up to this many bytes (see `discard`); past it the
+/// connection closes, as a client that keeps sending after a 413 deserves.
+const DISCARD_MAX: u64 = 64 * 1024 * 1024;
 
 pub async fn respond(
     req: hyper::Request<Incoming>,
@@ -152,6 +156,7 @@ fn stream_body(
 ) -> Result<FfiBody, Response> {
     let limit = shared.spec.max_stream_bytes;
     if declared_length(parts).is_some_and(|n| n > limit) {
+        discard(parts, incoming, shared);
         return Err(text(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
@@ -167,6 +172,28 @@ fn stream_body(
         bytes: Default::default(),
         rest: abi_stable::std_types::RSome(body::pump(incoming, limit, stall)),
     })
+}
+
+/// After a 413 sent before the whole body was read: read and drop what the client still sends
+/// (up to `DISCARD_MAX`, each part within `body_timeout`), so that it reads the answer. Closing
+/// the connection with its bytes unread would make the kernel reset it, and a reset can destroy
+/// the answer before the client reads it (nginx discards such bodies for the same reason). Not
+/// when the client waits for `100 Continue`: it sends no body then, and reading would ask for it.
+fn discard(parts: &http::request::Parts, mut body: Incoming, shared: &Shared) {
+    if parts.headers.contains_key(header::EXPECT) || body.is_end_stream() {
+        return;
+    }
+    let stall = Duration::from_millis(shared.spec.body_timeout_ms);
+    tokio::spawn(async move {
+        let mut left = DISCARD_MAX;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(stall, body.frame()).await {
+            let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+            if n >= left {
+                break;
+            }
+            left -= n;
+        }
+    });
 }
 
 fn declared_length(parts: &http::request::Parts) -> Option<u64> {
@@ -192,6 +219,7 @@ async fn read_body(
     };
     let declared = declared_length(parts);
     if declared.is_some_and(|n| n > limit as u64) {
+        discard(parts, body, shared);
         return Err(too_large());
     }
     if body.is_end_stream() {
@@ -220,6 +248,7 @@ async fn read_body(
             Ok(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     if buf.len() + data.len() > limit {
+                        discard(parts, body, shared);
                         return Err(too_large());
                     }
                     buf.extend_from_slice(&data);
