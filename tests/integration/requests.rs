@@ -154,4 +154,21 @@ fn a_plugin_is_told_a_request_came_over_tls_and_http2() {
     let facts: Value = serde_json::from_str(&resp.body).unwrap();
     assert_eq!(facts["tls"], true, "{facts}");
     assert_eq!(facts["http_version"], "HTTP/2.0", "{facts}");
+    // curl's HTTP/2 requests carry the host in :authority only, never in a Host header (the
+    // test's own client sends both): the plugin reads it as `host` all the same.
+    let plain = Host::start(
+        dir_with_config(
+            &config.replace("tls = ", "# tls = "),
+            &[("plugin.so", "api")],
+        ),
+        &["--config", "host.toml"],
+    );
+    let plain_addr = plain.addr("api");
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-s", "--http2-prior-knowledge"])
+        .arg(format!("http://{plain_addr}/whoami"));
+    let facts: Value =
+        serde_json::from_str(&crate::harness::output_text(&crate::harness::run(curl))).unwrap();
+    assert_eq!(facts["http_version"], "HTTP/2.0", "{facts}");
+    assert_eq!(facts["host"], plain_addr.as_str(), "{facts}");
 }

@@ -56,10 +56,11 @@ const REQUESTS: u64 = 100;
 
 /// HTTP/1.1 keep-alive GET, sync handler called inline (`BLOCKING = false`), no access log.
 const CEILING_H1_INLINE: f64 = 34.0;
-/// The same over HTTP/2 (h2c, prior knowledge): 36 each, and twice in these 100 requests h2's
+/// The same over HTTP/2 (h2c, prior knowledge): 40 each (4 of them the `host` header the plugin
+/// is given from `:authority`, copied to the FFI request and then to the plugin's), and twice in these 100 requests h2's
 /// HPACK encoder grows its table (of the response headers it has sent: every `x-request-id` is
 /// new).
-const CEILING_H2_INLINE: f64 = 36.02;
+const CEILING_H2_INLINE: f64 = 40.02;
 /// HTTP/1.1 inline with the access log on, JSON lines.
 const CEILING_H1_INLINE_LOG_JSON: f64 = 35.0;
 /// HTTP/1.1 inline with the access log on, combined format.

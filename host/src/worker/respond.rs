@@ -72,14 +72,7 @@ pub async fn respond(
         method: parts.method.as_str().into(),
         path: parts.uri.path().into(),
         query: parts.uri.query().unwrap_or("").into(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(name, value)| FfiHeader {
-                name: name.as_str().into(),
-                value: value.as_bytes().into(),
-            })
-            .collect(),
+        headers: plugin_headers(&parts),
         client_addr: client.map(|c| c.to_string()).unwrap_or_default().into(),
         tls: shared.tls.is_some(),
         http_version: RStr::from_str(version_text(parts.version)),
@@ -133,6 +126,27 @@ fn request_id(headers: &http::HeaderMap) -> String {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ),
     }
+}
+
+/// The request's headers as the plugin sees them. An HTTP/2 request carries its host in the
+/// `:authority` pseudo-header (in the URI here), not in a `Host` header: the plugin gets it as
+/// `host` all the same, so that a handler reads the host one way whatever the protocol.
+fn plugin_headers(parts: &http::request::Parts) -> abi_stable::std_types::RVec<FfiHeader> {
+    let header = |name: &str, value: &[u8]| FfiHeader {
+        name: name.into(),
+        value: value.into(),
+    };
+    let mut headers: abi_stable::std_types::RVec<FfiHeader> = parts
+        .headers
+        .iter()
+        .map(|(name, value)| header(name.as_str(), value.as_bytes()))
+        .collect();
+    if let Some(authority) = parts.uri.authority() {
+        if !parts.headers.contains_key(header::HOST) {
+            headers.push(header("host", authority.as_str().as_bytes()));
+        }
+    }
+    headers
 }
 
 fn version_text(version: Version) -> &'static str {

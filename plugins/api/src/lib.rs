@@ -81,6 +81,8 @@ struct WhoAmI<'a> {
     client_addr: Option<String>,
     tls: bool,
     http_version: &'a str,
+    /// The `Host` header (over HTTP/2, the host gives the `:authority` as `host`).
+    host: Option<&'a str>,
     request_id: &'a str,
     visits: u32,
 }
@@ -96,6 +98,7 @@ async fn whoami(_app: App, req: Request) -> Response {
         client_addr: req.client_addr().map(|a| a.to_string()),
         tls: req.is_tls(),
         http_version: req.http_version(),
+        host: req.header("host"),
         request_id: req.id(),
         visits,
     };
