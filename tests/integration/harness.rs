@@ -458,14 +458,22 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // After an upgrade, the master the pid file names is another process, and it runs on
+        // after the first one exited (a test that waited for that exit has no child left to
+        // kill). Only a process that runs in this test's directory is ours: a stale pid file
+        // could name a pid reused by anything.
+        let current = fs::read_to_string(self.state_dir().join("host.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|p| *p != self.pid)
+            .filter(|p| {
+                fs::read_link(format!("/proc/{p}/cwd")).ok()
+                    == fs::canonicalize(self.dir.path()).ok()
+            });
+        if let Some(current) = current {
+            kill_master_and_workers(current);
+        }
         if self.child.is_some() {
-            // After an upgrade, the master the pid file names is another process.
-            let current = fs::read_to_string(self.state_dir().join("host.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok());
-            if let Some(current) = current.filter(|p| *p != self.pid) {
-                kill_master_and_workers(current);
-            }
             kill_master_and_workers(self.pid);
         }
         if let Some(mut child) = self.child.take() {
@@ -491,6 +499,8 @@ pub fn kill_master_and_workers(master: u32) {
         let _ = killpg(Pid::from_raw(worker as i32), Signal::SIGKILL);
     }
     let _ = killpg(master_pid, Signal::SIGKILL);
+    // A master started by an upgrade is in the first master's group, not one it leads.
+    let _ = kill(master_pid, Signal::SIGKILL);
 }
 
 /// The pids whose parent is `pid`, from /proc.
