@@ -510,19 +510,25 @@ fn render_status(r: &StatusReport) -> String {
             out += &format!("  previous versions: {}\n", previous.join(", "));
         }
         out += &format!(
-            "  {:<5} {:<8} {:<9} {:<8} {:<10} {:<9} {}\n",
-            "SLOT", "PID", "STATE", "VERSION", "UPTIME", "RSS", "REQUESTS"
+            "  {:<5} {:<8} {:<9} {:<8} {:<10} {:<9} {:<6} {}\n",
+            "SLOT", "PID", "STATE", "VERSION", "UPTIME", "RSS", "CONNS", "REQUESTS"
         );
         for w in &s.workers {
             let requests = w.requests.map_or("?".to_string(), |n| n.to_string());
+            // A websocket service's gateways are listed with its business workers: `gw N`.
+            let slot = match w.role.as_str() {
+                "gateway" => format!("gw {}", w.slot),
+                _ => w.slot.to_string(),
+            };
             out += &format!(
-                "  {:<5} {:<8} {:<9} {:<8} {:<10} {:<9} {}\n",
-                w.slot,
+                "  {:<5} {:<8} {:<9} {:<8} {:<10} {:<9} {:<6} {}\n",
+                slot,
                 w.pid,
                 w.state,
                 w.version,
                 ago(w.uptime_ms),
                 format!("{:.1}M", w.rss_bytes as f64 / (1024.0 * 1024.0)),
+                w.connections,
                 requests
             );
         }

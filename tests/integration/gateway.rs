@@ -17,7 +17,7 @@ use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
 };
 
-use crate::harness::{dir_with_config, wait_until, Host};
+use crate::harness::{dir_with_config, output_text, wait_until, Host};
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -69,6 +69,18 @@ fn chat_rooms_nicknames_and_refused_origins() {
         "[service.config]\nallowed_origin = \"http://good.example\"",
     );
     let addr = host.addr("chat");
+    // The ready line names the service's scheme.
+    assert!(
+        host.logs().contains(&format!("chat on ws://{addr}")),
+        "{}",
+        host.logs()
+    );
+    // `host status` lists the gateways with the business workers, and their connections.
+    let status = output_text(&host.cli(&["status"]));
+    assert!(
+        status.contains("CONNS") && status.contains("gw 1"),
+        "{status}"
+    );
     runtime().block_on(async {
         let mut alice = connect(&addr).await;
         let mut bob = connect(&addr).await;

@@ -231,17 +231,20 @@ impl Master {
         self.services()
             .iter()
             .map(|s| {
-                let scheme = if s.config().tls.is_some() {
-                    "https"
-                } else {
-                    "http"
+                let config = s.config();
+                let websocket = matches!(config.kind, crate::config::Kind::WebSocket { .. });
+                let scheme = match (websocket, config.tls.is_some()) {
+                    (false, false) => "http",
+                    (false, true) => "https",
+                    (true, false) => "ws",
+                    (true, true) => "wss",
                 };
                 let urls: Vec<_> = s
                     .listen_addrs()
                     .iter()
                     .map(|a| format!("{scheme}://{a}"))
                     .collect();
-                format!("{} on {}", s.config().name, urls.join(", "))
+                format!("{} on {}", config.name, urls.join(", "))
             })
             .collect::<Vec<_>>()
             .join("; ")
