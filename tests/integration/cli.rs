@@ -84,7 +84,7 @@ fn status_table_shows_master_and_workers() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&format!("master pid {}", host.pid)), "{text}");
     assert!(
-        text.contains("SLOT  PID      STATE     VERSION  UPTIME     RSS       REQUESTS"),
+        text.contains("SLOT  PID      STATE     VERSION  UPTIME     RSS       CONNS  REQUESTS"),
         "{text}"
     );
     assert_eq!(text.matches(" ready ").count(), 2, "{text}");
