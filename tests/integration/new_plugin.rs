@@ -112,3 +112,35 @@ fn plugin_api_builds_as_a_git_dependency_from_a_bare_repository() {
     succeeds(build);
     assert!(target_dir().join("debug/libfrom_git.so").exists());
 }
+
+/// In this repository: after a workspace build, `cargo build -p hello` compiles hello alone.
+/// (cargo unifies features over what one invocation builds, so hello alone would get smaller
+/// feature sets for the crates it shares with the host, and compile them again;
+/// plugins/workspace-hack gives it the host's.) Fails when a change to the host's dependencies
+/// leaves the hack behind: `cargo tree --workspace -e features -i CRATE` says what to add.
+#[test]
+fn after_a_workspace_build_one_plugin_builds_alone() {
+    let build = |args: &[&str]| {
+        let mut cmd = cargo();
+        cmd.args(args)
+            .current_dir(root())
+            .env_remove("FIXTURE_VERSION")
+            .env_remove("FIXTURE_FAULT")
+            .env_remove("CHAT_VERSION");
+        succeeds(cmd)
+    };
+    build(&["build"]);
+    let out = build(&["build", "-p", "hello", "--message-format=json"]);
+    let compiled: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["fresh"] == false)
+        .map(|m| m["target"]["name"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert!(
+        compiled.is_empty(),
+        "`cargo build -p hello` after `cargo build` compiled {compiled:?} again: their features \
+         differ between the two builds; add the workspace build's features of those crates to \
+         plugins/workspace-hack/Cargo.toml (`cargo tree --workspace -e features -i CRATE`)"
+    );
+}
