@@ -195,8 +195,26 @@ fn the_version_history_survives_a_master_restart() {
         .to_string();
     host.replace_plugin("versioned-v2");
     host.reload_ok();
+    let first_loaded = |host: &Host, version: &str| {
+        let service = &host.status()["services"][0];
+        service["previous"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["version"] == version)
+            .map(|v| v["first_loaded"].as_u64().unwrap())
+    };
     assert!(host.cli(&["stop"]).status.success());
     assert!(host.wait_exit());
+    // Times are in seconds: the restart below is in a later second than the stop.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let stopped_at = now();
+    wait_until("the clock moves to a later second", || now() > stopped_at);
 
     let dir = host.into_dir();
     let host = Host::serving_in(dir, 1, &[]);
@@ -206,9 +224,17 @@ fn the_version_history_survives_a_master_restart() {
         host.status()["services"][0]["previous"][0]["version"],
         v1.as_str()
     );
+    let v2 = host.status()["services"][0]["version"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = host.cli(&["rollback"]);
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(get(&addr, "/").body.contains("versioned v1"));
+    // v2 kept the time it was first loaded across the restart: before the stop, not at the
+    // restart that copied it into the store again.
+    let v2_loaded = first_loaded(&host, &v2).unwrap();
+    assert!(v2_loaded <= stopped_at, "{v2_loaded} vs {stopped_at}");
 }
 
 #[test]

@@ -119,6 +119,17 @@ impl Service {
         version: PluginVersion,
         saved: SavedService,
     ) -> Service {
+        // A version the history knows keeps the time it was first loaded: the store copied it
+        // again at this start, which is not when it first went live.
+        let mut version = version;
+        if let Some(known) = saved
+            .live
+            .iter()
+            .chain(&saved.previous)
+            .find(|v| v.hash == version.hash)
+        {
+            version.stored_at = known.stored_at;
+        }
         let mut state = ServiceState {
             live: version,
             previous: saved.previous,
