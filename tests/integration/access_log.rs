@@ -102,7 +102,10 @@ fn combined_lines_read_as_apache_writes_them_and_reopen_logs_moves_to_a_new_file
         "{}",
         output_text(&out)
     );
-    // The same worker, on the same keep-alive connection, writes to the new file.
+    // `reopen-logs` returns once the master has sent the new file; the worker takes it a moment
+    // later (a line logged meanwhile still goes to the old file, as with nginx's USR1), and says
+    // so. Then the same worker, on the same keep-alive connection, writes to the new file.
+    host.wait_for_log("access log reopened");
     assert_eq!(conn.get("/after").unwrap().status, 200);
     wait_until("the line after the rotation is in the new file", || {
         lines(&host, "access.log")
