@@ -3,52 +3,21 @@
 //! address, TLS or not, the HTTP version, and the request id, which the host's log lines for
 //! the request carry too.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{client::conn::http1, HeaderMap};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use crate::{
     harness::{dir_with_config, Host},
-    http::{tls_config, Conn, Transport},
+    http::{tls_config, Conn, Resp, Transport},
     tls::Certs,
 };
 
-pub struct Answer {
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub body: String,
-}
-
-/// One request on a new connection, with headers, returning the response's headers too.
-pub fn call(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = http1::handshake(TokioIo::new(tcp)).await.unwrap();
-        tokio::spawn(conn);
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Answer {
-            status,
-            headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }
-    })
+/// One request on a new connection, with headers; panics on a transport error.
+pub fn call(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut conn = Conn::new(addr);
+    conn.headers
+        .extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    conn.send(method, path, body.as_bytes().to_vec())
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path} failed: {e}"))
 }
 
 #[test]

@@ -81,11 +81,7 @@ pub fn run(spec: WorkerSpec, channel: StdUnixStream, link: Arc<Link>) -> ExitCod
     else {
         return ExitCode::FAILURE;
     };
-    let fail = |reason: String| {
-        tracing::error!("{reason}");
-        link.send(&FromWorker::Failed { reason });
-        ExitCode::FAILURE
-    };
+    let fail = |reason: String| link.start_failed(reason);
     let tls = match spec
         .tls
         .as_ref()

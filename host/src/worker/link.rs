@@ -50,6 +50,14 @@ impl Link {
     }
 
     /// Sends one message; false if it could not be sent (the master is gone or not reading).
+    /// A start that failed: logs `reason` and tells the master (which gives it to whoever
+    /// asked for the start); the process exits with the code returned.
+    pub fn start_failed(&self, reason: String) -> std::process::ExitCode {
+        tracing::error!("{reason}");
+        self.send(&FromWorker::Failed { reason });
+        std::process::ExitCode::FAILURE
+    }
+
     pub fn send(&self, message: &FromWorker) -> bool {
         let bytes = encode(message);
         let mut writer = match self.writer.lock() {

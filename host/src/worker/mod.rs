@@ -140,11 +140,7 @@ pub fn main(master_pid: u32) -> ExitCode {
         .transpose();
     let tls = match tls {
         Ok(tls) => tls,
-        Err(reason) => {
-            tracing::error!("{reason}");
-            link.send(&FromWorker::Failed { reason });
-            return ExitCode::FAILURE;
-        }
+        Err(reason) => return link.start_failed(reason),
     };
 
     // The on-start hook: everything from here to READY is what a reload re-runs with new code.
@@ -153,11 +149,7 @@ pub fn main(master_pid: u32) -> ExitCode {
         .and_then(|path| Plugin::load_and_start(&spec, &path, || timings.loaded = monotonic_ns()))
     {
         Ok(p) => p,
-        Err(reason) => {
-            tracing::error!("{reason}");
-            link.send(&FromWorker::Failed { reason });
-            return ExitCode::FAILURE;
-        }
+        Err(reason) => return link.start_failed(reason),
     };
     timings.started = monotonic_ns();
     if spec.check_only {
@@ -179,11 +171,7 @@ pub fn main(master_pid: u32) -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            let reason = format!("could not start the async runtime: {e}");
-            link.send(&FromWorker::Failed { reason });
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return link.start_failed(format!("could not start the async runtime: {e}")),
     };
     let code =
         runtime.block_on(serve(spec, plugin, tls, channel, link, timings).instrument(span.clone()));
@@ -212,10 +200,7 @@ async fn serve(
     let heartbeat = Duration::from_millis(spec.heartbeat_ms);
     let listeners = match inherited_listeners(&spec) {
         Ok(l) => l,
-        Err(reason) => {
-            link.send(&FromWorker::Failed { reason });
-            return ExitCode::FAILURE;
-        }
+        Err(reason) => return link.start_failed(reason),
     };
     let access_log = match spec.access_log {
         None => None,
@@ -224,9 +209,8 @@ async fn serve(
             match inherit::adopt(fd, Kind::Output) {
                 Some(file) => Some(access_log::AccessLog::start(file.into(), format)),
                 None => {
-                    let reason = format!("the access log file was not passed at fd {fd}");
-                    link.send(&FromWorker::Failed { reason });
-                    return ExitCode::FAILURE;
+                    return link
+                        .start_failed(format!("the access log file was not passed at fd {fd}"))
                 }
             }
         }

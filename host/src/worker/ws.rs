@@ -268,11 +268,7 @@ pub fn run(
     else {
         return ExitCode::FAILURE;
     };
-    let fail = |reason: String| {
-        tracing::error!("{reason}");
-        link.send(&FromWorker::Failed { reason });
-        ExitCode::FAILURE
-    };
+    let fail = |reason: String| link.start_failed(reason);
     // The on-start hook.
     let plugin = match super::inherited_plugin().and_then(|path| {
         timings.loaded = monotonic_ns();
