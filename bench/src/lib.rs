@@ -156,7 +156,9 @@ fn build_host_in(host_target: &Path) -> PathBuf {
             "chat",
         ],
         Some(host_target),
-        &[],
+        // hello v1 and chat v1 by name: the README's walk-through edits hello's default to v2,
+        // and the figures that switch between the two builds must get two versions anyway.
+        &[("HELLO_VERSION", "v1"), ("CHAT_VERSION", "v1")],
     );
     host_target.join("release/host")
 }
