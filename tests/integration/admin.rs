@@ -412,9 +412,12 @@ fn a_token_file_others_can_read_is_refused_with_the_fix() {
     let dir = dir_with_config(&config("", ""), &[("plugin.so", "hello")]);
     write_token(dir.path());
     fs::set_permissions(dir.path().join("token"), fs::Permissions::from_mode(0o644)).unwrap();
-    let (host, _) = Host::try_start(dir, &["--config", "host.toml"])
+    let (mut host, _) = Host::try_start(dir, &["--config", "host.toml"])
         .err()
         .expect("the host must not start");
+    // Its last lines go to stderr, which may still be on the way when stdout closes: wait for
+    // the master to exit and its output to be read to the end.
+    assert!(!host.wait_exit(), "the master must exit with an error");
     let log = host.logs();
     assert!(log.contains("admin token file"), "{log}");
     assert!(log.contains("chmod 600"), "{log}");

@@ -66,7 +66,7 @@ fn threads_of(pid: u32) -> usize {
 }
 
 #[test]
-fn one_worker_serves_a_thousand_concurrent_one_second_waits_within_1_5_s_on_few_threads() {
+fn one_worker_serves_a_thousand_concurrent_one_second_waits_at_once_on_few_threads() {
     let host = Host::serving("wait", 1, &[]);
     let addr = host.addr("plugin");
     let pid = host.ready_pids("plugin")[0];
@@ -90,8 +90,14 @@ fn one_worker_serves_a_thousand_concurrent_one_second_waits_within_1_5_s_on_few_
     let threads = sampler.join().unwrap();
     eprintln!("1000 x 1 s waits: {ok} ok in {took:?}, at most {threads} threads in the worker");
     assert_eq!(ok, 1000, "every request answered");
-    assert!(took <= Duration::from_millis(1500), "took {took:?}");
     assert!(threads <= 16, "{threads} threads in the worker");
+    // Not a speed figure (those are in bench/): a bound that tells "all at once" from "a few
+    // at a time". Waits held on threads, 16 at a time, would take at least 1000 / 16 = 62 s;
+    // waiting together they take about 1 s, plus whatever a loaded CI machine adds.
+    assert!(
+        took < Duration::from_secs(30),
+        "took {took:?}: the waits were not served concurrently"
+    );
 }
 
 #[test]
