@@ -222,7 +222,8 @@ pub mod calls {
     pub const BLOCKING: u8 = 0;
     /// A synchronous handler that never blocks: inline on the host's async threads.
     pub const INLINE: u8 = 1;
-    /// An async handler, run on the plugin's own runtime; the host awaits an `FfiFuture`.
+    /// An async handler; the host awaits an `FfiFuture`, polled on its own threads inside the
+    /// plugin runtime's context.
     pub const ASYNC: u8 = 2;
 }
 
@@ -245,9 +246,10 @@ pub struct PluginMod {
     /// Handles one request synchronously (`calls` is `BLOCKING` or `INLINE`); an error is a
     /// panic message (the host answers 500).
     pub handle: extern "C" fn(&FfiRequest, FfiBody) -> RResult<FfiResponse, RString>,
-    /// Handles one request on the plugin's runtime (`calls` is `ASYNC`); the future only waits
-    /// for that task, so the host may poll it from its own threads. Dropping it cancels the
-    /// task.
+    /// Handles one request (`calls` is `ASYNC`): each poll of the future polls the handler on
+    /// the caller's thread, inside the plugin runtime's context (plugin-api's glue since 0.2.x;
+    /// older builds spawned the handler on the runtime and waited for it). Dropping it cancels
+    /// the handler.
     pub handle_async:
         extern "C" fn(&FfiRequest, FfiBody) -> FfiFuture<RResult<FfiResponse, RString>>,
     /// Resolves once the plugin's runtime has run a task: the host's liveness check.

@@ -1,12 +1,15 @@
 //! The `extern "C"` functions behind [`crate::export_plugin!`] and
 //! [`crate::export_async_plugin!`]: they own the plugin instance, convert between FFI and plain
-//! types, run async handlers on the plugin's runtime, and stop panics at the boundary
+//! types, poll async handlers in the plugin runtime's context, and stop panics at the boundary
 //! (abi_stable aborts the whole process if a panic unwinds through an `extern "C"` function).
 
 use std::{
     any::Any,
+    future::Future,
     panic::{catch_unwind, AssertUnwindSafe},
+    pin::Pin,
     sync::OnceLock,
+    task::Poll,
     time::Duration,
 };
 
@@ -130,26 +133,56 @@ extern "C" fn handle<P: Plugin>(req: &FfiRequest, body: FfiBody) -> RResult<FfiR
     };
     let call = || {
         let req = Request::from_ffi(req, body, limits());
-        SYNC_REQUEST_ID.with(|id| *id.borrow_mut() = Some(req.id().to_string()));
+        SYNC_REQUEST_ID.with(|id| {
+            let mut id = id.borrow_mut();
+            id.clear();
+            id.push_str(req.id());
+        });
         let response = plugin.handle(&req);
-        SYNC_REQUEST_ID.with(|id| *id.borrow_mut() = None);
+        SYNC_REQUEST_ID.with(|id| id.borrow_mut().clear());
         response.into_ffi()
     };
     match catch_unwind(AssertUnwindSafe(call)) {
         Ok(response) => ROk(response),
         Err(panic) => {
-            SYNC_REQUEST_ID.with(|id| *id.borrow_mut() = None);
+            SYNC_REQUEST_ID.with(|id| id.borrow_mut().clear());
             RErr(format!("handler panicked: {}", panic_message(&*panic)).into())
         }
     }
 }
 
-/// Cancels the handler's task when the host drops its future (timeout, client gone).
-struct AbortOnDrop(tokio::task::AbortHandle);
+/// An async handler's future, polled and dropped in the plugin runtime's context, with its
+/// panics stopped (neither may unwind into the host). The host drops it to cancel the handler
+/// (handler_timeout, client gone).
+struct InContext<F: Future> {
+    future: Option<Pin<Box<F>>>,
+}
 
-impl Drop for AbortOnDrop {
+impl<F: Future> Future for InContext<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let Some(future) = self.future.as_mut() else {
+            return Poll::Ready(Err("polled after it ended".into()));
+        };
+        let _context = runtime::handle().enter();
+        match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => {
+                self.future = None;
+                Poll::Ready(Err(format!("handler panicked: {}", panic_message(&*panic))))
+            }
+        }
+    }
+}
+
+impl<F: Future> Drop for InContext<F> {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(future) = self.future.take() {
+            let _context = runtime::handle().enter();
+            let _ = catch_unwind(AssertUnwindSafe(|| drop(future)));
+        }
     }
 }
 
@@ -169,18 +202,21 @@ extern "C" fn handle_async<P: AsyncPlugin>(
         }
     };
     let id = req.id().to_string();
-    // The handler runs on the plugin's runtime; the future the host polls only waits for it.
-    let task = runtime::handle()
-        .spawn(REQUEST_ID.scope(id, async move { plugin.handle(req).await.into_ffi() }));
-    let cancel = AbortOnDrop(task.abort_handle());
+    // The handler's future is polled right here, on the host's thread that polls this one,
+    // inside the plugin runtime's context (so its timers, sockets and `tokio::spawn` belong to
+    // that runtime, whose threads drive them and wake the host). Spawning it onto the plugin's
+    // runtime instead cost two thread hand-offs per request (docs/benchmarks.md, figure 14).
+    // A handler that blocks in a poll holds the host's thread, as an inline sync handler does:
+    // the host times every poll against handler_timeout.
+    let handler = InContext {
+        future: Some(Box::pin(
+            REQUEST_ID.scope(id, async move { plugin.handle(req).await.into_ffi() }),
+        )),
+    };
     async move {
-        let _cancel = cancel;
-        match task.await {
+        match handler.await {
             Ok(response) => ROk(response),
-            Err(e) if e.is_panic() => {
-                RErr(format!("handler panicked: {}", panic_message(&*e.into_panic())).into())
-            }
-            Err(_) => RErr("the handler's task was cancelled".into()),
+            Err(e) => RErr(e.into()),
         }
     }
     .into_ffi()

@@ -134,10 +134,11 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     fn on_stop(&self) {}
 }
 
-/// A plugin with an async handler, run on the plugin's own runtime (see [`spawn`]).
+/// A plugin with an async handler, polled on the host's threads inside the plugin's own runtime's
+/// context (its timers and sockets belong to that runtime; see [`spawn`]).
 ///
-/// Write the methods as `async fn`. The handler's future must be `Send`: it moves between the
-/// runtime's threads. `handle` takes the request by value, so it can read a streamed body
+/// Write the methods as `async fn`. The handler's future must be `Send`: it moves between
+/// threads. Never block in it: a poll holds one of the host's threads. `handle` takes the request by value, so it can read a streamed body
 /// ([`Request::chunk`]) and keep the request across `.await`s.
 pub trait AsyncPlugin: Send + Sync + Sized + 'static {
     /// Called once when a worker starts, on the plugin's runtime: connect to databases, warm

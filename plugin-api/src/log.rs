@@ -47,9 +47,10 @@ tokio::task_local! {
 }
 
 std::thread_local! {
-    /// The id of the request whose sync handler runs on this thread.
-    pub(crate) static SYNC_REQUEST_ID: std::cell::RefCell<Option<String>> =
-        const { std::cell::RefCell::new(None) };
+    /// The id of the request whose sync handler runs on this thread (empty: none). Kept from
+    /// call to call, so that setting it allocates only when an id is longer than any before.
+    pub(crate) static SYNC_REQUEST_ID: std::cell::RefCell<String> =
+        const { std::cell::RefCell::new(String::new()) };
 }
 
 /// The host's services, once the host started the plugin.
@@ -87,7 +88,9 @@ pub fn log(level: Level, args: fmt::Arguments<'_>) {
     };
     let id = REQUEST_ID
         .try_with(|id| Some(id.clone()))
-        .unwrap_or_else(|_| SYNC_REQUEST_ID.with(|id| id.borrow().clone()));
+        .unwrap_or_else(|_| {
+            SYNC_REQUEST_ID.with(|id| Some(id.borrow().clone()).filter(|id| !id.is_empty()))
+        });
     match id {
         Some(id) => {
             (host.log_for_request())(level as u8, RStr::from_str(&id), RStr::from_str(&message))

@@ -1,5 +1,5 @@
 //! [`Request`]: what a handler receives. The host's request head is copied out of the FFI
-//! struct once, when the call starts, so a handler owns its request and may keep it across
+//! struct once, when the call starts (into two buffers, see `Head`), so a handler owns its request and may keep it across
 //! `.await` points; the body is either all here (sync handlers, small bodies) or read in
 //! chunks from the host as the handler asks for them.
 
@@ -12,14 +12,10 @@ use crate::{
 
 /// An HTTP request.
 pub struct Request {
-    method: String,
-    path: String,
-    query: String,
-    headers: Vec<(String, Vec<u8>)>,
+    head: Head,
     client: Option<SocketAddr>,
     tls: bool,
     version: &'static str,
-    id: String,
     params: Vec<(String, String)>,
     body: Incoming,
     /// Bytes of a body read whole that [`Request::body`] hands out.
@@ -30,10 +26,10 @@ pub struct Request {
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Request")
-            .field("method", &self.method)
-            .field("path", &self.path)
-            .field("query", &self.query)
-            .field("id", &self.id)
+            .field("method", &self.method())
+            .field("path", &self.path())
+            .field("query", &self.query())
+            .field("id", &self.id())
             .finish_non_exhaustive()
     }
 }
@@ -45,14 +41,10 @@ impl Request {
             .split_once('?')
             .unwrap_or((path_and_query, ""));
         Request {
-            method: method.into(),
-            path: path.into(),
-            query: query.into(),
-            headers: Vec::new(),
+            head: Head::new(method, path, query, "test", (0, 0, 0)),
             client: None,
             tls: false,
             version: "HTTP/1.1",
-            id: "test".into(),
             params: Vec::new(),
             body: Incoming::whole(Vec::new()),
             whole: Vec::new(),
@@ -62,8 +54,8 @@ impl Request {
 
     /// Adds a header (for unit tests).
     pub fn with_header(mut self, name: &str, value: &str) -> Request {
-        self.headers
-            .push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self.head
+            .push_header(&name.to_ascii_lowercase(), value.as_bytes());
         self
     }
 
@@ -94,19 +86,25 @@ impl Request {
                 },
             ),
         };
+        let mut head = Head::new(
+            &req.method,
+            &req.path,
+            &req.query,
+            &req.request_id,
+            (
+                req.headers.len(),
+                req.headers.iter().map(|h| h.name.len()).sum(),
+                req.headers.iter().map(|h| h.value.len()).sum(),
+            ),
+        );
+        for h in req.headers.iter() {
+            head.push_header(&h.name, &h.value);
+        }
         Request {
-            method: req.method.as_str().to_string(),
-            path: req.path.as_str().to_string(),
-            query: req.query.as_str().to_string(),
-            headers: req
-                .headers
-                .iter()
-                .map(|h| (h.name.as_str().to_string(), h.value.to_vec()))
-                .collect(),
+            head,
             client: req.client_addr.as_str().parse::<SocketAddr>().ok(),
             tls: req.tls,
             version: req.http_version.as_str(),
-            id: req.request_id.as_str().to_string(),
             params: Vec::new(),
             body: incoming,
             whole,
@@ -116,17 +114,17 @@ impl Request {
 
     /// The method: `GET`, `POST`, ...
     pub fn method(&self) -> &str {
-        &self.method
+        self.head.text(self.head.method)
     }
 
     /// The path, without the query string: `/hello`.
     pub fn path(&self) -> &str {
-        &self.path
+        self.head.text(self.head.path)
     }
 
     /// The raw query string, without `?`; empty when there is none.
     pub fn query(&self) -> &str {
-        &self.query
+        self.head.text(self.head.query)
     }
 
     /// The raw value of the first query parameter `name` (not percent-decoded).
@@ -152,7 +150,10 @@ impl Request {
 
     /// All headers, names in lower case, values as bytes.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+        self.head
+            .headers
+            .iter()
+            .map(|&(n, v)| (self.head.text(n), self.head.value(v)))
     }
 
     /// The first value of header `name` (any case), if it is present and valid UTF-8.
@@ -192,7 +193,7 @@ impl Request {
     /// plugin's own lines logged while its handler runs. It is the client's `X-Request-Id`
     /// when that is short and printable, else one the host made.
     pub fn id(&self) -> &str {
-        &self.id
+        self.head.text(self.head.id)
     }
 
     /// The whole body, in a sync handler (the host read it first, up to `max_body_bytes`).
@@ -244,6 +245,73 @@ impl Request {
         let bytes = self.bytes().await?;
         serde_json::from_slice(&bytes)
             .map_err(|e| BodyError::new(400, format!("the request body is not valid JSON: {e}")))
+    }
+}
+
+/// The request head's text in two buffers, one allocation each rather than one per field and
+/// header (a third holds the header list): method, path, query, id and header names in `text`,
+/// header values (bytes, not always UTF-8) in `values`.
+struct Head {
+    text: String,
+    values: Vec<u8>,
+    method: Span,
+    path: Span,
+    query: Span,
+    id: Span,
+    /// Each header's name (in `text`) and value (in `values`), in the order received.
+    headers: Vec<(Span, Span)>,
+}
+
+/// Where a field is in its buffer: `start..end`.
+type Span = (usize, usize);
+
+impl Head {
+    /// `headers`: how many headers, and the lengths of their names and values, so that
+    /// adding them allocates nothing more.
+    fn new(
+        method: &str,
+        path: &str,
+        query: &str,
+        id: &str,
+        headers: (usize, usize, usize),
+    ) -> Head {
+        let (count, names, values) = headers;
+        let mut text =
+            String::with_capacity(method.len() + path.len() + query.len() + id.len() + names);
+        let mut span = |part: &str| {
+            let start = text.len();
+            text.push_str(part);
+            (start, text.len())
+        };
+        let (method, path, query, id) = (span(method), span(path), span(query), span(id));
+        Head {
+            text,
+            values: Vec::with_capacity(values),
+            method,
+            path,
+            query,
+            id,
+            headers: Vec::with_capacity(count),
+        }
+    }
+
+    fn push_header(&mut self, name: &str, value: &[u8]) {
+        let name_start = self.text.len();
+        self.text.push_str(name);
+        let value_start = self.values.len();
+        self.values.extend_from_slice(value);
+        self.headers.push((
+            (name_start, self.text.len()),
+            (value_start, self.values.len()),
+        ));
+    }
+
+    fn text(&self, (start, end): Span) -> &str {
+        &self.text[start..end]
+    }
+
+    fn value(&self, (start, end): Span) -> &[u8] {
+        &self.values[start..end]
     }
 }
 

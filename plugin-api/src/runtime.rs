@@ -3,9 +3,11 @@
 //! A plugin links its own copy of tokio. That copy has no reactor in the host's process
 //! (tokio #1964, #5311), and handing it the host's `Handle` would be unsound (tokio #5974): the
 //! two copies' types only look alike. So the plugin runs a runtime of its own, created when the
-//! worker starts an async plugin (or on the first [`spawn`] of a sync one), and every future a
-//! plugin writes runs there. The host only ever polls futures that wait for a task of this
-//! runtime (a `JoinHandle`, a channel), which work from any thread.
+//! worker starts an async plugin (or on the first [`spawn`] of a sync one): [`spawn`]ed tasks run
+//! there, and its threads drive every timer and socket of the plugin. A handler's future is
+//! polled on the host's thread, but by the plugin's own code after it entered this runtime's
+//! context (`Handle::enter`, the plugin's copy of tokio's thread-local: see `glue::InContext`),
+//! so what it creates registers here; the host only polls the FFI-safe future around it.
 //!
 //! [`spawn`]ed tasks belong to the worker: [`shutdown`] tells them the worker drains, and the
 //! worker's stop waits for them (up to the host's deadline) before the runtime is dropped.

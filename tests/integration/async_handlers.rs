@@ -203,6 +203,39 @@ fn a_worker_whose_plugin_runtime_is_wedged_is_killed_and_replaced() {
 }
 
 #[test]
+fn an_async_handler_that_blocks_its_poll_is_found_and_its_worker_replaced() {
+    let host = crate::rollout::start(
+        "async-wedge",
+        1,
+        "handler_timeout = \"1s\"\nliveness_timeout = \"2s\"\ndrain_timeout = \"1s\"",
+    );
+    let addr = host.addr("web");
+    let old = host.ready_pids("web");
+    let blocked = {
+        let addr = addr.clone();
+        thread::spawn(move || Conn::new(&addr).get("/block"))
+    };
+    host.wait_for_log("blocking the thread that polls the handler");
+    crate::harness::wait_until("the worker with the lost thread is replaced", || {
+        let now = host.ready_pids("web");
+        now.len() == 1 && now != old
+    });
+    // Found either way: the heartbeat task sees the poll's age (and asks for a replacement),
+    // or, when the stuck thread holds the heartbeat task itself, the heartbeats stop.
+    let logs = host.logs();
+    assert!(
+        logs.contains("or one poll of an async handler) has run for")
+            || logs.contains("it stopped answering (no heartbeat for 2s"),
+        "{logs}"
+    );
+    assert_eq!(get(&addr, "/").body, "ok\n");
+    assert!(
+        blocked.join().unwrap().is_err(),
+        "its connection ends with the old worker"
+    );
+}
+
+#[test]
 fn an_async_handler_past_handler_timeout_is_a_503_and_its_task_is_cancelled() {
     let host = crate::rollout::start("wait", 1, "handler_timeout = \"300ms\"");
     let addr = host.addr("web");

@@ -21,7 +21,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -45,7 +45,7 @@ use super::{
     liveness::ask_for_replacement,
     respond,
 };
-use crate::protocol::monotonic_ns;
+use crate::protocol::coarse_ns;
 
 /// The start of the HTTP/2 connection preface; no HTTP/1 request starts so.
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
@@ -144,11 +144,13 @@ where
 {
     let state = Arc::new(ConnState {
         in_flight: AtomicUsize::new(0),
-        last_active: Mutex::new(Instant::now()),
+        last_active: AtomicU64::new(coarse_ns()),
         // The first HTTP/1.1 request's head is timed from the accept; HTTP/2 has no heads to
         // time between its streams.
-        head_started: AtomicU64::new(if h2 { 0 } else { monotonic_ns().max(1) }),
+        head_started: AtomicU64::new(if h2 { 0 } else { coarse_ns().max(1) }),
         h2,
+        // Formatted once for the connection's requests (the plugin gets it as text).
+        client_text: client.map(|c| c.to_string()).unwrap_or_default(),
     });
     let service = {
         let (shared, state) = (shared.clone(), state.clone());
@@ -174,7 +176,7 @@ where
                         header(header::USER_AGENT),
                     )
                 });
-                let mut resp = respond::respond(req, &shared, client).await;
+                let mut resp = respond::respond(req, &shared, &state.client_text).await;
                 let took = started.elapsed();
                 shared.stats.record(resp.status().as_u16(), took);
                 if let (Some(log), Some((method, uri, version, referer, agent))) =
@@ -291,10 +293,12 @@ fn log_conn_end(res: Result<(), hyper::Error>) {
 struct ConnState {
     /// Requests (HTTP/2: streams) in progress.
     in_flight: AtomicUsize,
-    last_active: Mutex<Instant>,
-    /// When the first byte of the next HTTP/1.1 request head arrived (monotonic ns; 0: none).
+    /// When the last request ended ([`coarse_ns`]).
+    last_active: AtomicU64,
+    /// When the first byte of the next HTTP/1.1 request head arrived ([`coarse_ns`]; 0: none).
     head_started: AtomicU64,
     h2: bool,
+    client_text: String,
 }
 
 impl ConnState {
@@ -302,14 +306,15 @@ impl ConnState {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        Some(self.last_active.lock().unwrap().elapsed())
+        let since = self.last_active.load(Ordering::SeqCst);
+        Some(Duration::from_nanos(coarse_ns().saturating_sub(since)))
     }
 
     /// How long the current request head has been arriving, if one is.
     fn head_for(&self) -> Option<Duration> {
         match self.head_started.load(Ordering::Relaxed) {
             0 => None,
-            t => Some(Duration::from_nanos(monotonic_ns().saturating_sub(t))),
+            t => Some(Duration::from_nanos(coarse_ns().saturating_sub(t))),
         }
     }
 }
@@ -327,7 +332,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        *self.0.last_active.lock().unwrap() = Instant::now();
+        self.0.last_active.store(coarse_ns(), Ordering::SeqCst);
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -356,7 +361,7 @@ impl<I: hyper::rt::Read + Unpin> hyper::rt::Read for Watched<I> {
             if polled.is_ready() {
                 state
                     .head_started
-                    .store(monotonic_ns().max(1), Ordering::Relaxed);
+                    .store(coarse_ns().max(1), Ordering::Relaxed);
             }
             return polled;
         }

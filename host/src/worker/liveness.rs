@@ -10,7 +10,8 @@
 //! - **Handler timeout**: a handler that runs longer than `handler_timeout` has taken a thread
 //!   for good. A blocking handler's client gets a 503 (`worker::http`); an inline handler's
 //!   client cannot (its connection lives on the stuck thread), but the heartbeat task sees the
-//!   call's age in [`InlineCalls`]. Either way the worker asks the master to replace it
+//!   call's age in [`InlineCalls`] (an async handler's poll that blocks is such a call).
+//!   Either way the worker asks the master to replace it
 //!   gracefully ([`FromWorker::ReplaceMe`]), once.
 //! - **Watchdog**: a plain thread that notices the master's death. The parent-death signal
 //!   (SIGTERM) starts a graceful drain, but a wedged runtime never runs it; so the watchdog
@@ -31,7 +32,7 @@ use nix::{
 };
 
 use super::{http::Shared, link::Link};
-use crate::protocol::{monotonic_ns, FromWorker};
+use crate::protocol::{coarse_ns, FromWorker};
 
 /// How often the watchdog looks for its master.
 const WATCHDOG_TICK: Duration = Duration::from_millis(100);
@@ -39,13 +40,14 @@ const WATCHDOG_TICK: Duration = Duration::from_millis(100);
 const WATCHDOG_GRACE: Duration = Duration::from_millis(500);
 
 /// Start times of the inline handler calls in progress, one slot per runtime thread (an
-/// inline call never yields, so a thread runs at most one at a time).
+/// inline call never yields, so a thread runs at most one at a time). A poll of an async
+/// handler's future is one too: plugin-api polls the handler on the host's thread.
 pub struct InlineCalls {
     slots: Mutex<Vec<&'static AtomicU64>>,
 }
 
 thread_local! {
-    /// This thread's slot: 0 when idle, else the call's start on the monotonic clock.
+    /// This thread's slot: 0 when idle, else the call's start ([`coarse_ns`]).
     static SLOT: &'static AtomicU64 = INLINE_CALLS.register();
 }
 
@@ -64,13 +66,13 @@ impl InlineCalls {
     /// Marks an inline call in progress on this thread until the guard drops.
     pub fn begin(&self) -> InlineCall {
         let slot = SLOT.with(|s| *s);
-        slot.store(monotonic_ns().max(1), Ordering::Relaxed);
+        slot.store(coarse_ns().max(1), Ordering::Relaxed);
         InlineCall(slot)
     }
 
     /// How long the oldest inline call in progress has run.
     pub fn oldest(&self) -> Option<Duration> {
-        let now = monotonic_ns();
+        let now = coarse_ns();
         self.slots
             .lock()
             .unwrap()
@@ -127,7 +129,8 @@ pub async fn heartbeat(shared: Arc<Shared>, link: Arc<Link>, every: Duration) {
                 &link,
                 &shared.replacement_asked,
                 format!(
-                    "an inline handler call (BLOCKING = false) has run for {} ms, longer than \
+                    "a handler call on an async thread (a sync handler with BLOCKING = false, \
+                     or one poll of an async handler) has run for {} ms, longer than \
                      handler_timeout ({}): its thread is lost",
                     age.as_millis(),
                     humantime::format_duration(handler_timeout)

@@ -36,7 +36,8 @@ pub enum Calls {
     Blocking,
     /// Sync, never blocks: inline on the async thread.
     Inline,
-    /// Async: the plugin's runtime runs it; the host awaits an FFI-safe future.
+    /// Async: the host polls an FFI-safe future, which polls the handler in the plugin
+    /// runtime's context.
     Async,
 }
 

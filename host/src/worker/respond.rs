@@ -9,7 +9,6 @@
 //! `body_timeout` between two parts is a 408; a handler that overruns `handler_timeout` is a 503.
 
 use std::{
-    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -48,7 +47,7 @@ const DISCARD_MAX: u64 = 64 * 1024 * 1024;
 pub async fn respond(
     req: hyper::Request<Incoming>,
     shared: &Arc<Shared>,
-    client: Option<SocketAddr>,
+    client: &str,
 ) -> Response {
     if shared.spec.host_routes {
         if let Some(path) = req.uri().path().strip_prefix("/__host/") {
@@ -73,14 +72,15 @@ pub async fn respond(
         path: parts.uri.path().into(),
         query: parts.uri.query().unwrap_or("").into(),
         headers: plugin_headers(&parts),
-        client_addr: client.map(|c| c.to_string()).unwrap_or_default().into(),
+        client_addr: client.into(),
         tls: shared.tls.is_some(),
         http_version: RStr::from_str(version_text(parts.version)),
         request_id: id.as_str().into(),
     };
-    let result = call_plugin(shared, calls, request, body, &parts, &id).await;
+    let id = id.as_str();
+    let result = call_plugin(shared, calls, request, body, &parts, id).await;
     let failure = match result {
-        Ok(response) => match into_hyper(response, &id) {
+        Ok(response) => match into_hyper(response, id) {
             Ok(response) => return response,
             Err(e) => format!("the plugin returned an invalid response: {e}"),
         },
@@ -94,7 +94,7 @@ pub async fn respond(
     };
     in_worker_span(|| {
         tracing::error!(
-            request_id = id.as_str(),
+            request_id = id,
             "{} {} -> 500: {failure}",
             parts.method,
             parts.uri.path()
@@ -108,23 +108,49 @@ pub async fn respond(
 
 /// The request's id: the client's `X-Request-Id` when it is short and printable, else the
 /// worker's pid and a count, which no other worker of this machine repeats while it lives.
-fn request_id(headers: &http::HeaderMap) -> String {
+/// Made on the stack: it is copied once, into the request the plugin gets.
+fn request_id(headers: &http::HeaderMap) -> RequestId {
     static NEXT: AtomicU64 = AtomicU64::new(1);
+    // Once: glibc no longer caches getpid(), which made it a syscall per request.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let given = headers
         .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
+        .map(HeaderValue::as_bytes)
         .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_CLIENT_REQUEST_ID
-                && v.bytes().all(|b| b.is_ascii_graphic())
+            !v.is_empty() && v.len() <= MAX_CLIENT_REQUEST_ID && v.iter().all(u8::is_ascii_graphic)
         });
+    let mut id = RequestId {
+        bytes: [0; MAX_CLIENT_REQUEST_ID],
+        len: 0,
+    };
     match given {
-        Some(id) => id.to_string(),
-        None => format!(
-            "{:x}-{:x}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ),
+        Some(given) => {
+            id.bytes[..given.len()].copy_from_slice(given);
+            id.len = given.len();
+        }
+        None => {
+            use std::io::Write;
+            let pid = *PID.get_or_init(std::process::id);
+            let next = NEXT.fetch_add(1, Ordering::Relaxed);
+            let mut out = &mut id.bytes[..];
+            // At most 8 + 1 + 16 bytes: it fits.
+            let _ = write!(out, "{pid:x}-{next:x}");
+            id.len = MAX_CLIENT_REQUEST_ID - out.len();
+        }
+    }
+    id
+}
+
+/// A request id of at most `MAX_CLIENT_REQUEST_ID` printable ASCII bytes.
+struct RequestId {
+    bytes: [u8; MAX_CLIENT_REQUEST_ID],
+    len: usize,
+}
+
+impl RequestId {
+    fn as_str(&self) -> &str {
+        // Printable ASCII only (checked above, or written so): always UTF-8.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
     }
 }
 
@@ -276,9 +302,10 @@ async fn read_body(
 /// the blocking pool, so the worker's other connections keep being served; one that never
 /// blocks runs right here, on the async thread, which saves the handoff to the pool and back
 /// (about two thirds of the host's CPU time per request for a small handler:
-/// docs/benchmarks.md). An async handler runs on the plugin's own runtime: the host awaits the
-/// FFI-safe future that waits for it, under `handler_timeout` (dropping it cancels the task;
-/// no thread is lost, so the worker is not replaced for it).
+/// docs/benchmarks.md). An async handler is polled here too, through its FFI-safe future (in
+/// the plugin runtime's context, which drives its timers and sockets), under `handler_timeout`:
+/// past it the client gets a 503 and dropping the future cancels the handler (no thread is
+/// lost, so the worker is not replaced for it), unless a poll itself blocks (see below).
 async fn call_plugin(
     shared: &Shared,
     calls: Calls,
@@ -291,8 +318,15 @@ async fn call_plugin(
     let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
     match calls {
         Calls::Async => {
-            let call = plugin.handle_async(&request, body);
+            let mut call = plugin.handle_async(&request, body);
             drop(request);
+            // The plugin polls its handler's future in each of these polls (plugin-api's glue),
+            // on this thread: a poll that blocks is an inline call that never ends, and the
+            // heartbeat reports it as one.
+            let call = std::future::poll_fn(move |cx| {
+                let _call = INLINE_CALLS.begin();
+                std::future::Future::poll(std::pin::Pin::new(&mut call), cx)
+            });
             match tokio::time::timeout(timeout, call).await {
                 Ok(result) => result.into_result().map_err(String::from),
                 Err(_) => {
@@ -369,7 +403,8 @@ fn into_hyper(ffi: FfiResponse, id: &str) -> Result<Response, String> {
     let status = StatusCode::from_u16(ffi.status)
         .map_err(|_| format!("status {} is not an HTTP status", ffi.status))?;
     let body = match ffi.body.rest.into_option() {
-        None => Body::full(ffi.body.bytes.into_vec()),
+        // Owned as it came: `into_vec` would copy it (the plugin's allocation is not the host's).
+        None => Body::full(Bytes::from_owner(ffi.body.bytes)),
         // What the plugin put before its stream is dropped: `Response::stream` never sets it.
         Some(stream) => Body::stream(stream),
     };
