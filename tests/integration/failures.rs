@@ -301,3 +301,65 @@ fn a_rejected_start_leaves_no_copy_of_its_plugin() {
         "copies left: {copies:?}"
     );
 }
+
+/// The nice value of every thread of `pid` (field 19 of /proc/PID/task/TID/stat).
+fn thread_nices(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // After the command name in parentheses: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_worker_starts_at_a_lower_cpu_priority_and_serves_at_the_masters() {
+    // Only a root master lowers a start's priority: it could not give it back otherwise.
+    // (CI runs as root.)
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: the host leaves priorities alone, nothing to check");
+        return;
+    }
+    let host = Host::start(
+        dir_with_config(CONFIG, &[("plugin.so", "versioned")]),
+        &["--config", "host.toml"],
+    );
+    let master = thread_nices(host.pid)[0];
+    let serving = host.ready_pids("web");
+    for pid in &serving {
+        let nices = thread_nices(*pid);
+        assert!(
+            !nices.is_empty() && nices.iter().all(|n| *n == master),
+            "a ready worker's threads run at the master's nice value {master}: {nices:?}"
+        );
+    }
+    // A start that never ends: its worker stays at the start priority all along.
+    host.replace_plugin("start-hang");
+    let state_dir = host.state_dir();
+    let reload = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new(&artifacts().host);
+        cmd.args(["reload", "--state-dir"]).arg(state_dir);
+        crate::harness::run(cmd)
+    });
+    let expected = (master + 10).min(19);
+    crate::harness::wait_until("the starting worker runs at a lower priority", || {
+        crate::harness::children(host.pid)
+            .into_iter()
+            .filter(|pid| !serving.contains(pid))
+            .any(|pid| {
+                let nices = thread_nices(pid);
+                !nices.is_empty() && nices.iter().all(|n| *n == expected)
+            })
+    });
+    let out = reload.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    for pid in &serving {
+        assert!(thread_nices(*pid).iter().all(|n| *n == master));
+    }
+}

@@ -240,6 +240,7 @@ fn spec(access_log: Option<AccessLogFormat>) -> WorkerSpec {
         access_log,
         master_pid: std::process::id(),
         check_only: false,
+        start_nice: None,
     }
 }
 

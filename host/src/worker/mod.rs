@@ -99,6 +99,13 @@ pub fn main(master_pid: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the start's CPU work (and before dropping privileges, which does not matter for
+    // raising a nice value, but keeps it first): see `priority`.
+    if let Some(nice) = spec.start_nice {
+        if let Err(e) = crate::priority::set_all_threads(0, nice) {
+            eprintln!("host worker: could not lower its priority for the start: {e}");
+        }
+    }
     if let Some((uid, gid)) = spec.run_as {
         if let Err(e) = drop_privileges(uid, gid, master_pid) {
             let reason = format!("could not run as uid {uid}, gid {gid}: {e}");
