@@ -438,12 +438,17 @@ fn steady(cx: &Ctx, out: &mut Results) {
         WORKERS + 1,
         "baseline: a parent and its children"
     );
-    let idle = |pids: &[u32]| pids.iter().map(|p| procs::rss_mib(*p)).collect::<Vec<_>>();
+    let idle = |pids: &[u32]| pids.iter().map(|p| procs::memory(*p)).collect::<Vec<_>>();
     let (host_idle, base_idle) = (idle(&host_pids), idle(&base_pids));
     wrk::run(&host_url, CONNS, m.warmup_secs, None);
     wrk::run(&base_url, CONNS, m.warmup_secs, None);
     let (mut h, mut s) = (Vec::new(), Vec::new());
+    // Figure 4's idle samples between runs: every process of both servers before each round's
+    // runs, with no connection open (the last run's closed during SETTLE).
+    let (mut host_between, mut base_between) = (Vec::new(), Vec::new());
     for round in 0..m.steady_rounds {
+        host_between.push(idle(&host_pids));
+        base_between.push(idle(&base_pids));
         // Alternate who goes first, so that a drift within a round (the other engineer's build
         // starting, a clock change) does not always land on the same server.
         if round % 2 == 0 {
@@ -502,8 +507,10 @@ fn steady(cx: &Ctx, out: &mut Results) {
         &t.goals,
     );
 
-    // Figure 4: RSS per process, idle (before the load) and half-way through each round.
-    let mut idle_t = Table::new(&["process", "idle (MiB)"]);
+    // Figure 4: RSS, PSS and USS per process, idle (before the load); USS idle between the
+    // rounds, against the issue's goal (a host worker within 1 MiB of a baseline worker); RSS
+    // half-way through each round.
+    let mut idle_t = Table::new(&["process", "RSS (MiB)", "PSS (MiB)", "USS (MiB)"]);
     let mut mem = RoundTable::new(m.steady_rounds);
     let role = |server: &str, i: usize| match i {
         0 if server == "host" => "host master".to_string(),
@@ -512,13 +519,55 @@ fn steady(cx: &Ctx, out: &mut Results) {
     };
     for (server, pids_idle, runs) in [("host", &host_idle, &h), ("baseline", &base_idle, &s)] {
         for (i, v) in pids_idle.iter().enumerate() {
-            idle_t.row(vec![role(server, i), report::value(*v)]);
+            idle_t.row(vec![
+                role(server, i),
+                report::value(v.rss),
+                report::value(v.pss),
+                report::value(v.uss),
+            ]);
             mem.values(
                 &format!("{} under load (MiB)", role(server, i)),
                 &col(runs, |r| r.rss_loaded.get(i).copied().unwrap_or(0.0)),
             );
         }
     }
+    // A worker's USS, the mean over the server's workers (index 0 is the master or parent).
+    let worker_uss = |between: &[Vec<procs::Memory>]| -> Vec<f64> {
+        between
+            .iter()
+            .map(|procs| {
+                let w = &procs[1..];
+                w.iter().map(|m| m.uss).sum::<f64>() / w.len() as f64
+            })
+            .collect()
+    };
+    let mut uss = RoundTable::new(m.steady_rounds);
+    for (server, between) in [("host", &host_between), ("baseline", &base_between)] {
+        for i in 0..=WORKERS {
+            uss.values(
+                &format!("{} USS, idle (MiB)", role(server, i)),
+                &col(between, |p| p[i].uss),
+            );
+        }
+    }
+    uss.difference(
+        "worker USS, idle (MiB, mean of the workers)",
+        ("host", &worker_uss(&host_between)),
+        ("baseline", &worker_uss(&base_between)),
+        Some(Goal::DifferenceAtMost(1.0, "MiB")),
+    );
+    uss.values(
+        "host worker PSS, idle (MiB, mean of the workers)",
+        &col(&host_between, |p| {
+            p[1..].iter().map(|m| m.pss).sum::<f64>() / WORKERS as f64
+        }),
+    );
+    uss.values(
+        "baseline worker PSS, idle (MiB, mean of the workers)",
+        &col(&base_between, |p| {
+            p[1..].iter().map(|m| m.pss).sum::<f64>() / WORKERS as f64
+        }),
+    );
     let total = |r: &Steady| r.rss_loaded.iter().sum::<f64>();
     mem.compare(
         "all processes under load (MiB)",
@@ -529,12 +578,17 @@ fn steady(cx: &Ctx, out: &mut Results) {
     out.section(
         "4. memory",
         format!(
-            "## 4. Memory (RSS)\n\nFrom /proc, idle before the first round and half-way \
-             through each round of figure 1.\n\n{}\n{}\n",
+            "## 4. Memory (RSS, PSS, USS)\n\nFrom /proc/PID/smaps_rollup: RSS, PSS (shared pages \
+             divided among the processes that map them) and USS (Private_Clean + \
+             Private_Dirty: what only that process holds). Idle before any load:\n\n{}\n\
+             Idle between the rounds of figure 1 (before each round's runs, no connection \
+             open), the goal on a worker's USS, host - baseline:\n\n{}\n\
+             RSS half-way through each round of figure 1:\n\n{}\n",
             idle_t.render(),
+            uss.render(),
             mem.render()
         ),
-        &mem.goals,
+        &uss.goals,
     );
 }
 
