@@ -22,7 +22,9 @@ use bench::{
     prefork::Prefork,
     procs, replace,
     report::{self, ratios, Goal, Results, RoundTable, Table},
-    root, target_dir,
+    root,
+    scaling::figures as scaling,
+    target_dir,
     tls::Certs,
     upgrade::Masters,
     wrk, Build, Master, Mode, Probation, Service,
@@ -115,9 +117,9 @@ const FIGURES: &[Figure] = &[
 
 /// The figures only `--full` runs, after the default ones (or any mode when they are named):
 /// the long runs; figure 13 (gateway), which would take the default mode past its 20 min
-/// (docs/benchmarks.md, "Modes"); and the place for the scaling curves (requests/s and CPU per
-/// request by connection count and by worker count) when they are written. Each gets its name
-/// here and a function below.
+/// (docs/benchmarks.md, "Modes"); and the scaling curves (`bench::scaling`: reload time by
+/// workers and by plugin size, reload under load by connections, memory by idle connections,
+/// edit -> live). Each gets its name here and a function below or in `bench::scaling`.
 const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "reload-long",
@@ -129,7 +131,45 @@ const FULL_ONLY: &[Figure] = &[
         run: gateway,
         quick: false,
     },
+    Figure {
+        name: "scale-workers",
+        run: |cx, out| scaling::workers(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "scale-size",
+        run: |cx, out| scaling::size(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "scale-conns",
+        run: |cx, out| scaling::conns(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "scale-memory",
+        run: |cx, out| scaling::memory(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "edit-live",
+        run: |cx, out| scaling::edit_live(&cx.scaling(), out),
+        quick: false,
+    },
 ];
+
+impl Ctx {
+    /// What the scaling curves get from the suite.
+    fn scaling(&self) -> scaling::Ctx<'_> {
+        scaling::Ctx {
+            b: &self.b,
+            mode: &self.mode,
+            out_dir: &self.out_dir,
+            stem: &self.stem,
+            workers: WORKERS,
+        }
+    }
+}
 
 fn usage() -> ! {
     let names: Vec<&str> = FIGURES.iter().chain(FULL_ONLY).map(|f| f.name).collect();
