@@ -5,8 +5,14 @@
 #   bash bench/run.sh --quick    development (under 3 minutes): 5 short interleaved rounds each,
 #                                every figure but tls, accesslog and stats (name them to run
 #                                them: `bash bench/run.sh --quick tls accesslog stats`)
-#   bash bench/run.sh --full     the default plus the long runs and the WebSocket gateway (no time
-#                                bound; `bash bench/run.sh [--quick] gateway` runs the gateway alone)
+#   bash bench/run.sh --full     the default plus the long runs, the WebSocket gateway and the
+#                                scaling curves (no time bound; `bash bench/run.sh [--quick]
+#                                gateway` runs the gateway alone): scale-workers, scale-size
+#                                (reload time by workers and by plugin size), scale-conns (reload
+#                                under load by connections), scale-memory (RSS, PSS, USS by idle
+#                                connections), edit-live (source edit to new answer); each runs
+#                                alone by name, `--quick` with fewer points and shorter runs
+#                                (`bash bench/run.sh --quick scale-workers`)
 #   bash bench/run.sh soak [RELOADS [FAULTS]] [--rate R] ...
 #                                the soak: RELOADS good reloads under keep-alive load with FAULTS
 #                                faults injected between them (bench/src/bin/soak.rs; 1000 100

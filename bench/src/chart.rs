@@ -1,6 +1,8 @@
 //! The suite's charts, drawn by plotters as SVG: panels of lines over x, with vertical marks.
-//! Two uses: requests per 100 ms over time with the reload moments marked (figure 6, [`draw`]),
-//! and a server's memory by open connections (figure 13, [`draw_panels`]).
+//! Three uses: requests per 100 ms over time with the reload moments marked (figure 6,
+//! [`draw`]), a server's memory by open connections (figure 13, [`draw_panels`]), and the
+//! scaling curves, medians with their [min-max] over the rounds as error bars
+//! ([`draw_curves`]).
 
 use std::path::Path;
 
@@ -95,6 +97,75 @@ pub fn draw_panels(path: &Path, panels: &[Panel<'_>]) -> Result<(), Box<dyn std:
         }
         chart
             .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// One line of a curve: its name and, at each x, the median and [min-max] over the rounds.
+pub struct Curve {
+    pub name: String,
+    pub points: Vec<(f64, crate::report::Spread)>,
+}
+
+/// A panel of curves: caption, axis names, the curves.
+pub struct CurvePanel<'a> {
+    pub caption: String,
+    pub x_desc: &'a str,
+    pub y_desc: &'a str,
+    pub curves: Vec<Curve>,
+}
+
+/// Panels one above the other, 1000 x 320 pixels each: each curve's medians joined by a line,
+/// with a vertical bar from the lowest to the highest round at every point (the spread the
+/// verdicts read, drawn so that a reader does not take the line for more than it is).
+pub fn draw_curves(
+    path: &Path,
+    panels: &[CurvePanel<'_>],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (1000, 320 * panels.len() as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let areas = root.split_evenly((panels.len(), 1));
+    let colors = [BLUE, RED, GREEN, MAGENTA];
+    for (area, p) in areas.iter().zip(panels) {
+        let points = p.curves.iter().flat_map(|c| c.points.iter());
+        let x_min = points.clone().map(|pt| pt.0).fold(f64::INFINITY, f64::min);
+        let x_max = points
+            .clone()
+            .map(|pt| pt.0)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let pad = ((x_max - x_min) * 0.05).max(0.5);
+        let y_max = points.map(|pt| pt.1.max).fold(0.0, f64::max).max(1e-9) * 1.15;
+        let mut chart = ChartBuilder::on(area)
+            .caption(&p.caption, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d((x_min - pad)..(x_max + pad), 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc(p.x_desc)
+            .y_desc(p.y_desc)
+            .draw()?;
+        for (i, c) in p.curves.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    c.points.iter().map(|(x, s)| (*x, s.median)),
+                    color.stroke_width(2),
+                ))?
+                .label(format!("{} (median, bars: min-max)", c.name))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            chart.draw_series(c.points.iter().map(|(x, s)| {
+                ErrorBar::new_vertical(*x, s.min, s.median, s.max, color.stroke_width(1), 8)
+            }))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()?;

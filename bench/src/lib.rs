@@ -10,6 +10,7 @@ pub mod prefork;
 pub mod procs;
 pub mod rebuild;
 pub mod report;
+pub mod scaling;
 pub mod tls;
 pub mod upgrade;
 pub mod wrk;
@@ -214,6 +215,13 @@ pub fn build_boundary() {
 /// passing ours on would rebuild ring, rustls and ureq on every run, and again for `cargo run`.
 pub fn cargo_command() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    without_cargo_run_env(&mut cmd);
+    cmd
+}
+
+/// Removes from `cmd`'s environment what `cargo run` set for the crate it runs (see
+/// [`cargo_command`]); for any process that runs cargo in turn, such as `host dev`.
+pub fn without_cargo_run_env(cmd: &mut Command) -> &mut Command {
     for (name, _) in std::env::vars_os() {
         let n = name.to_string_lossy();
         if n.starts_with("CARGO_PKG_")
@@ -234,8 +242,8 @@ pub fn cargo_command() -> Command {
 }
 
 /// `cargo ARGS [--target-dir DIR]` with the build-time variables the plugins read
-/// (`HELLO_VERSION`, `CHAT_VERSION`, `FIXTURE_VERSION`, `FIXTURE_FAULT`) unset unless `env`
-/// sets them.
+/// (`HELLO_VERSION`, `CHAT_VERSION`, `FIXTURE_VERSION`, `FIXTURE_FAULT`, `PAD_MIB`,
+/// `PAD_VERSION`) unset unless `env` sets them.
 fn cargo(args: &[&str], target_dir: Option<&Path>, env: &[(&str, &str)]) {
     let mut cmd = cargo_command();
     cmd.args(args)
@@ -244,6 +252,8 @@ fn cargo(args: &[&str], target_dir: Option<&Path>, env: &[(&str, &str)]) {
         .env_remove("CHAT_VERSION")
         .env_remove("FIXTURE_VERSION")
         .env_remove("FIXTURE_FAULT")
+        .env_remove("PAD_MIB")
+        .env_remove("PAD_VERSION")
         .envs(env.iter().copied());
     if let Some(dir) = target_dir {
         cmd.arg("--target-dir").arg(dir);
@@ -518,6 +528,8 @@ pub struct Mode {
     pub gateway_rounds: usize,
     pub gateway_secs: u32,
     pub gateway_idle_conns: usize,
+    /// The scaling curves (`--full`, or named): their points, rounds and run lengths.
+    pub scaling: scaling::Settings,
 }
 
 pub const QUICK: Mode = Mode {
@@ -553,6 +565,7 @@ pub const QUICK: Mode = Mode {
     gateway_rounds: 5,
     gateway_secs: 4,
     gateway_idle_conns: 1_000,
+    scaling: scaling::QUICK,
 };
 
 pub const DEFAULT: Mode = Mode {
@@ -594,6 +607,7 @@ pub const DEFAULT: Mode = Mode {
     gateway_rounds: 5,
     gateway_secs: 5,
     gateway_idle_conns: 10_000,
+    scaling: scaling::DEFAULT,
 };
 
 pub const FULL: Mode = Mode {

@@ -181,3 +181,30 @@ pub fn fd_kinds(pid: u32) -> Vec<String> {
     kinds.sort();
     kinds
 }
+
+/// A process's memory in MiB, from one read of /proc/PID/smaps_rollup: resident (RSS), each
+/// shared page divided by the processes that map it (PSS), and the pages no other process maps
+/// (USS: Private_Clean + Private_Dirty), which is what its exit would give back.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Memory {
+    pub rss: f64,
+    pub pss: f64,
+    pub uss: f64,
+}
+
+pub fn memory(pid: u32) -> Memory {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+        return Memory::default();
+    };
+    let kib = |key: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Memory {
+        rss: kib("Rss:") / 1024.0,
+        pss: kib("Pss:") / 1024.0,
+        uss: (kib("Private_Clean:") + kib("Private_Dirty:")) / 1024.0,
+    }
+}

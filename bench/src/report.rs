@@ -53,6 +53,9 @@ pub enum Goal {
     /// A count that must be 0 in every round: one failed request is a failure, whatever the
     /// other rounds did, so there is no "not shown" for it.
     None,
+    /// A difference `a - b` (not a ratio) at most this many of the unit: for goals stated as an
+    /// absolute allowance, such as a host worker's USS within 1 MiB of the baseline's.
+    DifferenceAtMost(f64, &'static str),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +78,7 @@ impl fmt::Display for Verdict {
 impl Goal {
     pub fn verdict(self, s: Spread) -> Verdict {
         let (right, wrong) = match self {
-            Goal::AtMost(g) => (s.max <= g, s.min > g),
+            Goal::AtMost(g) | Goal::DifferenceAtMost(g, _) => (s.max <= g, s.min > g),
             Goal::AtLeast(g) => (s.min >= g, s.max < g),
             Goal::None => (s.max == 0.0, s.max > 0.0),
         };
@@ -95,6 +98,7 @@ impl fmt::Display for Goal {
             Goal::AtMost(g) => write!(f, "<= {g}"),
             Goal::AtLeast(g) => write!(f, ">= {g}"),
             Goal::None => f.write_str("0 in every round"),
+            Goal::DifferenceAtMost(g, unit) => write!(f, "difference <= {g} {unit}"),
         }
     }
 }
@@ -210,6 +214,21 @@ impl RoundTable {
         );
     }
 
+    /// Three rows: `a`, `b` and `a - b` round by round (in the values' unit, formatted as
+    /// values), the goal on the difference.
+    pub fn difference(
+        &mut self,
+        what: &str,
+        (a_name, a): (&str, &[f64]),
+        (b_name, b): (&str, &[f64]),
+        goal: Option<Goal>,
+    ) {
+        self.values(&format!("{what}: {a_name}"), a);
+        self.values(&format!("{what}: {b_name}"), b);
+        let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        self.row(&format!("**{what}: {a_name} - {b_name}**"), &d, value, goal);
+    }
+
     fn row(&mut self, name: &str, v: &[f64], fmt: fn(f64) -> String, goal: Option<Goal>) {
         assert_eq!(v.len(), self.rounds, "{name}: one value per round");
         let s = spread(v);
@@ -289,7 +308,7 @@ impl Results {
         let mut t = Table::new(&["figure", "what", "median", "[min-max]", "goal", "verdict"]);
         for (figure, what, s, g, v) in &self.goals {
             // Ratios have a goal around 1; counts and milliseconds have larger goals.
-            let f = if matches!(g, Goal::None) || g.bound() > 10.0 {
+            let f = if matches!(g, Goal::None | Goal::DifferenceAtMost(..)) || g.bound() > 10.0 {
                 value
             } else {
                 ratio
@@ -323,7 +342,7 @@ impl Results {
 impl Goal {
     fn bound(self) -> f64 {
         match self {
-            Goal::AtMost(g) | Goal::AtLeast(g) => g,
+            Goal::AtMost(g) | Goal::AtLeast(g) | Goal::DifferenceAtMost(g, _) => g,
             Goal::None => 0.0,
         }
     }
@@ -438,6 +457,11 @@ mod tests {
         assert_eq!(Goal::AtLeast(0.95).verdict(s(0.9, 1.0)), Verdict::NotShown);
         assert_eq!(Goal::None.verdict(s(0.0, 0.0)), Verdict::Met);
         assert_eq!(Goal::None.verdict(s(0.0, 3.0)), Verdict::Missed);
+        let mib = Goal::DifferenceAtMost(1.0, "MiB");
+        assert_eq!(mib.verdict(s(-0.5, 0.9)), Verdict::Met);
+        assert_eq!(mib.verdict(s(0.5, 1.5)), Verdict::NotShown);
+        assert_eq!(mib.verdict(s(1.2, 3.0)), Verdict::Missed);
+        assert_eq!(mib.to_string(), "difference <= 1 MiB");
     }
 
     #[test]

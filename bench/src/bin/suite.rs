@@ -22,7 +22,9 @@ use bench::{
     prefork::Prefork,
     procs, replace,
     report::{self, ratios, Goal, Results, RoundTable, Table},
-    root, target_dir,
+    root,
+    scaling::figures as scaling,
+    target_dir,
     tls::Certs,
     upgrade::Masters,
     wrk, Build, Master, Mode, Probation, Service,
@@ -115,9 +117,9 @@ const FIGURES: &[Figure] = &[
 
 /// The figures only `--full` runs, after the default ones (or any mode when they are named):
 /// the long runs; figure 13 (gateway), which would take the default mode past its 20 min
-/// (docs/benchmarks.md, "Modes"); and the place for the scaling curves (requests/s and CPU per
-/// request by connection count and by worker count) when they are written. Each gets its name
-/// here and a function below.
+/// (docs/benchmarks.md, "Modes"); and the scaling curves (`bench::scaling`: reload time by
+/// workers and by plugin size, reload under load by connections, memory by idle connections,
+/// edit -> live). Each gets its name here and a function below or in `bench::scaling`.
 const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "reload-long",
@@ -129,7 +131,45 @@ const FULL_ONLY: &[Figure] = &[
         run: gateway,
         quick: false,
     },
+    Figure {
+        name: "scale-workers",
+        run: |cx, out| scaling::workers(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "scale-size",
+        run: |cx, out| scaling::size(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "scale-conns",
+        run: |cx, out| scaling::conns(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "scale-memory",
+        run: |cx, out| scaling::memory(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "edit-live",
+        run: |cx, out| scaling::edit_live(&cx.scaling(), out),
+        quick: false,
+    },
 ];
+
+impl Ctx {
+    /// What the scaling curves get from the suite.
+    fn scaling(&self) -> scaling::Ctx<'_> {
+        scaling::Ctx {
+            b: &self.b,
+            mode: &self.mode,
+            out_dir: &self.out_dir,
+            stem: &self.stem,
+            workers: WORKERS,
+        }
+    }
+}
 
 fn usage() -> ! {
     let names: Vec<&str> = FIGURES.iter().chain(FULL_ONLY).map(|f| f.name).collect();
@@ -438,12 +478,17 @@ fn steady(cx: &Ctx, out: &mut Results) {
         WORKERS + 1,
         "baseline: a parent and its children"
     );
-    let idle = |pids: &[u32]| pids.iter().map(|p| procs::rss_mib(*p)).collect::<Vec<_>>();
+    let idle = |pids: &[u32]| pids.iter().map(|p| procs::memory(*p)).collect::<Vec<_>>();
     let (host_idle, base_idle) = (idle(&host_pids), idle(&base_pids));
     wrk::run(&host_url, CONNS, m.warmup_secs, None);
     wrk::run(&base_url, CONNS, m.warmup_secs, None);
     let (mut h, mut s) = (Vec::new(), Vec::new());
+    // Figure 4's idle samples between runs: every process of both servers before each round's
+    // runs, with no connection open (the last run's closed during SETTLE).
+    let (mut host_between, mut base_between) = (Vec::new(), Vec::new());
     for round in 0..m.steady_rounds {
+        host_between.push(idle(&host_pids));
+        base_between.push(idle(&base_pids));
         // Alternate who goes first, so that a drift within a round (the other engineer's build
         // starting, a clock change) does not always land on the same server.
         if round % 2 == 0 {
@@ -502,8 +547,10 @@ fn steady(cx: &Ctx, out: &mut Results) {
         &t.goals,
     );
 
-    // Figure 4: RSS per process, idle (before the load) and half-way through each round.
-    let mut idle_t = Table::new(&["process", "idle (MiB)"]);
+    // Figure 4: RSS, PSS and USS per process, idle (before the load); USS idle between the
+    // rounds, against the issue's goal (a host worker within 1 MiB of a baseline worker); RSS
+    // half-way through each round.
+    let mut idle_t = Table::new(&["process", "RSS (MiB)", "PSS (MiB)", "USS (MiB)"]);
     let mut mem = RoundTable::new(m.steady_rounds);
     let role = |server: &str, i: usize| match i {
         0 if server == "host" => "host master".to_string(),
@@ -512,13 +559,55 @@ fn steady(cx: &Ctx, out: &mut Results) {
     };
     for (server, pids_idle, runs) in [("host", &host_idle, &h), ("baseline", &base_idle, &s)] {
         for (i, v) in pids_idle.iter().enumerate() {
-            idle_t.row(vec![role(server, i), report::value(*v)]);
+            idle_t.row(vec![
+                role(server, i),
+                report::value(v.rss),
+                report::value(v.pss),
+                report::value(v.uss),
+            ]);
             mem.values(
                 &format!("{} under load (MiB)", role(server, i)),
                 &col(runs, |r| r.rss_loaded.get(i).copied().unwrap_or(0.0)),
             );
         }
     }
+    // A worker's USS, the mean over the server's workers (index 0 is the master or parent).
+    let worker_uss = |between: &[Vec<procs::Memory>]| -> Vec<f64> {
+        between
+            .iter()
+            .map(|procs| {
+                let w = &procs[1..];
+                w.iter().map(|m| m.uss).sum::<f64>() / w.len() as f64
+            })
+            .collect()
+    };
+    let mut uss = RoundTable::new(m.steady_rounds);
+    for (server, between) in [("host", &host_between), ("baseline", &base_between)] {
+        for i in 0..=WORKERS {
+            uss.values(
+                &format!("{} USS, idle (MiB)", role(server, i)),
+                &col(between, |p| p[i].uss),
+            );
+        }
+    }
+    uss.difference(
+        "worker USS, idle (MiB, mean of the workers)",
+        ("host", &worker_uss(&host_between)),
+        ("baseline", &worker_uss(&base_between)),
+        Some(Goal::DifferenceAtMost(1.0, "MiB")),
+    );
+    uss.values(
+        "host worker PSS, idle (MiB, mean of the workers)",
+        &col(&host_between, |p| {
+            p[1..].iter().map(|m| m.pss).sum::<f64>() / WORKERS as f64
+        }),
+    );
+    uss.values(
+        "baseline worker PSS, idle (MiB, mean of the workers)",
+        &col(&base_between, |p| {
+            p[1..].iter().map(|m| m.pss).sum::<f64>() / WORKERS as f64
+        }),
+    );
     let total = |r: &Steady| r.rss_loaded.iter().sum::<f64>();
     mem.compare(
         "all processes under load (MiB)",
@@ -529,12 +618,17 @@ fn steady(cx: &Ctx, out: &mut Results) {
     out.section(
         "4. memory",
         format!(
-            "## 4. Memory (RSS)\n\nFrom /proc, idle before the first round and half-way \
-             through each round of figure 1.\n\n{}\n{}\n",
+            "## 4. Memory (RSS, PSS, USS)\n\nFrom /proc/PID/smaps_rollup: RSS, PSS (shared pages \
+             divided among the processes that map them) and USS (Private_Clean + \
+             Private_Dirty: what only that process holds). Idle before any load:\n\n{}\n\
+             Idle between the rounds of figure 1 (before each round's runs, no connection \
+             open), the goal on a worker's USS, host - baseline:\n\n{}\n\
+             RSS half-way through each round of figure 1:\n\n{}\n",
             idle_t.render(),
+            uss.render(),
             mem.render()
         ),
-        &mem.goals,
+        &uss.goals,
     );
 }
 
