@@ -363,3 +363,26 @@ fn a_worker_starts_at_a_lower_cpu_priority_and_serves_at_the_masters() {
         assert!(thread_nices(*pid).iter().all(|n| *n == master));
     }
 }
+
+#[test]
+fn a_worker_run_as_another_user_serves_at_the_masters_priority_too() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: the host leaves priorities alone, nothing to check");
+        return;
+    }
+    // It may not be allowed to take its priority back itself (RLIMIT_NICE needs
+    // CAP_SYS_RESOURCE to raise): then the master does it when the worker is ready.
+    let host = Host::serving("versioned", 2, &["--user", "nobody"]);
+    let master = thread_nices(host.pid)[0];
+    for pid in host.ready_pids("plugin") {
+        let nices = thread_nices(pid);
+        assert!(
+            !nices.is_empty() && nices.iter().all(|n| *n == master),
+            "worker {pid}: {nices:?}, master {master}"
+        );
+    }
+    let _ = host.reload_ok();
+    for pid in host.ready_pids("plugin") {
+        assert!(thread_nices(pid).iter().all(|n| *n == master));
+    }
+}

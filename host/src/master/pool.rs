@@ -509,7 +509,7 @@ pub fn worker_spec(
         access_log: config.access_log.as_ref().map(|a| a.format),
         master_pid: std::process::id(),
         check_only: false,
-        start_nice: crate::priority::start_nice(),
+        start_nice: crate::priority::for_worker(),
     }
 }
 

@@ -99,10 +99,9 @@ pub fn main(master_pid: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Before the start's CPU work (and before dropping privileges, which does not matter for
-    // raising a nice value, but keeps it first): see `priority`.
+    // Before the start's CPU work, and while still root (see `priority`).
     if let Some(nice) = spec.start_nice {
-        if let Err(e) = crate::priority::set_all_threads(0, nice) {
+        if let Err(e) = crate::priority::lower_for_start(nice) {
             eprintln!("host worker: could not lower its priority for the start: {e}");
         }
     }
@@ -244,6 +243,8 @@ async fn serve(
         access_log,
     });
     let (stopped_tx, stopped_rx) = oneshot::channel();
+    // Not served at the start priority (if this worker may; else the master sees to it).
+    crate::priority::restore("self", shared.spec.start_nice);
     let server = tokio::spawn(http::serve(listeners, shared.clone(), stopped_tx).in_current_span());
 
     let (mut sigterm, _sigint) = match (
