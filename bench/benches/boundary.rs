@@ -61,7 +61,6 @@ fn main() {
         access_log: None,
         master_pid: std::process::id(),
         check_only: true,
-        start_nice: None,
     };
     let loaded = Loaded::load_and_start(&spec, &spec.plugin_path, || {}).expect("load hello");
     let ffi_request = FfiRequest {

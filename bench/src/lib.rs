@@ -11,7 +11,6 @@ pub mod procs;
 pub mod rebuild;
 pub mod report;
 pub mod scaling;
-pub mod start_priority;
 pub mod tls;
 pub mod upgrade;
 pub mod wrk;
@@ -355,26 +354,9 @@ impl Master {
     /// `host start --config host.toml` for one service, with `HOST_LOG=log`; the master's log
     /// (stderr) goes to `<dir>/host.log`.
     pub fn serving(host: &Path, service: &Service, log: &str) -> Master {
-        Master::serving_with_env(host, service, log, &[])
-    }
-
-    /// [`Master::serving`] with these variables in the master's environment.
-    pub fn serving_with_env(
-        host: &Path,
-        service: &Service,
-        log: &str,
-        env: &[(&str, &str)],
-    ) -> Master {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("host.toml"), service.toml()).unwrap();
-        Master::start(
-            dir,
-            host,
-            service.plugin,
-            &["--config", "host.toml"],
-            log,
-            env,
-        )
+        Master::start(dir, host, service.plugin, &["--config", "host.toml"], log)
     }
 
     /// `host start --config host.toml` with the given config text (a service's `plugin` should
@@ -393,7 +375,7 @@ impl Master {
             None => tempfile::tempdir().unwrap(),
         };
         fs::write(dir.path().join("host.toml"), config).unwrap();
-        Master::start(dir, host, plugin, &["--config", "host.toml"], log, &[])
+        Master::start(dir, host, plugin, &["--config", "host.toml"], log)
     }
 
     /// `host start <args>` in `dir`, after copying `plugin` to `dir/plugin.so`.
@@ -403,11 +385,9 @@ impl Master {
         plugin: &Path,
         args: &[&str],
         log: &str,
-        env: &[(&str, &str)],
     ) -> Master {
         replace(plugin, &dir.path().join("plugin.so"));
         let mut child = Command::new(host)
-            .envs(env.iter().copied())
             .arg("start")
             .args(args)
             .arg("--state-dir")

@@ -1,11 +1,6 @@
 //! Running wrk (the load generator, from Debian's packages) and reading its report.
 
-use std::{
-    path::Path,
-    process::Command,
-    thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::{path::Path, process::Command};
 
 /// What one wrk run reported.
 #[derive(Debug, Default, Clone)]
@@ -57,41 +52,6 @@ function done(summary, latency, requests)
   io.write("BUCKETS " .. table.concat(parts, " ") .. "\n")
 end
 "#;
-
-/// [`run`] in a thread, calling `call` every `every` (at `every`, 2 x `every`, ... while before
-/// the end) if given. Returns wrk's report and the moments of the calls (unix ms).
-pub fn run_calling(
-    url: &str,
-    conns: u32,
-    seconds: u32,
-    script: Option<&Path>,
-    mut call: Option<(Duration, &mut dyn FnMut())>,
-) -> (Report, Vec<u64>) {
-    let load = {
-        let (url, script) = (url.to_string(), script.map(Path::to_path_buf));
-        thread::spawn(move || run(&url, conns, seconds, script.as_deref()))
-    };
-    let start = Instant::now();
-    let length = Duration::from_secs(u64::from(seconds));
-    let mut moments = Vec::new();
-    if let Some((every, call)) = call.as_mut() {
-        let mut next = *every;
-        while next < length {
-            thread::sleep(next.saturating_sub(start.elapsed()));
-            moments.push(now_ms());
-            call();
-            next += *every;
-        }
-    }
-    (load.join().unwrap(), moments)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// `wrk -t1 -cCONNS -dSECONDS --latency URL`, with `script` if given.
 pub fn run(url: &str, conns: u32, seconds: u32, script: Option<&Path>) -> Report {

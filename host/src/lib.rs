@@ -10,7 +10,6 @@
 //! - [`trust`]: the checks on every file and directory the host trusts (owner, mode, symlinks).
 //! - [`shadow`]: content-addressed copies of plugin libraries, the only paths workers load.
 //! - [`plugin_file`]: what a plugin file is (a library for this machine, or what instead).
-//! - [`priority`]: workers start at a lower CPU priority and take the normal one to serve.
 //! - [`protocol`]: the messages between CLI and master, and between master and workers.
 //! - [`master`]: binds listeners, supervises workers, reloads them one by one.
 //! - [`gateway`]: a websocket service's connection-holding processes (no plugin code).
@@ -33,7 +32,6 @@ pub mod logging;
 pub mod master;
 pub mod new;
 pub mod plugin_file;
-pub mod priority;
 pub mod protocol;
 pub mod shadow;
 pub mod state_dir;

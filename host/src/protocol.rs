@@ -240,9 +240,6 @@ pub struct WorkerSpec {
     pub master_pid: u32,
     /// Load the plugin, start and stop it, report, exit: `host check`.
     pub check_only: bool,
-    /// The nice values to start and to serve at (`priority`). `None`: unchanged.
-    #[serde(default)]
-    pub start_nice: Option<crate::priority::StartNice>,
 }
 
 /// A certificate and its key, as the master read them from their files.

@@ -13,7 +13,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bench::{
@@ -119,8 +119,7 @@ const FIGURES: &[Figure] = &[
 /// the long runs; figure 13 (gateway), which would take the default mode past its 20 min
 /// (docs/benchmarks.md, "Modes"); and the scaling curves (`bench::scaling`: reload time by
 /// workers and by plugin size, reload under load by connections, memory by idle connections,
-/// edit -> live); figure 15, the start priority's A/B (`bench::start_priority`). Each gets its
-/// name here and a function below or in `bench::scaling`.
+/// edit -> live). Each gets its name here and a function below or in `bench::scaling`.
 const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "reload-long",
@@ -155,11 +154,6 @@ const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "edit-live",
         run: |cx, out| scaling::edit_live(&cx.scaling(), out),
-        quick: false,
-    },
-    Figure {
-        name: "priority",
-        run: |cx, out| bench::start_priority::figure(&cx.b, &cx.mode, out),
         quick: false,
     },
 ];
@@ -638,6 +632,13 @@ fn steady(cx: &Ctx, out: &mut Results) {
     );
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// A wrk run of `seconds` with the bucket script in a thread, calling `reload` at 2 s, 4 s, ...
 /// (while before the end) if `reloads`. Returns wrk's report and the reload moments (unix ms).
 fn under_load(
@@ -647,14 +648,23 @@ fn under_load(
     reloads: bool,
     mut reload: impl FnMut(),
 ) -> (wrk::Report, Vec<u64>) {
-    let calls: Option<(Duration, &mut dyn FnMut())> = if reloads {
-        Some((RELOAD_EVERY, &mut reload))
-    } else {
-        None
+    let load = {
+        let (url, script) = (url.to_string(), script.to_path_buf());
+        thread::spawn(move || wrk::run(&url, CONNS, seconds, Some(&script)))
     };
-    let run = wrk::run_calling(url, CONNS, seconds, Some(script), calls);
+    let start = Instant::now();
+    let length = Duration::from_secs(u64::from(seconds));
+    let mut moments = Vec::new();
+    let mut next = RELOAD_EVERY;
+    while reloads && next < length {
+        thread::sleep(next.saturating_sub(start.elapsed()));
+        moments.push(now_ms());
+        reload();
+        next += RELOAD_EVERY;
+    }
+    let report = load.join().unwrap();
     thread::sleep(SETTLE);
-    run
+    (report, moments)
 }
 
 /// The fewest responses in a 100 ms bucket, leaving out the first and last (partial) ones.

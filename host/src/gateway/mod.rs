@@ -179,7 +179,6 @@ impl Gateway {
         let slots = Arc::new(Semaphore::new(
             self.spec.max_connections.min(Semaphore::MAX_PERMITS),
         ));
-        crate::priority::restore("self", self.spec.start_nice);
         let accepting: Vec<_> = listeners
             .into_iter()
             .map(|l| tokio::spawn(self.clone().accept(l, slots.clone()).in_current_span()))

@@ -509,7 +509,6 @@ pub fn worker_spec(
         access_log: config.access_log.as_ref().map(|a| a.format),
         master_pid: std::process::id(),
         check_only: false,
-        start_nice: crate::priority::for_worker(),
     }
 }
 

@@ -103,7 +103,6 @@ fn start_checks(
     handover: Option<&mut upgrade::Handover>,
 ) -> Result<MasterLock, String> {
     check_user(config)?;
-    crate::priority::step()?;
     match handover {
         Some(h) => state.adopt_lock(
             h.lock

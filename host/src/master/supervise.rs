@@ -151,11 +151,6 @@ impl Master {
         };
         match message {
             FromWorker::Ready { timings: t, .. } => {
-                // A worker that could not take its serving priority back itself (`priority`).
-                let nice = crate::priority::for_worker();
-                if !crate::priority::restore(&pid.to_string(), nice) {
-                    tracing::warn!("could not give worker {pid} its serving CPU priority back");
-                }
                 let ms = |from: u64, to: u64| to.saturating_sub(from) as f64 / 1e6;
                 // Where a start's time goes; `bench/` reads this line (HOST_LOG=host=debug).
                 tracing::debug!(

@@ -240,7 +240,6 @@ fn spec(access_log: Option<AccessLogFormat>) -> WorkerSpec {
         access_log,
         master_pid: std::process::id(),
         check_only: false,
-        start_nice: None,
     }
 }
 

@@ -99,12 +99,6 @@ pub fn main(master_pid: u32) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Before the start's CPU work, and while still root (see `priority`).
-    if let Some(nice) = spec.start_nice {
-        if let Err(e) = crate::priority::lower_for_start(nice) {
-            eprintln!("host worker: could not lower its priority for the start: {e}");
-        }
-    }
     if let Some((uid, gid)) = spec.run_as {
         if let Err(e) = drop_privileges(uid, gid, master_pid) {
             let reason = format!("could not run as uid {uid}, gid {gid}: {e}");
@@ -243,8 +237,6 @@ async fn serve(
         access_log,
     });
     let (stopped_tx, stopped_rx) = oneshot::channel();
-    // Not served at the start priority (if this worker may; else the master sees to it).
-    crate::priority::restore("self", shared.spec.start_nice);
     let server = tokio::spawn(http::serve(listeners, shared.clone(), stopped_tx).in_current_span());
 
     let (mut sigterm, _sigint) = match (

@@ -336,7 +336,6 @@ pub fn run(
                     .unwrap_or_else(|e| tracing::error!("{e}"));
             }
             timings.serving = monotonic_ns();
-            crate::priority::restore("self", spec.start_nice);
             if !link.send(&ready(&plugin, timings)) {
                 return ExitCode::FAILURE;
             }
