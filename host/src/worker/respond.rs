@@ -129,16 +129,26 @@ fn request_id(headers: &http::HeaderMap) -> RequestId {
             id.len = given.len();
         }
         None => {
-            use std::io::Write;
             let pid = *PID.get_or_init(std::process::id);
             let next = NEXT.fetch_add(1, Ordering::Relaxed);
-            let mut out = &mut id.bytes[..];
-            // At most 8 + 1 + 16 bytes: it fits.
-            let _ = write!(out, "{pid:x}-{next:x}");
-            id.len = MAX_CLIENT_REQUEST_ID - out.len();
+            // By hand: `write!` through core::fmt took ~80 ns a request (perf). At most
+            // 8 + 1 + 16 bytes: it fits.
+            id.len = push_hex(&mut id.bytes, 0, u64::from(pid));
+            id.bytes[id.len] = b'-';
+            id.len = push_hex(&mut id.bytes, id.len + 1, next);
         }
     }
     id
+}
+
+/// Writes `n` in lower-case hex (no leading zeros) at `at`; returns where it ended.
+fn push_hex(out: &mut [u8], at: usize, n: u64) -> usize {
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    for i in 0..digits {
+        let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
+        out[at + i] = b"0123456789abcdef"[nibble as usize];
+    }
+    at + digits
 }
 
 /// A request id of at most `MAX_CLIENT_REQUEST_ID` printable ASCII bytes.
@@ -484,4 +494,32 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_as_format_writes_it() {
+        for n in [0, 1, 0xf, 0x10, 0xabc, u64::from(u32::MAX), u64::MAX] {
+            let mut out = [0u8; 20];
+            let end = push_hex(&mut out, 2, n);
+            assert_eq!(&out[2..end], format!("{n:x}").as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_request_id_is_the_clients_when_fit_else_pid_and_count() {
+        let mut headers = http::HeaderMap::new();
+        let made = request_id(&headers);
+        let (pid, count) = made.as_str().split_once('-').unwrap();
+        assert_eq!(pid, format!("{:x}", std::process::id()));
+        assert!(u64::from_str_radix(count, 16).is_ok(), "{}", made.as_str());
+        headers.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&headers).as_str(), "abc-123");
+        let long = "x".repeat(MAX_CLIENT_REQUEST_ID + 1);
+        headers.insert("x-request-id", HeaderValue::from_str(&long).unwrap());
+        assert_ne!(request_id(&headers).as_str(), long);
+    }
 }
