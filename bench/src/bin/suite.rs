@@ -412,16 +412,25 @@ fn async_path(cx: &Ctx, out: &mut Results) {
         format!("http://{}/", asyn.addr()),
     );
     let (sync_pids, async_pids) = (sync.pids(), asyn.pids());
+    // The baseline too: an async plugin is what `host new` writes, the handler mode a new
+    // plugin gets, and the issue's goal for it is against the baseline.
+    let baseline = baseline(b, None);
+    let base_url = format!("http://{}/", baseline.addr);
+    let base_pids = procs::tree(baseline.child.id());
     wrk::run(&sync_url, CONNS, m.warmup_secs, None);
     wrk::run(&async_url, CONNS, m.warmup_secs, None);
-    let (mut s, mut a) = (Vec::new(), Vec::new());
+    wrk::run(&base_url, CONNS, m.warmup_secs, None);
+    let (mut s, mut a, mut base) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..m.async_rounds {
-        if round % 2 == 0 {
-            a.push(measure(&async_url, &async_pids, m.async_secs));
-            s.push(measure(&sync_url, &sync_pids, m.async_secs));
-        } else {
-            s.push(measure(&sync_url, &sync_pids, m.async_secs));
-            a.push(measure(&async_url, &async_pids, m.async_secs));
+        let mut order = [
+            (&async_url, &async_pids, &mut a),
+            (&sync_url, &sync_pids, &mut s),
+            (&base_url, &base_pids, &mut base),
+        ];
+        // Who goes first rotates, so that a drift within a round favours no one side.
+        order.rotate_left(round % 3);
+        for (url, pids, runs) in order {
+            runs.push(measure(url, pids, m.async_secs));
         }
     }
     let mut t = RoundTable::new(m.async_rounds);
@@ -434,6 +443,21 @@ fn async_path(cx: &Ctx, out: &mut Results) {
         ("inline sync", &col(&s, cpu_us)),
         None,
     );
+    t.ratios(
+        "**server CPU per request: async / baseline**",
+        &report::ratios(&col(&a, cpu_us), &col(&base, cpu_us)),
+        Some(Goal::AtMost(1.15)),
+    );
+    t.ratios(
+        "**server CPU per request: inline sync / baseline**",
+        &report::ratios(&col(&s, cpu_us), &col(&base, cpu_us)),
+        None,
+    );
+    t.ratios(
+        "**requests/s: async / baseline**",
+        &report::ratios(&col(&a, rps), &col(&base, rps)),
+        None,
+    );
     t.compare(
         "requests/s",
         ("async", &col(&a, rps)),
@@ -442,12 +466,14 @@ fn async_path(cx: &Ctx, out: &mut Results) {
     );
     t.values("failed requests: async", &col(&a, failed));
     t.values("failed requests: inline sync", &col(&s, failed));
+    t.values("failed requests: baseline", &col(&base, failed));
     out.section(
         "14. async",
         format!(
             "## 14. Async handlers: CPU per request against the inline sync path\n\n\
-             hello-async and hello (the same handler), {} workers each, {} interleaved rounds \
-             of {} s per server; async / inline sync within each round.\n\n{}\n",
+             hello-async and hello (the same handler), {} workers each, and the baseline, {} \
+             interleaved rounds of {} s per server (who goes first rotates); the ratios within \
+             each round.\n\n{}\n",
             WORKERS,
             m.async_rounds,
             m.async_secs,
