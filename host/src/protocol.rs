@@ -451,17 +451,20 @@ pub struct StartTimings {
 }
 
 /// Now, on the clock [`StartTimings`] uses.
-/// The monotonic clock at its last tick (1-4 ms old): cheaper to read than [`monotonic_ns`],
-/// for the per-request timestamps whose limits are counted in seconds (header, idle and
-/// handler timeouts). Compare it only with itself.
-pub fn coarse_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
+pub fn monotonic_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
 }
 
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+/// The monotonic clock as of the kernel's last tick (up to one tick behind: 1 to 10 ms by the
+/// kernel's HZ, `clock_getres`): cheaper to read than [`monotonic_ns`], for the per-request
+/// timestamps whose limits are at least 100 ms (header, idle, keep-alive and handler
+/// timeouts; the config refuses shorter ones). Compare it only with itself.
+pub fn coarse_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
 }

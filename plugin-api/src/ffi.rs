@@ -247,9 +247,9 @@ pub struct PluginMod {
     /// panic message (the host answers 500).
     pub handle: extern "C" fn(&FfiRequest, FfiBody) -> RResult<FfiResponse, RString>,
     /// Handles one request (`calls` is `ASYNC`): each poll of the future polls the handler on
-    /// the caller's thread, inside the plugin runtime's context (plugin-api's glue since 0.2.x;
-    /// older builds spawned the handler on the runtime and waited for it). Dropping it cancels
-    /// the handler.
+    /// the caller's thread, inside the plugin runtime's context (plugin-api's glue; plugins
+    /// built with plugin-api 0.2.0 before 2026-11-30 spawned the handler on the runtime and
+    /// waited for it). Dropping it cancels the handler.
     pub handle_async:
         extern "C" fn(&FfiRequest, FfiBody) -> FfiFuture<RResult<FfiResponse, RString>>,
     /// Resolves once the plugin's runtime has run a task: the host's liveness check.

@@ -165,13 +165,33 @@ impl<F: Future> Future for InContext<F> {
         let Some(future) = self.future.as_mut() else {
             return Poll::Ready(Err("polled after it ended".into()));
         };
-        let _context = runtime::handle().enter();
-        match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Ok(Poll::Pending) => Poll::Pending,
+        let polled = {
+            let _context = runtime::handle().enter();
+            catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)))
+        };
+        let output = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(output)) => Ok(output),
             Err(panic) => {
-                self.future = None;
-                Poll::Ready(Err(format!("handler panicked: {}", panic_message(&*panic))))
+                let message = format!("handler panicked: {}", panic_message(&*panic));
+                // Its payload's drop is plugin code too.
+                let _ = catch_unwind(AssertUnwindSafe(|| drop(panic)));
+                Err(message)
+            }
+        };
+        // Ended: drop it now, in context, rather than whenever the host drops this.
+        self.end();
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future> InContext<F> {
+    /// Drops the handler's future in the plugin runtime's context, stopping a panic.
+    fn end(&mut self) {
+        if let Some(future) = self.future.take() {
+            let _context = runtime::handle().enter();
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(future))) {
+                let _ = catch_unwind(AssertUnwindSafe(|| drop(panic)));
             }
         }
     }
@@ -179,10 +199,7 @@ impl<F: Future> Future for InContext<F> {
 
 impl<F: Future> Drop for InContext<F> {
     fn drop(&mut self) {
-        if let Some(future) = self.future.take() {
-            let _context = runtime::handle().enter();
-            let _ = catch_unwind(AssertUnwindSafe(|| drop(future)));
-        }
+        self.end();
     }
 }
 

@@ -90,7 +90,10 @@ fn one_worker_serves_a_thousand_concurrent_one_second_waits_at_once_on_few_threa
     let threads = sampler.join().unwrap();
     eprintln!("1000 x 1 s waits: {ok} ok in {took:?}, at most {threads} threads in the worker");
     assert_eq!(ok, 1000, "every request answered");
-    assert!(threads <= 16, "{threads} threads in the worker");
+    // The host's runtime has a thread per core, the plugin's 2, plus a few of the worker's own:
+    // a handful, not one per waiting request.
+    let cores = thread::available_parallelism().map_or(2, |n| n.get());
+    assert!(threads <= cores + 12, "{threads} threads in the worker");
     // Not a speed figure (those are in bench/): a bound that tells "all at once" from "a few
     // at a time". Waits held on threads, 16 at a time, would take at least 1000 / 16 = 62 s;
     // waiting together they take about 1 s, plus whatever a loaded CI machine adds.

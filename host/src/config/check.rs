@@ -12,6 +12,9 @@ use nix::unistd::{Group, User};
 
 use super::*;
 
+/// The shortest limit that is timed on the coarse clock (see `coarse` in `Config::check`).
+const MIN_COARSE_TIMEOUT: Duration = Duration::from_millis(100);
+
 impl Config {
     /// Checks a raw config; `base` is the directory relative plugin paths start from.
     pub fn check(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
@@ -111,6 +114,22 @@ impl Config {
                 Some(d) => Ok(d),
                 None => Ok(default),
             };
+            // Timed per request on the coarse clock (`protocol::coarse_ns`, one kernel tick,
+            // up to 10 ms, behind): a shorter limit would cut requests by the clock's error.
+            let coarse = |d: Option<Duration>, default: Duration, field: &str| {
+                let d = positive(d, default, field)?;
+                if d < MIN_COARSE_TIMEOUT {
+                    return Err(ConfigError(format!(
+                        "{at}: {field} is {}, shorter than the {} the host can time it by \
+                         (per request it reads a clock that is up to 10 ms behind). Set it to \
+                         {} or more.",
+                        humantime::format_duration(d),
+                        humantime::format_duration(MIN_COARSE_TIMEOUT),
+                        humantime::format_duration(MIN_COARSE_TIMEOUT)
+                    )));
+                }
+                Ok(d)
+            };
             let crash_loop_crashes = s.crash_loop_crashes.unwrap_or(DEFAULT_CRASH_LOOP_CRASHES);
             if crash_loop_crashes == 0 {
                 return Err(ConfigError(format!(
@@ -206,7 +225,7 @@ impl Config {
                 kind,
                 drain_timeout: positive(s.drain_timeout, DEFAULT_DRAIN_TIMEOUT, "drain_timeout")?,
                 ready_timeout: positive(s.ready_timeout, DEFAULT_READY_TIMEOUT, "ready_timeout")?,
-                idle_grace: s.idle_grace.unwrap_or(DEFAULT_IDLE_GRACE),
+                idle_grace: coarse(s.idle_grace, DEFAULT_IDLE_GRACE, "idle_grace")?,
                 name: s.name,
                 listen,
                 plugin,
@@ -230,7 +249,7 @@ impl Config {
                     DEFAULT_LIVENESS_TIMEOUT,
                     "liveness_timeout",
                 )?,
-                handler_timeout: positive(
+                handler_timeout: coarse(
                     s.handler_timeout,
                     DEFAULT_HANDLER_TIMEOUT,
                     "handler_timeout",
@@ -240,13 +259,9 @@ impl Config {
                 // all recycled together; a tenth of the limit unless set.
                 max_requests_jitter: s.max_requests_jitter.unwrap_or(max_requests / 10),
                 max_rss: s.max_rss.map_or(0, |b| b.as_u64()),
-                header_timeout: positive(
-                    s.header_timeout,
-                    DEFAULT_HEADER_TIMEOUT,
-                    "header_timeout",
-                )?,
+                header_timeout: coarse(s.header_timeout, DEFAULT_HEADER_TIMEOUT, "header_timeout")?,
                 body_timeout: positive(s.body_timeout, DEFAULT_BODY_TIMEOUT, "body_timeout")?,
-                keepalive_timeout: positive(
+                keepalive_timeout: coarse(
                     s.keepalive_timeout,
                     DEFAULT_KEEPALIVE_TIMEOUT,
                     "keepalive_timeout",

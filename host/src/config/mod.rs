@@ -384,6 +384,24 @@ mod tests {
     }
 
     #[test]
+    fn limits_timed_on_the_coarse_clock_are_at_least_100ms() {
+        let base = "[[service]]\nname='a'\nlisten=['127.0.0.1:1']\nplugin='x'\n";
+        for key in [
+            "handler_timeout",
+            "header_timeout",
+            "keepalive_timeout",
+            "idle_grace",
+        ] {
+            let short = parse(&format!("{base}{key}='50ms'")).unwrap_err().0;
+            assert!(
+                short.contains(key) && short.contains("100ms or more"),
+                "{short}"
+            );
+            assert!(parse(&format!("{base}{key}='100ms'")).is_ok(), "{key}");
+        }
+    }
+
+    #[test]
     fn sizes_read_with_units() {
         let c = parse(
             "[[service]]\nname='a'\nlisten=['127.0.0.1:1']\nplugin='x'\nmax_body_bytes='4MiB'\n\

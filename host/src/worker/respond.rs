@@ -413,6 +413,7 @@ fn into_hyper(ffi: FfiResponse, id: &str) -> Result<Response, String> {
     let status = StatusCode::from_u16(ffi.status)
         .map_err(|_| format!("status {} is not an HTTP status", ffi.status))?;
     let body = match ffi.body.rest.into_option() {
+        None if ffi.body.bytes.is_empty() => Body::full(Bytes::new()),
         // Owned as it came: `into_vec` would copy it (the plugin's allocation is not the host's).
         None => Body::full(Bytes::from_owner(ffi.body.bytes)),
         // What the plugin put before its stream is dropped: `Response::stream` never sets it.
@@ -518,8 +519,13 @@ mod tests {
         assert!(u64::from_str_radix(count, 16).is_ok(), "{}", made.as_str());
         headers.insert("x-request-id", HeaderValue::from_static("abc-123"));
         assert_eq!(request_id(&headers).as_str(), "abc-123");
+        // Too long, or not printable: the worker makes one.
         let long = "x".repeat(MAX_CLIENT_REQUEST_ID + 1);
-        headers.insert("x-request-id", HeaderValue::from_str(&long).unwrap());
-        assert_ne!(request_id(&headers).as_str(), long);
+        for refused in [long.as_str(), "a b"] {
+            headers.insert("x-request-id", HeaderValue::from_str(refused).unwrap());
+            let id = request_id(&headers);
+            let (pid, _) = id.as_str().split_once('-').unwrap();
+            assert_eq!(pid, format!("{:x}", std::process::id()), "{refused:?}");
+        }
     }
 }
