@@ -68,6 +68,19 @@ pub struct Build {
     pub chat_v2: PathBuf,
 }
 
+impl Build {
+    /// The hello build for the next of a series of reloads: v2, v1, v2, ... (`swaps` counts
+    /// them), so that every reload loads a different build than the last.
+    pub fn next_hello(&self, swaps: &mut usize) -> &Path {
+        *swaps += 1;
+        if *swaps % 2 == 1 {
+            &self.hello_v2
+        } else {
+            &self.hello_v1
+        }
+    }
+}
+
 pub fn build() -> Build {
     let target = target_dir();
     let out = target.join("bench-plugins");

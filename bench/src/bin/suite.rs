@@ -792,14 +792,7 @@ fn reload_under_load(
                 }
                 Run::HostBusy => {
                     let (r, moments) = under_load(&host_url, script.path(), seconds, true, || {
-                        // v1, v2, v1, ...: every reload loads a different build than the last.
-                        swaps += 1;
-                        let plugin = if swaps % 2 == 1 {
-                            &b.hello_v2
-                        } else {
-                            &b.hello_v1
-                        };
-                        replace(plugin, &host.plugin_path());
+                        replace(b.next_hello(&mut swaps), &host.plugin_path());
                         let out = host.cli(&["reload"]);
                         let text = String::from_utf8_lossy(&out.stdout).into_owned();
                         assert!(out.status.success(), "reload failed: {text}");

@@ -64,13 +64,7 @@ pub fn run_curve(b: &Build, m: &Mode, workers: usize, svg: &Path) -> RoundTable 
     let mut swaps = 0usize;
     let mut failed_reloads = 0usize;
     let mut reload = || {
-        swaps += 1;
-        let plugin = if swaps % 2 == 1 {
-            &b.hello_v2
-        } else {
-            &b.hello_v1
-        };
-        replace(plugin, &host.plugin_path());
+        replace(b.next_hello(&mut swaps), &host.plugin_path());
         failed_reloads += usize::from(!host.cli(&["reload"]).status.success());
     };
     // [point] -> (without, with, reloads) per round.
