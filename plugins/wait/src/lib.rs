@@ -56,7 +56,11 @@ impl AsyncPlugin for Wait {
                 if ms >= 500 {
                     plugin_api::info!("waiting {ms} ms");
                 }
+                // Dropped before the sleep ends: the host cancelled the request (its
+                // handler_timeout, or the client went away), which drops this future.
+                let mut cancelled = Cancelled { ms, ended: false };
                 tokio::time::sleep(Duration::from_millis(ms)).await;
+                cancelled.ended = true;
                 Response::text(
                     200,
                     format!("waited {ms} ms in pid {}\n", std::process::id()),
@@ -71,6 +75,20 @@ impl AsyncPlugin for Wait {
             "wait stopping after {} ticks",
             self.ticks.load(Ordering::Relaxed)
         );
+    }
+}
+
+/// Logs when a wait is dropped before it ended.
+struct Cancelled {
+    ms: u64,
+    ended: bool,
+}
+
+impl Drop for Cancelled {
+    fn drop(&mut self) {
+        if !self.ended {
+            plugin_api::info!("a wait of {} ms was cancelled before it ended", self.ms);
+        }
     }
 }
 
