@@ -119,7 +119,7 @@ const FIGURES: &[Figure] = &[
 /// the long runs; figure 13 (gateway), which would take the default mode past its 20 min
 /// (docs/benchmarks.md, "Modes"); and the scaling curves (`bench::scaling`: reload time by
 /// workers and by plugin size, reload under load by connections, memory by idle connections,
-/// edit -> live). Each gets its name here and a function below or in `bench::scaling`.
+/// edit -> live); figure 16, figure 1 with one worker per server. Each gets its name here and a function below or in `bench::scaling`.
 const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "reload-long",
@@ -154,6 +154,11 @@ const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "edit-live",
         run: |cx, out| scaling::edit_live(&cx.scaling(), out),
+        quick: false,
+    },
+    Figure {
+        name: "steady-1",
+        run: steady_one_worker,
         quick: false,
     },
 ];
@@ -400,9 +405,9 @@ fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
     runs.iter().map(f).collect()
 }
 
-/// Figure 14: the CPU cost per request of an async handler (a task on the plugin's runtime,
-/// awaited through an FFI-safe future) against the same handler called inline (sync,
-/// `BLOCKING = false`): hello and hello-async, on two masters measured in interleaved rounds.
+/// Figure 14: the CPU cost per request of an async handler (polled through an FFI-safe future
+/// on the host's thread) against the same handler called inline (sync, `BLOCKING = false`) and
+/// against the baseline: hello, hello-async and the baseline, measured in interleaved rounds.
 fn async_path(cx: &Ctx, out: &mut Results) {
     let (b, m) = (&cx.b, &cx.mode);
     let sync = Master::serving(&b.host, &Service::new(&b.hello_v1, WORKERS), "info");
@@ -477,6 +482,64 @@ fn async_path(cx: &Ctx, out: &mut Results) {
             WORKERS,
             m.async_rounds,
             m.async_secs,
+            t.render()
+        ),
+        &t.goals,
+    );
+}
+
+/// Figure 16 (`--full` or by name): figure 1's comparison with one worker per server, where
+/// no split of the connections between two workers moves the result (docs/benchmarks.md,
+/// "Why figure 1's spread is wide").
+fn steady_one_worker(cx: &Ctx, out: &mut Results) {
+    let (b, m) = (&cx.b, &cx.mode);
+    let host = Master::serving(&b.host, &Service::new(&b.hello_v1, 1), "info");
+    let baseline = Prefork::start(&b.baseline, 1, &[]);
+    let host_url = format!("http://{}/", host.addr());
+    let base_url = format!("http://{}/", baseline.addr);
+    let (host_pids, base_pids) = (host.pids(), procs::tree(baseline.child.id()));
+    wrk::run(&host_url, CONNS, m.warmup_secs, None);
+    wrk::run(&base_url, CONNS, m.warmup_secs, None);
+    let (mut h, mut s) = (Vec::new(), Vec::new());
+    for round in 0..m.steady_rounds {
+        if round % 2 == 0 {
+            h.push(measure(&host_url, &host_pids, m.steady_secs));
+            s.push(measure(&base_url, &base_pids, m.steady_secs));
+        } else {
+            s.push(measure(&base_url, &base_pids, m.steady_secs));
+            h.push(measure(&host_url, &host_pids, m.steady_secs));
+        }
+    }
+    let mut t = RoundTable::new(m.steady_rounds);
+    let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
+    t.compare(
+        "server CPU per request (µs)",
+        ("host", &col(&h, cpu_us)),
+        ("baseline", &col(&s, cpu_us)),
+        Some(Goal::AtMost(1.05)),
+    );
+    t.compare(
+        "requests/s",
+        ("host", &col(&h, |r| r.report.rps)),
+        ("baseline", &col(&s, |r| r.report.rps)),
+        Some(Goal::AtLeast(0.95)),
+    );
+    t.values(
+        "failed requests: host",
+        &col(&h, |r| r.report.failed() as f64),
+    );
+    t.values(
+        "failed requests: baseline",
+        &col(&s, |r| r.report.failed() as f64),
+    );
+    out.section(
+        "16. steady, one worker",
+        format!(
+            "## 16. Steady, one worker per server\n\nFigure 1 with `workers = 1` and \
+             `baseline --workers 1`: {} interleaved rounds of {} s per server; host / baseline \
+             within each round.\n\n{}\n",
+            m.steady_rounds,
+            m.steady_secs,
             t.render()
         ),
         &t.goals,
