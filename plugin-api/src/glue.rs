@@ -158,12 +158,12 @@ struct InContext<F: Future> {
     future: Option<Pin<Box<F>>>,
 }
 
-impl<F: Future> Future for InContext<F> {
-    type Output = Result<F::Output, String>;
+impl<F: Future<Output = FfiResponse>> Future for InContext<F> {
+    type Output = RResult<FfiResponse, RString>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let Some(future) = self.future.as_mut() else {
-            return Poll::Ready(Err("polled after it ended".into()));
+            return Poll::Ready(RErr("polled after it ended".into()));
         };
         let polled = {
             let _context = runtime::handle().enter();
@@ -171,12 +171,12 @@ impl<F: Future> Future for InContext<F> {
         };
         let output = match polled {
             Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(output)) => Ok(output),
+            Ok(Poll::Ready(response)) => ROk(response),
             Err(panic) => {
                 let message = format!("handler panicked: {}", panic_message(&*panic));
                 // Its payload's drop is plugin code too.
                 let _ = catch_unwind(AssertUnwindSafe(|| drop(panic)));
-                Err(message)
+                RErr(message.into())
             }
         };
         // Ended: drop it now, in context, rather than whenever the host drops this.
@@ -230,13 +230,7 @@ extern "C" fn handle_async<P: AsyncPlugin>(
             REQUEST_ID.scope(id, async move { plugin.handle(req).await.into_ffi() }),
         )),
     };
-    async move {
-        match handler.await {
-            Ok(response) => ROk(response),
-            Err(e) => RErr(e.into()),
-        }
-    }
-    .into_ffi()
+    handler.into_ffi()
 }
 
 extern "C" fn not_async(_: &FfiRequest, _: FfiBody) -> FfiFuture<RResult<FfiResponse, RString>> {

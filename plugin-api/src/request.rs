@@ -1,7 +1,7 @@
 //! [`Request`]: what a handler receives. The host's request head is copied out of the FFI
-//! struct once, when the call starts (into two buffers, see `Head`), so a handler owns its request and may keep it across
-//! `.await` points; the body is either all here (sync handlers, small bodies) or read in
-//! chunks from the host as the handler asks for them.
+//! struct once, when the call starts (into two buffers, see `Head`), so a handler owns its
+//! request and may keep it across `.await` points; the body is either all here (sync handlers,
+//! small bodies) or read in chunks from the host as the handler asks for them.
 
 use std::net::SocketAddr;
 
@@ -268,43 +268,41 @@ struct Head {
 /// Where a field is in its buffer: `start..end`.
 type Span = (usize, usize);
 
+/// Appends `part` to `text`; where it went.
+fn push(text: &mut String, part: &str) -> Span {
+    let start = text.len();
+    text.push_str(part);
+    (start, text.len())
+}
+
 impl Head {
-    /// `headers`: how many headers, and the lengths of their names and values, so that
-    /// adding them allocates nothing more.
-    /// `fields`: method, path, query, id, client address.
+    /// `fields`: method, path, query, id, client address. `headers`: how many headers, and
+    /// the lengths of their names and values, so that adding them allocates nothing more.
     fn new(fields: [&str; 5], headers: (usize, usize, usize)) -> Head {
         let (count, names, values) = headers;
-        let mut head = Head {
-            text: String::with_capacity(fields.iter().map(|f| f.len()).sum::<usize>() + names),
+        let mut text = String::with_capacity(fields.iter().map(|f| f.len()).sum::<usize>() + names);
+        let [method, path, query, id, client] = fields.map(|f| push(&mut text, f));
+        Head {
+            text,
             values: Vec::with_capacity(values),
-            method: (0, 0),
-            path: (0, 0),
-            query: (0, 0),
-            id: (0, 0),
-            client: (0, 0),
+            method,
+            path,
+            query,
+            id,
+            client,
             headers: Vec::with_capacity(count),
-        };
-        let [method, path, query, id, client] = fields.map(|f| head.push_text(f));
-        (head.method, head.path, head.query, head.id) = (method, path, query, id);
-        head.client = client;
-        head
+        }
     }
 
     fn push_text(&mut self, part: &str) -> Span {
-        let start = self.text.len();
-        self.text.push_str(part);
-        (start, self.text.len())
+        push(&mut self.text, part)
     }
 
     fn push_header(&mut self, name: &str, value: &[u8]) {
-        let name_start = self.text.len();
-        self.text.push_str(name);
-        let value_start = self.values.len();
+        let name = self.push_text(name);
+        let start = self.values.len();
         self.values.extend_from_slice(value);
-        self.headers.push((
-            (name_start, self.text.len()),
-            (value_start, self.values.len()),
-        ));
+        self.headers.push((name, (start, self.values.len())));
     }
 
     fn text(&self, (start, end): Span) -> &str {

@@ -194,10 +194,7 @@ fn a_worker_whose_plugin_runtime_is_wedged_is_killed_and_replaced() {
     };
     host.wait_for_log("the plugin's runtime has not run a task for");
     host.wait_for_log("it stopped answering (no heartbeat for 1s, liveness_timeout)");
-    crate::harness::wait_until("the wedged worker is replaced", || {
-        let now = host.ready_pids("web");
-        now.len() == 1 && now != old
-    });
+    host.wait_for_replacement("web", &old);
     assert!(
         wedged.join().unwrap().is_err(),
         "its connection died with it"
@@ -219,10 +216,7 @@ fn an_async_handler_that_blocks_its_poll_is_found_and_its_worker_replaced() {
         thread::spawn(move || Conn::new(&addr).get("/block"))
     };
     host.wait_for_log("blocking the thread that polls the handler");
-    crate::harness::wait_until("the worker with the lost thread is replaced", || {
-        let now = host.ready_pids("web");
-        now.len() == 1 && now != old
-    });
+    host.wait_for_replacement("web", &old);
     // Found either way: the heartbeat task sees the poll's age (and asks for a replacement),
     // or, when the stuck thread holds the heartbeat task itself, the heartbeats stop.
     let logs = host.logs();

@@ -396,6 +396,15 @@ impl Host {
     }
 
     /// Pids of the service's ready workers.
+    /// Waits until `service`, which had the ready workers `old`, has as many ready workers
+    /// again and none of them is one of `old`.
+    pub fn wait_for_replacement(&self, service: &str, old: &[u32]) {
+        wait_until(&format!("{service}'s workers {old:?} are replaced"), || {
+            let now = self.ready_pids(service);
+            now.len() == old.len() && now.iter().all(|p| !old.contains(p))
+        });
+    }
+
     pub fn ready_pids(&self, service: &str) -> Vec<u32> {
         let svc = self.service(service);
         let mut pids: Vec<u32> = svc["workers"]

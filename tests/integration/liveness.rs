@@ -46,10 +46,7 @@ fn a_wedged_worker_is_killed_and_replaced() {
     let old = host.ready_pids("web");
     wedge(&addr, 1);
     host.wait_for_log("it stopped answering (no heartbeat for 1s, liveness_timeout)");
-    wait_until("the wedged worker is replaced", || {
-        let now = host.ready_pids("web");
-        now.len() == 1 && now != old
-    });
+    host.wait_for_replacement("web", &old);
     wait_until("the wedged worker is gone", || !alive(old[0]));
     assert!(get(&addr, "/").body.contains("versioned v1"));
 }
@@ -84,10 +81,7 @@ fn a_blocking_handler_past_handler_timeout_gets_a_503_and_its_worker_is_replaced
     assert_eq!(resp.status, 503, "{}", resp.body);
     assert!(resp.body.contains("handler_timeout"), "{}", resp.body);
     host.wait_for_log("has run longer than handler_timeout (1s): its thread is lost");
-    wait_until("the worker is replaced", || {
-        let now = host.ready_pids("web");
-        now.len() == 1 && now != old
-    });
+    host.wait_for_replacement("web", &old);
     assert_eq!(get(&addr, "/?ms=0").status, 200);
 }
 
@@ -106,10 +100,7 @@ fn an_inline_handler_past_handler_timeout_has_its_worker_replaced() {
     thread::spawn(move || {
         let _ = Conn::new(&spin).get("/spin");
     });
-    wait_until("the worker is replaced", || {
-        let now = host.ready_pids("web");
-        now.len() == 1 && now != old
-    });
+    host.wait_for_replacement("web", &old);
     let logs = host.logs();
     assert!(
         logs.contains("longer than handler_timeout (1s): its thread is lost")

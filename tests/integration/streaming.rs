@@ -151,19 +151,8 @@ fn max_stream_bytes_cuts_a_longer_stream_with_a_413() {
 
 #[test]
 fn a_sync_plugin_s_client_over_max_body_bytes_reads_its_413_not_a_reset() {
-    let config = r#"
-        [[service]]
-        name = "echo"
-        listen = ["127.0.0.1:0"]
-        plugin = "plugin.so"
-        workers = 1
-        max_body_bytes = "1MiB"
-    "#;
-    let host = Host::start(
-        dir_with_config(config, &[("plugin.so", "echo")]),
-        &["--config", "host.toml"],
-    );
-    let addr = host.addr("echo");
+    let host = crate::rollout::start("echo", 1, "max_body_bytes = \"1MiB\"");
+    let addr = host.addr("web");
     for _ in 0..3 {
         let (status, body) = upload(&addr, 16 * MIB);
         assert_eq!(status, 413, "{body}");

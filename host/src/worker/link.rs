@@ -49,7 +49,6 @@ impl Link {
         LINK.get()
     }
 
-    /// Sends one message; false if it could not be sent (the master is gone or not reading).
     /// A start that failed: logs `reason` and tells the master (which gives it to whoever
     /// asked for the start); the process exits with the code returned.
     pub fn start_failed(&self, reason: String) -> std::process::ExitCode {
@@ -58,6 +57,7 @@ impl Link {
         std::process::ExitCode::FAILURE
     }
 
+    /// Sends one message; false if it could not be sent (the master is gone or not reading).
     pub fn send(&self, message: &FromWorker) -> bool {
         let bytes = encode(message);
         let mut writer = match self.writer.lock() {
