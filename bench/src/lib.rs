@@ -355,6 +355,15 @@ impl<'a> Service<'a> {
     }
 }
 
+/// The body `GET http://ADDR/` answers, if it answers.
+pub fn body_of(agent: &ureq::Agent, addr: &str) -> Option<String> {
+    agent
+        .get(&format!("http://{addr}/"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+}
+
 /// A running master with its state dir; killed with its workers (by process group) on drop.
 pub struct Master {
     pub dir: tempfile::TempDir,
@@ -432,6 +441,22 @@ impl Master {
             panic!("host did not become ready; its log:\n{}", master.log());
         }
         master
+    }
+
+    /// `host reload` after putting `plugin` in place of the plugin file: its wall time in ms
+    /// (the CLI returns when every worker was replaced). Panics if the reload failed.
+    pub fn timed_reload(&self, plugin: &Path) -> f64 {
+        replace(plugin, &self.plugin_path());
+        let start = std::time::Instant::now();
+        let out = self.cli(&["reload"]);
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        assert!(
+            out.status.success(),
+            "reload failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ms
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {

@@ -69,7 +69,8 @@ pub fn inherited_listener() -> TcpListener {
 
 /// Every connection is a file: raises the soft limit on open files (often 1024) to the hard
 /// one, as the host's master does for itself and its workers. The WebSocket baseline calls it,
-/// and the suite for its client of 10,000 idle connections.
+/// and the suite for its clients of 10,000 idle connections and for wrk's 10,000 keep-alive
+/// ones (wrk, the baseline and nginx inherit the bench's limit; the host raises its own).
 pub fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {

@@ -73,11 +73,7 @@ pub fn run(b: &Build, rounds: usize) -> RoundTable {
                 })
             });
             loop {
-                let body = agent
-                    .get(&format!("http://{addr}/"))
-                    .call()
-                    .ok()
-                    .and_then(|r| r.into_string().ok());
+                let body = crate::body_of(&agent, &addr);
                 if body.is_some_and(|b| b.contains(expect)) {
                     break;
                 }

@@ -1,6 +1,11 @@
 //! Running wrk (the load generator, from Debian's packages) and reading its report.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::Path,
+    process::Command,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 /// What one wrk run reported.
 #[derive(Debug, Default, Clone)]
@@ -52,6 +57,39 @@ function done(summary, latency, requests)
   io.write("BUCKETS " .. table.concat(parts, " ") .. "\n")
 end
 "#;
+
+/// [`run`] in a thread, calling `call` every `every` while before the end (at `every`,
+/// 2 x `every`, ...) if given. Returns wrk's report and the moments of the calls (unix ms).
+pub fn run_calling(
+    url: &str,
+    conns: u32,
+    seconds: u32,
+    script: Option<&Path>,
+    call: Option<(Duration, &mut dyn FnMut())>,
+) -> (Report, Vec<u64>) {
+    let load = {
+        let (url, script) = (url.to_string(), script.map(Path::to_path_buf));
+        thread::spawn(move || run(&url, conns, seconds, script.as_deref()))
+    };
+    let start = Instant::now();
+    let length = Duration::from_secs(u64::from(seconds));
+    let mut moments = Vec::new();
+    if let Some((every, call)) = call {
+        let mut next = every;
+        while next < length {
+            thread::sleep(next.saturating_sub(start.elapsed()));
+            moments.push(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as u64,
+            );
+            call();
+            next += every;
+        }
+    }
+    (load.join().unwrap(), moments)
+}
 
 /// `wrk -t1 -cCONNS -dSECONDS --latency URL`, with `script` if given.
 pub fn run(url: &str, conns: u32, seconds: u32, script: Option<&Path>) -> Report {

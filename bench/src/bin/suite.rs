@@ -13,7 +13,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use bench::{
@@ -721,13 +721,6 @@ fn steady(cx: &Ctx, out: &mut Results) {
     );
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// A wrk run of `seconds` with the bucket script in a thread, calling `reload` at 2 s, 4 s, ...
 /// (while before the end) if `reloads`. Returns wrk's report and the reload moments (unix ms).
 fn under_load(
@@ -737,23 +730,10 @@ fn under_load(
     reloads: bool,
     mut reload: impl FnMut(),
 ) -> (wrk::Report, Vec<u64>) {
-    let load = {
-        let (url, script) = (url.to_string(), script.to_path_buf());
-        thread::spawn(move || wrk::run(&url, CONNS, seconds, Some(&script)))
-    };
-    let start = Instant::now();
-    let length = Duration::from_secs(u64::from(seconds));
-    let mut moments = Vec::new();
-    let mut next = RELOAD_EVERY;
-    while reloads && next < length {
-        thread::sleep(next.saturating_sub(start.elapsed()));
-        moments.push(now_ms());
-        reload();
-        next += RELOAD_EVERY;
-    }
-    let report = load.join().unwrap();
+    let calls = reloads.then_some((RELOAD_EVERY, &mut reload as &mut dyn FnMut()));
+    let run = wrk::run_calling(url, CONNS, seconds, Some(script), calls);
     thread::sleep(SETTLE);
-    (report, moments)
+    run
 }
 
 /// The fewest responses in a 100 ms bucket, leaving out the first and last (partial) ones.
@@ -1040,16 +1020,7 @@ fn reload_time(cx: &Ctx, out: &mut Results) {
                 order.reverse();
             }
             for i in order {
-                let master = &masters[i].1;
-                replace(plugin, &master.plugin_path());
-                let start = Instant::now();
-                let out = master.cli(&["reload"]);
-                walls[i].push(start.elapsed().as_secs_f64() * 1000.0);
-                assert!(
-                    out.status.success(),
-                    "reload failed: {}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
+                walls[i].push(masters[i].1.timed_reload(plugin));
             }
         }
         // Let the last drains finish so that their lines are in the log.

@@ -7,11 +7,7 @@
 //! a drift of the machine spreads over every point. The host alone: nginx's config in the bench
 //! allows 4,096 connections per worker (`bench::nginx`), fewer than the 10,000 point needs.
 
-use std::{
-    path::Path,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{path::Path, thread, time::Duration};
 
 use super::{curve, Points};
 use crate::{
@@ -26,35 +22,16 @@ const SETTLE: Duration = Duration::from_millis(500);
 
 /// A wrk run of `secs` with `conns` connections; with `reload`, a `host reload` at 2 s, 4 s, ...
 /// while before the end. Returns wrk's report and the reloads done.
-fn run(
-    url: &str,
-    conns: u32,
-    secs: u32,
-    mut reload: Option<&mut dyn FnMut()>,
-) -> (wrk::Report, usize) {
-    let load = {
-        let url = url.to_string();
-        thread::spawn(move || wrk::run(&url, conns, secs, None))
-    };
-    let start = Instant::now();
-    let length = Duration::from_secs(u64::from(secs));
-    let (mut next, mut done) = (RELOAD_EVERY, 0);
-    if let Some(reload) = reload.as_mut() {
-        while next < length {
-            thread::sleep(next.saturating_sub(start.elapsed()));
-            reload();
-            done += 1;
-            next += RELOAD_EVERY;
-        }
-    }
-    let report = load.join().unwrap();
+fn run(url: &str, conns: u32, secs: u32, reload: Option<&mut dyn FnMut()>) -> (wrk::Report, usize) {
+    let (report, moments) =
+        wrk::run_calling(url, conns, secs, None, reload.map(|r| (RELOAD_EVERY, r)));
     thread::sleep(SETTLE);
-    (report, done)
+    (report, moments.len())
 }
 
 /// The curve's table; its chart goes to `svg`.
 pub fn run_curve(b: &Build, m: &Mode, workers: usize, svg: &Path) -> RoundTable {
-    super::raise_fd_limit();
+    crate::prefork::raise_fd_limit();
     let s = m.scaling;
     let host = Master::serving(&b.host, &Service::new(&b.hello_v1, workers), "info");
     let url = format!("http://{}/", host.addr());

@@ -199,11 +199,7 @@ fn first_answer(addr: &str, version: &str, start: Instant) -> f64 {
         .build();
     let want = format!("hello {version}\n");
     loop {
-        let body = agent
-            .get(&format!("http://{addr}/"))
-            .call()
-            .ok()
-            .and_then(|r| r.into_string().ok());
+        let body = crate::body_of(&agent, addr);
         if body.is_some_and(|b| b.ends_with(&want)) {
             return start.elapsed().as_secs_f64() * 1000.0;
         }

@@ -56,7 +56,7 @@ fn run_side(b: &Build, workers: usize, side: usize, points: &[usize]) -> (Sample
 
 /// The curve's table; its chart goes to `svg`.
 pub fn run(b: &Build, m: &Mode, workers: usize, svg: &Path) -> RoundTable {
-    super::raise_fd_limit();
+    crate::prefork::raise_fd_limit();
     let s = m.scaling;
     let mut runs: [Vec<Samples>; 2] = Default::default();
     let mut refused = [vec![], vec![]];

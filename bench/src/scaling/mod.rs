@@ -18,9 +18,7 @@ pub mod idle;
 pub mod memory;
 pub mod reload_time;
 
-use std::{path::Path, time::Instant};
-
-use crate::{chart, replace, report, Master};
+use crate::{chart, report};
 
 /// Points, rounds and run lengths of the curves in one mode.
 #[derive(Debug, Clone, Copy)]
@@ -62,22 +60,6 @@ pub const DEFAULT: Settings = Settings {
     idle_conns: &[0, 1_000, 10_000],
 };
 
-/// `host reload` after putting `plugin` in place of the master's plugin file: its wall time in
-/// ms (the CLI returns when every worker was replaced). Panics if the reload failed.
-pub fn timed_reload(master: &Master, plugin: &Path) -> f64 {
-    replace(plugin, &master.plugin_path());
-    let start = Instant::now();
-    let out = master.cli(&["reload"]);
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    assert!(
-        out.status.success(),
-        "reload failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ms
-}
-
 /// A curve's measured points: x, and the value of each round there.
 pub type Points = Vec<(f64, Vec<f64>)>;
 
@@ -90,10 +72,4 @@ pub fn curve(name: &str, points: &Points) -> chart::Curve {
             .map(|(x, v)| (*x, report::spread(v)))
             .collect(),
     }
-}
-
-/// 10,000 connections need 10,000 files in the bench (the idle clients) and in wrk, which
-/// inherits the bench's limit, as do the baseline and nginx; the host raises its own.
-pub fn raise_fd_limit() {
-    crate::prefork::raise_fd_limit();
 }

@@ -9,7 +9,7 @@
 
 use std::{fs, path::PathBuf, time::Instant};
 
-use super::{curve, timed_reload, Points};
+use super::{curve, Points};
 use crate::{chart, report::RoundTable, target_dir, Build, Master, Mode, Probation, Service};
 
 /// Worker processes of the plugin-size curve (as the host, baseline and nginx of figure 1).
@@ -31,7 +31,7 @@ fn rounds(masters: &[(Master, PathBuf, PathBuf)], rounds: usize) -> Vec<Vec<f64>
         }
         for i in order {
             let (master, v1, v2) = &masters[i];
-            walls[i].push(timed_reload(master, if r % 2 == 0 { v2 } else { v1 }));
+            walls[i].push(master.timed_reload(if r % 2 == 0 { v2 } else { v1 }));
         }
     }
     walls
