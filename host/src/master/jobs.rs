@@ -129,6 +129,7 @@ impl Master {
         }
         if q.running || !q.waiting.is_empty() {
             say("another reload is running; this one waits for it to finish");
+            tracing::info!("{why}: queued behind the job that is running");
         }
         q.waiting.push_back(Job {
             op,
