@@ -1,8 +1,11 @@
 //! Shared parts of the benchmarks: release builds of the host and plugins, a master started in
 //! its own process group (killed as a group when dropped), the modes and their budgets, and the
-//! report (per-round ratios, median, spread, verdict; `report.rs`).
+//! report (per-round ratios, median, spread, verdict; `report.rs`). The suite's figures
+//! (`figures/`) and scaling curves (`scaling/`) are library modules too, beside all this that
+//! they use; `bin/suite.rs` is the driver that picks and runs them.
 
 pub mod chart;
+pub mod figures;
 pub mod gateway;
 pub mod load;
 pub mod nginx;

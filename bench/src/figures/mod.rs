@@ -1,0 +1,108 @@
+//! The suite's numbered figures (docs/benchmarks.md; the scaling curves are in
+//! [`crate::scaling`]): each is a function that measures its comparison and writes its section
+//! of the results file, and the suite (`bin/suite.rs`) lists them in `FIGURES` and `FULL_ONLY`,
+//! in the order they run. This module owns what the figures share, so that they measure alike
+//! and their numbers compare from one figure to the next: the context the suite hands each one
+//! ([`Ctx`]), the servers' workers and wrk's connections, the pause between runs, the baseline
+//! server, and one measured steady run.
+//!
+//! - [`steady`]: keep-alive load against the baseline: figure 1 (throughput, latency, CPU per
+//!   request) with figure 4 (memory), figure 14 (async handlers), figure 16 (one worker);
+//! - [`reload`]: replacing the workers with a new build: figure 2 (reload under load) with its
+//!   chart (6) and its long runs (8), figure 3 (reload time), figure 7 (rebuild latency);
+//! - [`upgrade`]: replacing the master: figure 9;
+//! - [`boundary`]: the plugin boundary's microbenchmark: figure 5;
+//! - [`ops`]: what TLS, the access log and the metrics cost: figures 10, 11 and 12;
+//! - [`websocket`]: the WebSocket gateway: figure 13 (measured by [`crate::gateway`]).
+
+pub mod boundary;
+pub mod ops;
+pub mod reload;
+pub mod steady;
+pub mod upgrade;
+pub mod websocket;
+
+use std::{cell::Cell, path::PathBuf, thread, time::Duration};
+
+use crate::{prefork::Prefork, procs, scaling::figures as scaling, tls::Certs, wrk, Build, Mode};
+
+/// Worker processes for the host, the baseline and nginx alike.
+pub const WORKERS: usize = 2;
+/// wrk's keep-alive connections (one wrk thread: it takes about one of the two cores).
+pub const CONNS: u32 = 32;
+/// The reload-under-load goal's pace.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+/// Pause between two measured runs, so that the last run's connections are closed and its
+/// drained workers gone before the next one starts.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// What every figure gets: the builds, the mode, and where to put files beside the results.
+pub struct Ctx {
+    pub b: Build,
+    pub mode: Mode,
+    pub out_dir: PathBuf,
+    /// `<mode>-<date>`: the results file's name without `.md`, the prefix of the others.
+    pub stem: String,
+    /// The host's median server CPU per request (µs) measured earlier in this run, and by which
+    /// figure: figure 12 puts the metrics counting's ns beside it.
+    pub host_cpu_us: Cell<Option<(f64, &'static str)>>,
+}
+
+impl Ctx {
+    /// What the scaling curves get from the suite.
+    pub fn scaling(&self) -> scaling::Ctx<'_> {
+        scaling::Ctx {
+            b: &self.b,
+            mode: &self.mode,
+            out_dir: &self.out_dir,
+            stem: &self.stem,
+            workers: WORKERS,
+        }
+    }
+}
+
+/// The baseline server (bench/src/bin/baseline.rs); with `tls`, it serves HTTPS (HTTP/2 or
+/// HTTP/1.1 by ALPN) with that certificate.
+fn baseline(b: &Build, tls: Option<&Certs>) -> Prefork {
+    let tls_args = tls.map(|c| {
+        [
+            "--tls-cert".to_string(),
+            c.cert.display().to_string(),
+            "--tls-key".to_string(),
+            c.key.display().to_string(),
+        ]
+    });
+    let args: Vec<&str> = tls_args.iter().flatten().map(String::as_str).collect();
+    Prefork::start(&b.baseline, WORKERS, &args)
+}
+
+/// One measured steady run: wrk's report, server CPU seconds, and RSS (MiB) per process
+/// sampled half-way through.
+struct Steady {
+    report: wrk::Report,
+    cpu: f64,
+    rss_loaded: Vec<f64>,
+}
+
+fn measure(url: &str, pids: &[u32], seconds: u32) -> Steady {
+    let cpu0 = procs::cpu_seconds(pids);
+    let sampler = {
+        let pids = pids.to_vec();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_secs(u64::from(seconds)) / 2);
+            pids.iter().map(|p| procs::rss_mib(*p)).collect::<Vec<_>>()
+        })
+    };
+    let report = wrk::run(url, CONNS, seconds, None);
+    let cpu = procs::cpu_seconds(pids) - cpu0;
+    thread::sleep(SETTLE);
+    Steady {
+        report,
+        cpu,
+        rss_loaded: sampler.join().unwrap(),
+    }
+}
+
+fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
+    runs.iter().map(f).collect()
+}
