@@ -4,41 +4,21 @@
 
 use std::fs;
 
-use crate::{cargo_command, report::Results, root};
+use crate::report::Results;
 
-use super::Ctx;
+use super::{criterion, Ctx};
 
 /// Figure 5: the criterion microbenchmark in benches/boundary.rs, run as its own process.
 pub fn boundary(cx: &Ctx, out: &mut Results) {
     let m = &cx.mode;
     let md = cx.out_dir.join(format!("{}-boundary.md", cx.stem));
-    let log_path = cx.out_dir.join(format!("{}-boundary.log", cx.stem));
-    let log = fs::File::create(&log_path).unwrap();
-    let ok = cargo_command()
-        .args([
-            "bench",
-            "-p",
-            "bench",
-            "--bench",
-            "boundary",
-            "--target-dir",
-        ])
-        .arg(crate::boundary_target())
-        .current_dir(root())
-        // Criterion's own files next to the results, not in a target/ below bench/.
-        .env("CRITERION_HOME", cx.out_dir.join("criterion"))
-        .env("BENCH_MODE", m.name)
-        .env("BENCH_HELLO_SO", &cx.b.hello_v1)
-        .env("BENCH_BOUNDARY_MD", &md)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .status()
-        .unwrap()
-        .success();
-    assert!(
-        ok,
-        "the boundary benchmark failed: see {}",
-        log_path.display()
+    let log_path = criterion(
+        cx,
+        "boundary",
+        &[
+            ("BENCH_HELLO_SO", &cx.b.hello_v1),
+            ("BENCH_BOUNDARY_MD", &md),
+        ],
     );
     let table = fs::read_to_string(&md).unwrap();
     let _ = fs::remove_file(&md);

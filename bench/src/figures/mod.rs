@@ -22,9 +22,18 @@ pub mod steady;
 pub mod upgrade;
 pub mod websocket;
 
-use std::{cell::Cell, path::PathBuf, thread, time::Duration};
+use std::{
+    cell::Cell,
+    fs,
+    path::{Path, PathBuf},
+    thread,
+    time::Duration,
+};
 
-use crate::{prefork::Prefork, procs, scaling::figures as scaling, tls::Certs, wrk, Build, Mode};
+use crate::{
+    cargo_command, prefork::Prefork, procs, root, scaling::figures as scaling, tls::Certs, wrk,
+    Build, Mode,
+};
 
 /// Worker processes for the host, the baseline and nginx alike.
 pub const WORKERS: usize = 2;
@@ -105,4 +114,31 @@ fn measure(url: &str, pids: &[u32], seconds: u32) -> Steady {
 
 fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
     runs.iter().map(f).collect()
+}
+
+/// Runs `cargo bench -p bench --bench NAME` (figures 5 and 12) with the mode and `env` set, in
+/// the target dir the suite built it in before the measurements ([`crate::build_boundary`]), its
+/// output to `<stem>-NAME.log` beside the results; returns that log's path for the section.
+fn criterion(cx: &Ctx, name: &str, env: &[(&str, &Path)]) -> PathBuf {
+    let log_path = cx.out_dir.join(format!("{}-{name}.log", cx.stem));
+    let log = fs::File::create(&log_path).unwrap();
+    let ok = cargo_command()
+        .args(["bench", "-p", "bench", "--bench", name, "--target-dir"])
+        .arg(crate::boundary_target())
+        .current_dir(root())
+        // Criterion's own files next to the results, not in a target/ below bench/.
+        .env("CRITERION_HOME", cx.out_dir.join("criterion"))
+        .env("BENCH_MODE", cx.mode.name)
+        .envs(env.iter().copied())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap()
+        .success();
+    assert!(
+        ok,
+        "the {name} benchmark failed: see {}",
+        log_path.display()
+    );
+    log_path
 }

@@ -6,14 +6,13 @@
 use std::{fs, path::Path, thread, time::Duration};
 
 use crate::{
-    cargo_command, procs,
+    procs,
     report::{self, ratios, Results, RoundTable},
-    root,
     tls::Certs,
     wrk, Master, Service,
 };
 
-use super::{baseline, col, measure, Ctx, Steady, CONNS, SETTLE, WORKERS};
+use super::{baseline, col, criterion, measure, Ctx, Steady, CONNS, SETTLE, WORKERS};
 
 /// h2load's connections and concurrent streams on each: 32 requests in flight, as wrk's 32
 /// connections, 4 streams at a time on each connection (HTTP/2's multiplexing).
@@ -357,21 +356,7 @@ pub fn access_log(cx: &Ctx, out: &mut Results) {
 pub fn stats(cx: &Ctx, out: &mut Results) {
     let m = &cx.mode;
     let json_path = cx.out_dir.join(format!("{}-stats.json", cx.stem));
-    let log_path = cx.out_dir.join(format!("{}-stats.log", cx.stem));
-    let log = fs::File::create(&log_path).unwrap();
-    let ok = cargo_command()
-        .args(["bench", "-p", "bench", "--bench", "stats", "--target-dir"])
-        .arg(crate::boundary_target())
-        .current_dir(root())
-        .env("CRITERION_HOME", cx.out_dir.join("criterion"))
-        .env("BENCH_MODE", m.name)
-        .env("BENCH_STATS_JSON", &json_path)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "the stats benchmark failed: see {}", log_path.display());
+    let log_path = criterion(cx, "stats", &[("BENCH_STATS_JSON", &json_path)]);
     let v: serde_json::Value = serde_json::from_slice(&fs::read(&json_path).unwrap()).unwrap();
     let _ = fs::remove_file(&json_path);
     let get = |k: &str| -> Vec<f64> {
