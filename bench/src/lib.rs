@@ -523,7 +523,7 @@ impl Drop for Master {
 /// What each mode runs, and for how long. `--quick` is for development (minutes, still 5
 /// interleaved rounds so that every ratio has a spread); the default is the one whose figures go
 /// in docs/benchmarks.md; `--full` is the default plus the figures that only it runs (the
-/// `FULL` list in suite.rs).
+/// `FULL_ONLY` list in bin/suite.rs).
 #[derive(Debug, Clone, Copy)]
 pub struct Mode {
     pub name: &'static str,
