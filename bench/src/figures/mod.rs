@@ -93,6 +93,13 @@ struct Steady {
     rss_loaded: Vec<f64>,
 }
 
+impl Steady {
+    /// Server CPU per request (µs): the unit every CPU comparison of the figures is in.
+    fn cpu_us(&self) -> f64 {
+        self.cpu / self.report.requests as f64 * 1e6
+    }
+}
+
 fn measure(url: &str, pids: &[u32], seconds: u32) -> Steady {
     let cpu0 = procs::cpu_seconds(pids);
     let sampler = {

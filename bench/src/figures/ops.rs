@@ -269,7 +269,7 @@ pub fn access_log(cx: &Ctx, out: &mut Results) {
     let dropped = masters.each_ref().map(dropped);
     drop(masters);
 
-    let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
+    let cpu_us = Steady::cpu_us;
     let cpu = runs.each_ref().map(|r| col(r, cpu_us));
     if cx.host_cpu_us.get().is_none() {
         cx.host_cpu_us.set(Some((

@@ -59,7 +59,7 @@ pub fn steady(cx: &Ctx, out: &mut Results) {
     let rps = |r: &Steady| r.report.rps;
     let p50 = |r: &Steady| r.report.p50_ms;
     let p99 = |r: &Steady| r.report.p99_ms;
-    let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
+    let cpu_us = Steady::cpu_us;
     let failed = |r: &Steady| r.report.failed() as f64;
     cx.host_cpu_us.set(Some((
         report::spread(&col(&h, cpu_us)).median,
@@ -222,7 +222,7 @@ pub fn async_path(cx: &Ctx, out: &mut Results) {
         }
     }
     let mut t = RoundTable::new(m.async_rounds);
-    let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
+    let cpu_us = Steady::cpu_us;
     let rps = |r: &Steady| r.report.rps;
     let failed = |r: &Steady| r.report.failed() as f64;
     t.compare(
@@ -294,7 +294,7 @@ pub fn steady_one_worker(cx: &Ctx, out: &mut Results) {
         }
     }
     let mut t = RoundTable::new(m.steady_rounds);
-    let cpu_us = |r: &Steady| r.cpu / r.report.requests as f64 * 1e6;
+    let cpu_us = Steady::cpu_us;
     t.compare(
         "server CPU per request (µs)",
         ("host", &col(&h, cpu_us)),
