@@ -21,7 +21,7 @@ use bench::report::RoundTable;
 use criterion::{BenchmarkId, Criterion};
 use host::{protocol::WorkerSpec, worker::plugin::Plugin as Loaded};
 use plugin_api::{
-    ffi::{FfiBody, FfiRequest},
+    ffi::{FfiBody, FfiRequestRef},
     Context, Plugin, Request,
 };
 
@@ -63,7 +63,7 @@ fn main() {
         check_only: true,
     };
     let loaded = Loaded::load_and_start(&spec, &spec.plugin_path, || {}).expect("load hello");
-    let ffi_request = FfiRequest {
+    let ffi_request = FfiRequestRef {
         method: "GET".into(),
         path: "/".into(),
         query: "".into(),

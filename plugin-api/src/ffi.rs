@@ -3,16 +3,24 @@
 //! How each type may change without breaking plugins built earlier:
 //! - [`PluginMod`], [`FfiContext`] and [`HostApi`] are abi_stable *prefix types*, made once per
 //!   worker: new fields go at the end, each with `#[sabi(missing_field(option))]` (the default
-//!   here), so that a reader built before (or after) the field existed gets `None` for it.
-//!   The host builds the context, the plugin reads it; the plugin builds its root module, the
-//!   host reads it: either side may be the newer one. (Prefix-type accessors copy their field,
-//!   so these hold only `Copy` values: `'static` strings and slices the host keeps for the
-//!   life of the worker, function pointers, numbers.)
-//! - [`FfiRequest`], [`FfiResponse`], [`FfiBody`], [`FfiHeader`] and [`FfiBodyError`], made per
-//!   request, are plain structs, checked field by field at load time. They are *versioned*: a
-//!   request or response that must carry more is a new type (`FfiRequestV3`, ...) with a new
-//!   handler entry appended to [`PluginMod`], and the host calls the newest entry the plugin
-//!   has, so plugins built against an older 0.2.x keep loading.
+//!   here), so that a reader built before the field existed gets `None` for it. abi_stable's
+//!   check at load refuses a library whose prefix type has *fewer* fields than the loader's, so
+//!   a version that appends to one freezes the previous layout (`compat/plugin-api-0.2.0` for
+//!   the root module of 0.2.0): the host checks a plugin that declares that version against
+//!   it, then reads the appended fields through this type, whose accessors answer `None` for
+//!   them (host `worker::plugin::load`). A newer plugin in an older host needs nothing: it has
+//!   more fields, which that host does not read. (Prefix-type accessors copy their field, so
+//!   these hold only `Copy` values: `'static` strings and slices the host keeps for the life of
+//!   the worker, function pointers, numbers.)
+//! - [`FfiRequestRef`], [`FfiRequest`], [`FfiResponse`], [`FfiBody`], [`FfiHeader`] and
+//!   [`FfiBodyError`], made per request, are plain structs, checked field by field at load
+//!   time. They are *versioned*: a request or response that must carry more (or differently)
+//!   is a new type with a new handler entry appended to [`PluginMod`], and the host calls the
+//!   newest entry the plugin has. 0.2.1 added [`FfiRequestRef`] (the head borrowed from the
+//!   host's buffers: the host copies nothing) and the `handle_ref` entries; 0.2.0's owned
+//!   [`FfiRequest`] and its entries stay, for plugins built against 0.2.0 (the host copies the
+//!   head into one for them) and for hosts built against 0.2.0 (this crate's glue exports
+//!   both).
 //!
 //! The 0.1 ABI (a sync handler taking `FfiRequest` by reference) is frozen in
 //! `compat/plugin-api-0.1`; the host loads both.
@@ -87,8 +95,67 @@ impl FfiBody {
     }
 }
 
-/// A request's head as the host passes it to a plugin, by reference, for the length of the
-/// call (the plugin copies what it keeps). The body is passed beside it.
+/// One request header, borrowed for the length of a call.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct FfiHeaderRef<'a> {
+    /// Header name, lower case.
+    pub name: RStr<'a>,
+    /// Header value, as received.
+    pub value: RSlice<'a, u8>,
+}
+
+/// A request's head as the host passes it to a plugin (0.2.1 and later), borrowed from the
+/// host's own buffers for the length of the call: the plugin copies what it keeps. The body is
+/// passed beside it.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct FfiRequestRef<'a> {
+    /// `GET`, `POST`, ...
+    pub method: RStr<'a>,
+    /// The path, without the query string.
+    pub path: RStr<'a>,
+    /// The raw query string, without the `?` (empty when there is none).
+    pub query: RStr<'a>,
+    /// Request headers in the order received.
+    pub headers: RSlice<'a, FfiHeaderRef<'a>>,
+    /// The client's address, `ip:port` (empty if unknown).
+    pub client_addr: RStr<'a>,
+    /// Whether the request came over TLS.
+    pub tls: bool,
+    /// `HTTP/1.1`, `HTTP/2.0`, ...
+    pub http_version: RStr<'static>,
+    /// The request's id, as the host's log lines for it show it.
+    pub request_id: RStr<'a>,
+}
+
+impl FfiRequestRef<'_> {
+    /// An owned copy, for a plugin built against plugin-api 0.2.0 (whose handler entries take
+    /// [`FfiRequest`]).
+    pub fn to_owned_request(&self) -> FfiRequest {
+        FfiRequest {
+            method: self.method.into(),
+            path: self.path.into(),
+            query: self.query.into(),
+            headers: self
+                .headers
+                .iter()
+                .map(|h| FfiHeader {
+                    name: h.name.into(),
+                    value: h.value.to_vec().into(),
+                })
+                .collect(),
+            client_addr: self.client_addr.into(),
+            tls: self.tls,
+            http_version: self.http_version,
+            request_id: self.request_id.into(),
+        }
+    }
+}
+
+/// A request's head as plugin-api 0.2.0 passed it, every field owned (see [`FfiRequestRef`]
+/// for the one hosts of 0.2.1 and later pass), by reference, for the length of the call. The
+/// body is passed beside it.
 #[repr(C)]
 #[derive(StableAbi, Debug)]
 pub struct FfiRequest {
@@ -108,6 +175,31 @@ pub struct FfiRequest {
     pub http_version: RStr<'static>,
     /// The request's id, as the host's log lines for it show it.
     pub request_id: RString,
+}
+
+impl FfiRequest {
+    /// Calls `f` with a borrowed view of this request: how the glue answers a host built
+    /// against plugin-api 0.2.0.
+    pub fn with_ref<R>(&self, f: impl FnOnce(&FfiRequestRef<'_>) -> R) -> R {
+        let headers: Vec<FfiHeaderRef<'_>> = self
+            .headers
+            .iter()
+            .map(|h| FfiHeaderRef {
+                name: h.name.as_rstr(),
+                value: h.value.as_rslice(),
+            })
+            .collect();
+        f(&FfiRequestRef {
+            method: self.method.as_rstr(),
+            path: self.path.as_rstr(),
+            query: self.query.as_rstr(),
+            headers: RSlice::from_slice(&headers),
+            client_addr: self.client_addr.as_rstr(),
+            tls: self.tls,
+            http_version: self.http_version,
+            request_id: self.request_id.as_rstr(),
+        })
+    }
 }
 
 /// A response as a plugin returns it to the host.
@@ -244,12 +336,14 @@ pub struct PluginMod {
     /// reason the start failed.
     pub start: extern "C" fn(FfiContextRef) -> RResult<(), RString>,
     /// Handles one request synchronously (`calls` is `BLOCKING` or `INLINE`); an error is a
-    /// panic message (the host answers 500).
+    /// panic message (the host answers 500). Hosts of 0.2.1 and later call `handle_ref` when
+    /// the plugin has it.
     pub handle: extern "C" fn(&FfiRequest, FfiBody) -> RResult<FfiResponse, RString>,
     /// Handles one request (`calls` is `ASYNC`): each poll of the future polls the handler on
     /// the caller's thread, inside the plugin runtime's context (plugin-api's glue; plugins
     /// built with plugin-api 0.2.0 before 2026-11-30 spawned the handler on the runtime and
-    /// waited for it). Dropping it cancels the handler.
+    /// waited for it). Dropping it cancels the handler. Hosts of 0.2.1 and later call
+    /// `handle_async_ref` when the plugin has it.
     pub handle_async:
         extern "C" fn(&FfiRequest, FfiBody) -> FfiFuture<RResult<FfiResponse, RString>>,
     /// Resolves once the plugin's runtime has run a task: the host's liveness check.
@@ -260,6 +354,12 @@ pub struct PluginMod {
     /// background tasks; an error says what did not finish.
     #[sabi(last_prefix_field)]
     pub stop: extern "C" fn(timeout_ms: u64) -> RResult<(), RString>,
+    /// `handle` with the head borrowed from the host (0.2.1): no copy of it on the host's side.
+    pub handle_ref: extern "C" fn(&FfiRequestRef<'_>, FfiBody) -> RResult<FfiResponse, RString>,
+    /// `handle_async` with the head borrowed from the host (0.2.1); the plugin copies it before
+    /// this returns.
+    pub handle_async_ref:
+        extern "C" fn(&FfiRequestRef<'_>, FfiBody) -> FfiFuture<RResult<FfiResponse, RString>>,
 }
 
 impl RootModule for PluginModRef {

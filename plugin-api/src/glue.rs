@@ -20,7 +20,10 @@ use abi_stable::{
 use async_ffi::{FfiFuture, FutureExt};
 
 use crate::{
-    ffi::{calls, FfiBody, FfiContextRef, FfiRequest, FfiResponse, PluginMod, PluginModRef},
+    ffi::{
+        calls, FfiBody, FfiContextRef, FfiRequest, FfiRequestRef, FfiResponse, PluginMod,
+        PluginModRef,
+    },
     log::{REQUEST_ID, SYNC_REQUEST_ID},
     runtime, AsyncPlugin, Context, Plugin, Request,
 };
@@ -57,6 +60,8 @@ pub fn root_module<P: Plugin>(name: &'static str, version: &'static str) -> Plug
         ping,
         drain,
         stop: stop::<P>,
+        handle_ref: handle_ref::<P>,
+        handle_async_ref: not_async_ref,
     }
     .leak_into_prefix()
 }
@@ -76,6 +81,8 @@ pub fn async_root_module<P: AsyncPlugin>(
         ping,
         drain,
         stop: stop_async::<P>,
+        handle_ref: not_sync_ref,
+        handle_async_ref: handle_async_ref::<P>,
     }
     .leak_into_prefix()
 }
@@ -126,7 +133,15 @@ extern "C" fn start_async<P: AsyncPlugin>(ctx: FfiContextRef) -> RResult<(), RSt
     })))
 }
 
+/// For a host built against plugin-api 0.2.0, which passes the head owned.
 extern "C" fn handle<P: Plugin>(req: &FfiRequest, body: FfiBody) -> RResult<FfiResponse, RString> {
+    req.with_ref(|req| handle_ref::<P>(req, body))
+}
+
+extern "C" fn handle_ref<P: Plugin>(
+    req: &FfiRequestRef<'_>,
+    body: FfiBody,
+) -> RResult<FfiResponse, RString> {
     let plugin = match instance::<P>() {
         Ok(p) => p,
         Err(e) => return RErr(e),
@@ -203,8 +218,16 @@ impl<F: Future> Drop for InContext<F> {
     }
 }
 
+/// For a host built against plugin-api 0.2.0, which passes the head owned.
 extern "C" fn handle_async<P: AsyncPlugin>(
     req: &FfiRequest,
+    body: FfiBody,
+) -> FfiFuture<RResult<FfiResponse, RString>> {
+    req.with_ref(|req| handle_async_ref::<P>(req, body))
+}
+
+extern "C" fn handle_async_ref<P: AsyncPlugin>(
+    req: &FfiRequestRef<'_>,
     body: FfiBody,
 ) -> FfiFuture<RResult<FfiResponse, RString>> {
     let plugin = match instance::<P>() {
@@ -233,13 +256,29 @@ extern "C" fn handle_async<P: AsyncPlugin>(
     handler.into_ffi()
 }
 
+// The entry points a plugin of the other kind does not have: the host never calls them (it
+// calls the one `calls` names), but a root module has every field.
 extern "C" fn not_async(_: &FfiRequest, _: FfiBody) -> FfiFuture<RResult<FfiResponse, RString>> {
-    std::future::ready(RErr("this plugin's handler is not async".into())).into_ffi()
+    std::future::ready(RErr(NOT_ASYNC.into())).into_ffi()
+}
+
+extern "C" fn not_async_ref(
+    _: &FfiRequestRef<'_>,
+    _: FfiBody,
+) -> FfiFuture<RResult<FfiResponse, RString>> {
+    std::future::ready(RErr(NOT_ASYNC.into())).into_ffi()
 }
 
 extern "C" fn not_sync(_: &FfiRequest, _: FfiBody) -> RResult<FfiResponse, RString> {
-    RErr("this plugin's handler is async".into())
+    RErr(NOT_SYNC.into())
 }
+
+extern "C" fn not_sync_ref(_: &FfiRequestRef<'_>, _: FfiBody) -> RResult<FfiResponse, RString> {
+    RErr(NOT_SYNC.into())
+}
+
+const NOT_ASYNC: &str = "this plugin's handler is not async";
+const NOT_SYNC: &str = "this plugin's handler is async";
 
 extern "C" fn ping() -> FfiFuture<()> {
     if !runtime::started() {

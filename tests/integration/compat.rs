@@ -1,6 +1,7 @@
 //! Plugins built against plugin-api 0.1 (the fixture api-0-1, built against the frozen copy
 //! in compat/plugin-api-0.1) keep loading and serving in a 0.2 host, and a service moves
-//! between a 0.1 and a 0.2 plugin with ordinary reloads.
+//! between a 0.1 and a 0.2 plugin with ordinary reloads. A plugin built against 0.2.0 (the
+//! fixture api-0-2-0: its root module has no `handle_ref`) is handed 0.2.0's owned request.
 
 use crate::{
     harness::Host,
@@ -43,4 +44,29 @@ fn a_service_reloads_from_an_api_0_1_plugin_to_0_2_and_back() {
     host.reload_ok();
     assert!(get(&addr, "/").body.contains("plugin-api 0.1.0"));
     host.wait_for_log("api 0.1 plugin stopping");
+}
+
+#[test]
+fn a_plugin_built_against_api_0_2_0_gets_the_owned_request() {
+    let host = Host::serving("api-0-2-0", 1, &[]);
+    let addr = host.addr("plugin");
+    host.wait_for_log("api 0.2.0 plugin started");
+    let resp = crate::requests::call(
+        &addr,
+        "POST",
+        "/a/b?x=1",
+        &[("x-test", "yes"), ("x-request-id", "compat-1")],
+        "payload",
+    );
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(
+        resp.body,
+        format!(
+            "plugin-api 0.2.0: POST /a/b q=x=1 host={addr} x-test=yes id=compat-1 client=some \
+             HTTP/1.1 body=payload\n"
+        )
+    );
+    let worker: serde_json::Value =
+        serde_json::from_str(&get(&addr, "/__host/worker").body).unwrap();
+    assert_eq!(worker["handler_calls"], "inline", "{worker}");
 }

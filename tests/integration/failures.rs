@@ -53,7 +53,7 @@ fn with_fixture(name: &'static str) -> impl FnOnce(&std::path::Path) {
 fn plugin_built_against_an_old_api_is_rejected() {
     let text = reload_is_rejected(with_fixture("old-api"));
     assert!(
-        text.contains("built against plugin-api 0.0.3, but this host uses plugin-api 0.2.0"),
+        text.contains("built against plugin-api 0.0.3, but this host uses plugin-api 0.2.1"),
         "{text}"
     );
     assert!(text.contains("Rebuild the plugin"), "{text}");

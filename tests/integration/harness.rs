@@ -53,6 +53,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("not-a-plugin", "fixture_not_a_plugin"),
     ("inline-sleep", "fixture_inline_sleep"),
     ("api-0-1", "fixture_api_0_1"),
+    ("api-0-2-0", "fixture_api_0_2_0"),
     ("async-wedge", "fixture_async_wedge"),
 ];
 

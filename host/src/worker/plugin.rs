@@ -22,7 +22,9 @@ use abi_stable::{
     std_types::{RResult, RSlice, RStr, RString, Tuple2},
 };
 use plugin_api::{
-    ffi::{calls, FfiBody, FfiContext, FfiFuture, FfiRequest, FfiResponse, HostApi, PluginModRef},
+    ffi::{
+        calls, FfiBody, FfiContext, FfiFuture, FfiRequestRef, FfiResponse, HostApi, PluginModRef,
+    },
     Level,
 };
 
@@ -115,22 +117,30 @@ impl Plugin {
         }
     }
 
-    /// Calls a sync handler; `Err` carries a panic message.
-    pub fn handle(&self, req: &FfiRequest, body: FfiBody) -> Result<FfiResponse, String> {
-        match self {
-            Plugin::Current(m) => (m.handle())(req, body).into_result().map_err(String::from),
-            Plugin::V01(v) => v.handle(req, body),
-        }
+    /// Calls a sync handler; `Err` carries a panic message. A plugin built against plugin-api
+    /// 0.2.0 gets the head copied into the owned request its entry takes.
+    pub fn handle(&self, req: &FfiRequestRef<'_>, body: FfiBody) -> Result<FfiResponse, String> {
+        let result = match self {
+            Plugin::Current(m) => match m.handle_ref() {
+                Some(handle) => handle(req, body),
+                None => (m.handle())(&req.to_owned_request(), body),
+            },
+            Plugin::V01(v) => return v.handle(req, body),
+        };
+        result.into_result().map_err(String::from)
     }
 
     /// Starts an async handler call (a 0.1 plugin has none: this calls it in place).
     pub fn handle_async(
         &self,
-        req: &FfiRequest,
+        req: &FfiRequestRef<'_>,
         body: FfiBody,
     ) -> FfiFuture<RResult<FfiResponse, RString>> {
         match self {
-            Plugin::Current(m) => (m.handle_async())(req, body),
+            Plugin::Current(m) => match m.handle_async_ref() {
+                Some(handle) => handle(req, body),
+                None => (m.handle_async())(&req.to_owned_request(), body),
+            },
             Plugin::V01(_) => {
                 let result = self.handle(req, body).map_err(RString::from).into();
                 async_ffi::FutureExt::into_ffi(std::future::ready(result))
@@ -168,10 +178,26 @@ impl Plugin {
     }
 }
 
-/// Checks the library against the root-module type of the API line it declares.
+/// Checks the library against the root-module type of the API version it declares.
+///
+/// abi_stable refuses a library whose root module has fewer fields than the loader's type
+/// (a newer library, with more, is fine). 0.2.1 appended the `handle_ref` entries, so a
+/// plugin built against 0.2.0 is checked against 0.2.0's root module (frozen in
+/// compat/plugin-api-0.2.0), which is field for field the prefix of this one, and then used
+/// through this one: its accessors for the appended entries answer `None` for it (a prefix
+/// type's accessors read the library's own field list), and the host calls 0.2.0's entries.
 fn load(header: &'static LibHeader, declared: &str) -> Result<Plugin, LibraryError> {
     if declared.starts_with("0.1.") {
         return V01::load(header).map(Plugin::V01);
+    }
+    if declared == "0.2.0" {
+        let module = header.init_root_module::<plugin_api_020::ffi::PluginModRef>()?;
+        // SAFETY: abi_stable checked the library's root module against 0.2.0's layout, which
+        // is this `PluginMod`'s prefix (the fields up to `stop`, the same types in the same
+        // order: the frozen crate is 0.2.0's source). So the prefix reads the same memory
+        // either way, and the fields past it are read only through accessors that check the
+        // library's own field accessibility, which says they are absent.
+        return Ok(Plugin::Current(PluginModRef(unsafe { module.0.cast() })));
     }
     header
         .init_root_module::<PluginModRef>()
@@ -282,7 +308,7 @@ pub(crate) fn explain(err: LibraryError, spec: &WorkerSpec, declared: Option<&st
              plugin-api {expected_version}, which is not compatible with it. Rebuild the plugin \
              against plugin-api {api} (set `plugin-api = \"{api}\"` in its Cargo.toml, then \
              cargo build) and reload. (This host also loads plugins built against plugin-api \
-             0.1.)"
+             0.2.0 and 0.1.)"
         ),
         LibraryError::ParseVersionError(e) => format!(
             "plugin {source} declares a plugin-api version that cannot be read ({e}). Rebuild it \

@@ -7,7 +7,7 @@ use abi_stable::{
     library::{LibHeader, LibraryError},
     std_types::{RResult, RStr, RString, RVec, Tuple2},
 };
-use plugin_api::ffi::{FfiBody, FfiHeader, FfiRequest, FfiResponse};
+use plugin_api::ffi::{FfiBody, FfiHeader, FfiRequestRef, FfiResponse};
 use plugin_api_01::ffi as v01;
 
 use crate::protocol::WorkerSpec;
@@ -56,17 +56,17 @@ impl V01 {
     }
 
     /// Calls the handler with the request in 0.1's shape (the host read the whole body).
-    pub fn handle(&self, req: &FfiRequest, body: FfiBody) -> Result<FfiResponse, String> {
+    pub fn handle(&self, req: &FfiRequestRef<'_>, body: FfiBody) -> Result<FfiResponse, String> {
         let request = v01::FfiRequest {
-            method: req.method.clone(),
-            path: req.path.clone(),
-            query: req.query.clone(),
+            method: req.method.into(),
+            path: req.path.into(),
+            query: req.query.into(),
             headers: req
                 .headers
                 .iter()
                 .map(|h| v01::FfiHeader {
-                    name: h.name.clone(),
-                    value: h.value.clone(),
+                    name: h.name.into(),
+                    value: h.value.to_vec().into(),
                 })
                 .collect(),
             body: body.bytes,

@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use plugin_api::ffi::{FfiBody, FfiHeader, FfiRequest, FfiResponse};
+use plugin_api::ffi::{FfiBody, FfiHeaderRef, FfiRequestRef, FfiResponse};
 
 use super::{
     body::{self, Body},
@@ -67,18 +67,14 @@ pub async fn respond(
         Ok(body) => body,
         Err(response) => return response,
     };
-    let request = FfiRequest {
-        method: parts.method.as_str().into(),
-        path: parts.uri.path().into(),
-        query: parts.uri.query().unwrap_or("").into(),
-        headers: plugin_headers(&parts),
-        client_addr: client.into(),
-        tls: shared.tls.is_some(),
-        http_version: RStr::from_str(version_text(parts.version)),
-        request_id: id.as_str().into(),
-    };
     let id = id.as_str();
-    let result = call_plugin(shared, calls, request, body, &parts, id).await;
+    let head = Head {
+        parts: &parts,
+        client,
+        tls: shared.tls.is_some(),
+        id,
+    };
+    let result = call_plugin(shared, calls, head, body).await;
     let failure = match result {
         Ok(response) => match into_hyper(response, id) {
             Ok(response) => return response,
@@ -164,25 +160,50 @@ impl RequestId {
     }
 }
 
-/// The request's headers as the plugin sees them. An HTTP/2 request carries its host in the
-/// `:authority` pseudo-header (in the URI here), not in a `Host` header: the plugin gets it as
-/// `host` all the same, so that a handler reads the host one way whatever the protocol.
-fn plugin_headers(parts: &http::request::Parts) -> abi_stable::std_types::RVec<FfiHeader> {
-    let header = |name: &str, value: &[u8]| FfiHeader {
-        name: name.into(),
-        value: value.into(),
-    };
-    let mut headers: abi_stable::std_types::RVec<FfiHeader> = parts
-        .headers
-        .iter()
-        .map(|(name, value)| header(name.as_str(), value.as_bytes()))
-        .collect();
-    if let Some(authority) = parts.uri.authority() {
-        if !parts.headers.contains_key(header::HOST) {
-            headers.push(header("host", authority.as_str().as_bytes()));
+/// What the plugin is told about a request, borrowed from hyper's request and the connection.
+struct Head<'a> {
+    parts: &'a http::request::Parts,
+    client: &'a str,
+    tls: bool,
+    id: &'a str,
+}
+
+impl Head<'_> {
+    /// Calls `f` with the request's head as the plugin gets it: borrowed, not copied (the
+    /// plugin copies what it keeps), the header list on the stack unless it is long.
+    ///
+    /// An HTTP/2 request carries its host in the `:authority` pseudo-header (in the URI here),
+    /// not in a `Host` header: the plugin gets it as `host` all the same, so that a handler
+    /// reads the host one way whatever the protocol.
+    fn with_ffi<R>(&self, f: impl FnOnce(&FfiRequestRef<'_>) -> R) -> R {
+        let parts = self.parts;
+        let mut headers: smallvec::SmallVec<[FfiHeaderRef<'_>; 16]> = parts
+            .headers
+            .iter()
+            .map(|(name, value)| FfiHeaderRef {
+                name: RStr::from_str(name.as_str()),
+                value: value.as_bytes().into(),
+            })
+            .collect();
+        if let Some(authority) = parts.uri.authority() {
+            if !parts.headers.contains_key(header::HOST) {
+                headers.push(FfiHeaderRef {
+                    name: RStr::from_str("host"),
+                    value: authority.as_str().as_bytes().into(),
+                });
+            }
         }
+        f(&FfiRequestRef {
+            method: RStr::from_str(parts.method.as_str()),
+            path: RStr::from_str(parts.uri.path()),
+            query: RStr::from_str(parts.uri.query().unwrap_or("")),
+            headers: headers.as_slice().into(),
+            client_addr: RStr::from_str(self.client),
+            tls: self.tls,
+            http_version: RStr::from_str(version_text(parts.version)),
+            request_id: RStr::from_str(self.id),
+        })
     }
-    headers
 }
 
 fn version_text(version: Version) -> &'static str {
@@ -319,17 +340,16 @@ async fn read_body(
 async fn call_plugin(
     shared: &Shared,
     calls: Calls,
-    request: FfiRequest,
+    head: Head<'_>,
     body: FfiBody,
-    parts: &http::request::Parts,
-    id: &str,
 ) -> Result<FfiResponse, String> {
+    let (parts, id) = (head.parts, head.id);
     let plugin = shared.plugin;
     let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
     match calls {
         Calls::Async => {
-            let mut call = plugin.handle_async(&request, body);
-            drop(request);
+            // The plugin copies the head before this returns; the future borrows none of it.
+            let mut call = head.with_ffi(|request| plugin.handle_async(request, body));
             // The plugin polls its handler's future in each of these polls (plugin-api's glue),
             // on this thread: a poll that blocks is an inline call that never ends, and the
             // heartbeat reports it as one.
@@ -355,8 +375,10 @@ async fn call_plugin(
             }
         }
         Calls::Blocking => {
+            // The pool's thread outlives the borrows: the head goes owned, and is lent from there.
+            let request = head.with_ffi(|request| request.to_owned_request());
             let call = tokio::task::spawn_blocking(move || {
-                in_worker_span(|| plugin.handle(&request, body))
+                in_worker_span(|| request.with_ref(|request| plugin.handle(request, body)))
             });
             match tokio::time::timeout(timeout, call).await {
                 Ok(joined) => {
@@ -386,7 +408,7 @@ async fn call_plugin(
             let started = Instant::now();
             let result = {
                 let _call = INLINE_CALLS.begin();
-                plugin.handle(&request, body)
+                head.with_ffi(|request| plugin.handle(request, body))
             };
             let took = started.elapsed();
             if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
