@@ -3,7 +3,8 @@
 //! How each type may change without breaking plugins built earlier:
 //! - [`PluginMod`], [`FfiContext`] and [`HostApi`] are abi_stable *prefix types*, made once per
 //!   worker: new fields go at the end, each with `#[sabi(missing_field(option))]` (the default
-//!   here), so that a reader built before the field existed gets `None` for it. abi_stable's
+//!   here), so that a reader built after the field was added gets `None` for it from a
+//!   struct made before (by an older library or host). abi_stable's
 //!   check at load refuses a library whose prefix type has *fewer* fields than the loader's, so
 //!   a version that appends to one freezes the previous layout (`compat/plugin-api-0.2.0` for
 //!   the root module of 0.2.0): the host checks a plugin that declares that version against
@@ -17,13 +18,15 @@
 //!   time. They are *versioned*: a request or response that must carry more (or differently)
 //!   is a new type with a new handler entry appended to [`PluginMod`], and the host calls the
 //!   newest entry the plugin has. 0.2.1 added [`FfiRequestRef`] (the head borrowed from the
-//!   host's buffers: the host copies nothing) and the `handle_ref` entries; 0.2.0's owned
+//!   host's buffers: for an inline or async call the host copies nothing; the blocking pool
+//!   gets a copy, since its thread outlives the borrow) and the `handle_ref` entries; 0.2.0's owned
 //!   [`FfiRequest`] and its entries stay, for plugins built against 0.2.0 (the host copies the
 //!   head into one for them) and for hosts built against 0.2.0 (this crate's glue exports
 //!   both).
 //!
 //! The 0.1 ABI (a sync handler taking `FfiRequest` by reference) is frozen in
-//! `compat/plugin-api-0.1`; the host loads both.
+//! `compat/plugin-api-0.1`, 0.2.0's root module in `compat/plugin-api-0.2.0`; the host loads
+//! all three.
 
 // The `sabi_trait` expansion puts trait impls inside a `const` block, which rustc now lints.
 #![allow(non_local_definitions)]

@@ -30,13 +30,17 @@ fn reload_under_keep_alive_load_fails_no_request() {
     let before = host.ready_pids("plugin");
     assert_eq!(before.len(), 3);
 
+    const CLIENTS: usize = 4;
     let stop = Arc::new(AtomicBool::new(false));
-    let v2_seen = Arc::new(AtomicUsize::new(0));
-    let served = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..4)
+    // How many clients have been answered by v1, and by v2: each client counts itself once, so
+    // that the waits below are for every client (on a loaded machine one client's thread can
+    // lag far behind the others').
+    let saw_v1 = Arc::new(AtomicUsize::new(0));
+    let saw_v2 = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (addr, stop, v2_seen, served) =
-                (addr.clone(), stop.clone(), v2_seen.clone(), served.clone());
+            let (addr, stop, saw_v1, saw_v2) =
+                (addr.clone(), stop.clone(), saw_v1.clone(), saw_v2.clone());
             thread::spawn(move || {
                 let mut conn = Conn::new(&addr);
                 let mut stats = ClientStats::default();
@@ -44,9 +48,13 @@ fn reload_under_keep_alive_load_fails_no_request() {
                     match conn.get("/") {
                         Ok(r) if r.status == 200 => {
                             stats.ok += 1;
-                            served.fetch_add(1, Ordering::SeqCst);
-                            if r.body.contains("versioned v2") {
-                                v2_seen.fetch_add(1, Ordering::SeqCst);
+                            for (version, saw) in
+                                [("versioned v1", &saw_v1), ("versioned v2", &saw_v2)]
+                            {
+                                let first = !stats.bodies.iter().any(|b| b.contains(version));
+                                if first && r.body.contains(version) {
+                                    saw.fetch_add(1, Ordering::SeqCst);
+                                }
                             }
                             stats.bodies.insert(r.body);
                         }
@@ -61,8 +69,8 @@ fn reload_under_keep_alive_load_fails_no_request() {
             })
         })
         .collect();
-    wait_until("the clients are busy", || {
-        served.load(Ordering::SeqCst) > 200
+    wait_until("every client is served by v1", || {
+        saw_v1.load(Ordering::SeqCst) == CLIENTS
     });
 
     host.replace_plugin("versioned-v2");
@@ -74,7 +82,7 @@ fn reload_under_keep_alive_load_fails_no_request() {
     );
     // Keep the load on until every client has been served by the new code.
     wait_until("every client sees v2", || {
-        v2_seen.load(Ordering::SeqCst) > 400
+        saw_v2.load(Ordering::SeqCst) == CLIENTS
     });
     stop.store(true, Ordering::SeqCst);
 

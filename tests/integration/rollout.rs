@@ -215,7 +215,7 @@ fn a_burst_of_reload_requests_is_merged_into_one_follow_up() {
     }
     // The signals are handled on the master's own time: the callers below must find the
     // follow-up the signals queued, not queue it themselves.
-    host.wait_for_log("SIGHUP: queued behind the job that is running");
+    host.wait_for_log("SIGHUP: queued behind the jobs before it");
     // Two callers who ask for the same reload join the waiting one and hear its outcome.
     let callers: Vec<_> = (0..2)
         .map(|_| {

@@ -129,7 +129,7 @@ impl Master {
         }
         if q.running || !q.waiting.is_empty() {
             say("another reload is running; this one waits for it to finish");
-            tracing::info!("{why}: queued behind the job that is running");
+            tracing::info!("{why}: queued behind the jobs before it");
         }
         q.waiting.push_back(Job {
             op,

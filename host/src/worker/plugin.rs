@@ -6,9 +6,10 @@
 //! A library is never unloaded (unloading Rust dylibs is unsound); the worker process is the unit
 //! that is thrown away.
 //!
-//! Two ABIs: the version a library declares picks the root-module type it is checked against,
-//! plugin-api 0.2 (this host's) or the frozen 0.1 (`super::plugin_v01`), so plugins built
-//! before 0.2 keep loading and serving unchanged.
+//! Three ABIs: the version a library declares picks the root-module type it is checked against:
+//! this host's plugin-api (0.2.1), 0.2.0's (frozen in compat/plugin-api-0.2.0; see [`load`]) or
+//! the frozen 0.1 (`super::plugin_v01`), so plugins built against earlier versions keep
+//! loading and serving unchanged.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
@@ -17,13 +18,16 @@ use std::{
 };
 
 use abi_stable::{
+    abi_stability::abi_checking::check_layout_compatibility,
     library::{lib_header_from_path, LibHeader, LibraryError},
     prefix_type::PrefixTypeTrait,
-    std_types::{RResult, RSlice, RStr, RString, Tuple2},
+    std_types::{RBoxError, RResult, RSlice, RStr, RString, Tuple2},
+    StableAbi,
 };
 use plugin_api::{
     ffi::{
-        calls, FfiBody, FfiContext, FfiFuture, FfiRequestRef, FfiResponse, HostApi, PluginModRef,
+        calls, FfiBody, FfiContext, FfiFuture, FfiRequest, FfiRequestRef, FfiResponse, HostApi,
+        PluginModRef,
     },
     Level,
 };
@@ -46,7 +50,8 @@ pub enum Calls {
 /// A loaded and started plugin. `Copy`: it is a `'static` reference to the root module.
 #[derive(Clone, Copy)]
 pub enum Plugin {
-    /// Built against this host's plugin-api (0.2).
+    /// Built against plugin-api 0.2 (0.2.0's have no `handle_ref` entries: their accessors
+    /// answer `None`).
     Current(PluginModRef),
     /// Built against plugin-api 0.1.
     V01(V01),
@@ -130,6 +135,17 @@ impl Plugin {
         result.into_result().map_err(String::from)
     }
 
+    /// `handle` for a head already copied (the blocking pool's): a plugin built against 0.2.0
+    /// takes it as it is, without a second copy.
+    pub fn handle_owned(&self, req: &FfiRequest, body: FfiBody) -> Result<FfiResponse, String> {
+        match self {
+            Plugin::Current(m) if m.handle_ref().is_none() => {
+                (m.handle())(req, body).into_result().map_err(String::from)
+            }
+            _ => req.with_ref(|req| self.handle(req, body)),
+        }
+    }
+
     /// Starts an async handler call (a 0.1 plugin has none: this calls it in place).
     pub fn handle_async(
         &self,
@@ -192,11 +208,18 @@ fn load(header: &'static LibHeader, declared: &str) -> Result<Plugin, LibraryErr
     }
     if declared == "0.2.0" {
         let module = header.init_root_module::<plugin_api_020::ffi::PluginModRef>()?;
-        // SAFETY: abi_stable checked the library's root module against 0.2.0's layout, which
-        // is this `PluginMod`'s prefix (the fields up to `stop`, the same types in the same
-        // order: the frozen crate is 0.2.0's source). So the prefix reads the same memory
-        // either way, and the fields past it are read only through accessors that check the
-        // library's own field accessibility, which says they are absent.
+        // What the cast below relies on, checked rather than assumed: 0.2.0's root module is
+        // a prefix of this one (an edit to a type both reach would break it).
+        check_layout_compatibility(
+            <plugin_api_020::ffi::PluginModRef as StableAbi>::LAYOUT,
+            <PluginModRef as StableAbi>::LAYOUT,
+        )
+        .map_err(|e| LibraryError::AbiInstability(RBoxError::new(e)))?;
+        // SAFETY: abi_stable checked the library's root module against 0.2.0's layout, and
+        // that layout against this one's (above): it is this `PluginMod`'s prefix, the fields
+        // up to `stop`, of the same types in the same order. So the prefix reads the same
+        // memory either way, and the fields past it are read only through accessors that test
+        // the library's own field accessibility (its `WithMetadata`), which marks them absent.
         return Ok(Plugin::Current(PluginModRef(unsafe { module.0.cast() })));
     }
     header
@@ -337,5 +360,21 @@ pub(crate) fn explain(err: LibraryError, spec: &WorkerSpec, declared: Option<&st
              before on_start: look at static initializers in the plugin."
         ),
         other => format!("could not load plugin {source}: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use abi_stable::{abi_stability::abi_checking::check_layout_compatibility, StableAbi};
+
+    /// `load` casts a 0.2.0 plugin's root module to this one's type; it checks this at every
+    /// such load too, but an edit that breaks it should fail here first.
+    #[test]
+    fn the_frozen_0_2_0_root_module_is_a_prefix_of_this_one() {
+        check_layout_compatibility(
+            <plugin_api_020::ffi::PluginModRef as StableAbi>::LAYOUT,
+            <plugin_api::ffi::PluginModRef as StableAbi>::LAYOUT,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     }
 }

@@ -375,10 +375,10 @@ async fn call_plugin(
             }
         }
         Calls::Blocking => {
-            // The pool's thread outlives the borrows: the head goes owned, and is lent from there.
+            // The pool's thread outlives the borrows: the head goes to it copied.
             let request = head.with_ffi(|request| request.to_owned_request());
             let call = tokio::task::spawn_blocking(move || {
-                in_worker_span(|| request.with_ref(|request| plugin.handle(request, body)))
+                in_worker_span(|| plugin.handle_owned(&request, body))
             });
             match tokio::time::timeout(timeout, call).await {
                 Ok(joined) => {
