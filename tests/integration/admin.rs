@@ -219,7 +219,9 @@ fn reload_and_rollback_through_the_api_stream_what_the_cli_prints() {
 fn readyz_says_503_while_the_host_drains_and_the_stop_streams_to_the_end() {
     let mut host = start("slow", "", "drain_timeout = \"20s\"");
     let addr = admin_addr(&host);
-    let slow = host.slow_request_in_flight(1500);
+    // Long enough for the checks below to run while the drain waits for it, on a loaded
+    // machine too (the drain_timeout is longer).
+    let slow = host.slow_request_in_flight(10_000);
     // The stop's answer arrives line by line: the first before the drain ends.
     let mut stream = TcpStream::connect(&addr).unwrap();
     write!(
@@ -312,6 +314,12 @@ fn metrics_parse_and_count_every_request_across_a_reload() {
     let requests = |s: &[Value]| sample(s, "host_requests_total", &[("service", "web")]);
     wait_until("the metrics count all 51 requests", || {
         requests(&scrape(&addr)) == 51.0
+    });
+    // The old workers' exits are counted when the master reaps them, after their last
+    // heartbeat: wait for those too.
+    wait_until("both drained workers' exits are counted", || {
+        let exits = &[("service", "web"), ("reason", "drained")];
+        sample(&scrape(&addr), "host_worker_exits_total", exits) == 2.0
     });
     let s = scrape(&addr);
     assert_eq!(sample(&s, "host_requests_total", &[("class", "4xx")]), 1.0);

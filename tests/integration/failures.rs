@@ -8,20 +8,35 @@ use crate::{
     http::{get, Conn},
 };
 
+/// The default ready timeout (10 s): a healthy worker on a loaded machine is ready well within.
 const CONFIG: &str = r#"
 [[service]]
 name = "web"
 listen = ["127.0.0.1:0"]
 plugin = "plugin.so"
 workers = 2
-ready_timeout = "2s"
+"#;
+
+/// For the tests that wait for a hanging start to time out: short, but long enough for the
+/// healthy starts and for what the test does meanwhile on a loaded machine.
+const SHORT_READY_TIMEOUT: &str = r#"
+[[service]]
+name = "web"
+listen = ["127.0.0.1:0"]
+plugin = "plugin.so"
+workers = 2
+ready_timeout = "5s"
 "#;
 
 /// Starts versioned v1, breaks the plugin with `break_it`, reloads, and checks nothing changed;
 /// then a good build reloads fine. Returns the failed reload's output.
 fn reload_is_rejected(break_it: impl FnOnce(&std::path::Path)) -> String {
+    reload_is_rejected_in(CONFIG, break_it)
+}
+
+fn reload_is_rejected_in(config: &str, break_it: impl FnOnce(&std::path::Path)) -> String {
     let host = Host::start(
-        dir_with_config(CONFIG, &[("plugin.so", "versioned")]),
+        dir_with_config(config, &[("plugin.so", "versioned")]),
         &["--config", "host.toml"],
     );
     let addr = host.addr("web");
@@ -119,9 +134,9 @@ fn worker_crash_during_start_is_rejected() {
 
 #[test]
 fn hanging_on_start_hits_the_ready_timeout() {
-    let text = reload_is_rejected(with_fixture("start-hang"));
+    let text = reload_is_rejected_in(SHORT_READY_TIMEOUT, with_fixture("start-hang"));
     assert!(
-        text.contains("did not report ready within the ready timeout (2s)"),
+        text.contains("did not report ready within the ready timeout (5s)"),
         "{text}"
     );
 }
@@ -187,11 +202,12 @@ fn missing_plugin_file_fails_the_reload_and_keeps_serving() {
 #[test]
 fn a_reload_asked_for_during_another_waits_its_turn() {
     let host = Host::start(
-        dir_with_config(CONFIG, &[("plugin.so", "versioned")]),
+        dir_with_config(SHORT_READY_TIMEOUT, &[("plugin.so", "versioned")]),
         &["--config", "host.toml"],
     );
     let addr = host.addr("web");
-    // The first reload hangs on its canary until the 2 s ready timeout.
+    // The first reload hangs on its canary until the 5 s ready timeout: the second must
+    // connect before then.
     host.replace_plugin("start-hang");
     let state_dir = host.state_dir();
     let first = std::thread::spawn(move || {

@@ -17,7 +17,7 @@ use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
 };
 
-use crate::harness::{dir_with_config, output_text, wait_until, Host};
+use crate::harness::{alive, dir_with_config, output_text, wait_until, Host};
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -189,9 +189,22 @@ fn clients_stay_connected_and_lose_nothing_across_twenty_reloads() {
         } else {
             ("chat", "v1")
         };
+        let old: Vec<u64> = host.service("chat")["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["role"] == "worker")
+            .map(|w| w["pid"].as_u64().unwrap())
+            .collect();
         host.replace_plugin(plugin);
         let started = Instant::now();
         host.reload_ok();
+        // The gateways hear of the new workers from the master, without an answer to it; an
+        // old business worker exits once every gateway has moved its clients off it. From
+        // then on no message can reach the old version, however late a gateway heard.
+        wait_until("the old business workers are gone", || {
+            old.iter().all(|pid| !alive(*pid as u32))
+        });
         reloads
             .lock()
             .unwrap()

@@ -377,7 +377,7 @@ impl Host {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    fn service(&self, name: &str) -> Value {
+    pub fn service(&self, name: &str) -> Value {
         let status = self.status();
         status["services"]
             .as_array()

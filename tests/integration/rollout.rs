@@ -120,7 +120,8 @@ fn a_version_that_exits_during_probation_is_rolled_back_automatically() {
     let host = start(
         "versioned",
         2,
-        "canary_probation = \"0s\"\nprobation = \"30s\"\n[service.config]\nexit_after_ms = \"1500\"",
+        // The rollout, and reading the live version, must end before the first exit.
+        "canary_probation = \"0s\"\nprobation = \"30s\"\n[service.config]\nexit_after_ms = \"8000\"",
     );
     let addr = host.addr("web");
     let v1 = live_version(&host);
@@ -177,12 +178,13 @@ fn a_later_slot_that_fails_twice_rolls_the_whole_service_back() {
 #[test]
 fn a_crash_loop_after_probation_goes_back_to_the_last_healthy_version() {
     // v1 proves healthy within 300 ms of the start; v2 passes its short probation and only
-    // then starts exiting, 1.5 s after each start.
+    // then starts exiting, 5 s after each start (the rollout and the probation must end
+    // before that, on a loaded machine too).
     let host = start(
         "versioned",
         2,
         "canary_probation = \"0s\"\nprobation = \"300ms\"\ncrash_loop_crashes = 3\n\
-         [service.config]\nexit_after_ms = \"1500\"",
+         [service.config]\nexit_after_ms = \"5000\"",
     );
     let addr = host.addr("web");
     let v1 = live_version(&host);
