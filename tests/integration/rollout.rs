@@ -211,7 +211,7 @@ fn a_burst_of_reload_requests_is_merged_into_one_follow_up() {
     // arrives meanwhile, even on a loaded machine.
     host.replace_plugin("versioned-v2");
     host.signal(Signal::SIGHUP);
-    host.wait_for_log("reloading 1 workers");
+    host.wait_for_log("reloading 1 worker,");
     for _ in 0..200 {
         host.signal(Signal::SIGHUP);
     }

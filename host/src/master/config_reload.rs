@@ -164,8 +164,9 @@ impl Master {
         let svc = Arc::new(Service::new(config, bound, version, saved));
         let _turn = svc.lock.lock().await;
         progress.line(format!(
-            "{name}: new service on {}, starting {workers} workers on plugin {}",
+            "{name}: new service on {}, starting {} on plugin {}",
             svc.listen_addrs().join(", "),
+            super::workers(workers),
             svc.live()
         ));
         self.services.write().unwrap().push(svc.clone());
@@ -231,9 +232,9 @@ impl Master {
             .map(|(pid, _)| *pid)
             .collect();
         progress.line(format!(
-            "{}: removed from the config: draining its {} workers and closing {}",
+            "{}: removed from the config: draining its {} and closing {}",
             svc.name(),
-            pids.len(),
+            super::workers(pids.len()),
             svc.listen_addrs().join(", ")
         ));
         svc.close_listeners();

@@ -150,7 +150,8 @@ impl Master {
     pub fn request_stop(&self, waiter: StopWaiter) {
         let n = *self.worker_count.borrow();
         let _ = waiter.send(crate::protocol::ControlReply::Line(format!(
-            "stopping: draining {n} workers"
+            "stopping: draining {}",
+            workers(n)
         )));
         let _ = self.home.stops.send(waiter);
     }
@@ -200,9 +201,9 @@ impl Master {
             );
         }
         Ok(format!(
-            "reopened {} (the master and its {} workers)",
+            "reopened {} (the master and its {})",
             reopened.join(", "),
-            reg.workers.len()
+            workers(reg.workers.len())
         ))
     }
 
@@ -284,8 +285,8 @@ impl Master {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         tracing::warn!(
-            "{why}: stopping now; killing {} workers that had not finished draining",
-            pids.len()
+            "{why}: stopping now; killing {} that had not finished draining",
+            workers(pids.len())
         );
         for pid in pids {
             self.kill_worker(pid, why);
@@ -346,5 +347,13 @@ impl Master {
     fn prune_store(&self) {
         let keep: HashSet<String> = self.versions_in_use().into_iter().map(|v| v.hash).collect();
         self.store.prune(&keep);
+    }
+}
+
+/// "1 worker", "2 workers": the count for the master's progress and log lines.
+pub(crate) fn workers(n: usize) -> String {
+    match n {
+        1 => "1 worker".to_string(),
+        n => format!("{n} workers"),
     }
 }

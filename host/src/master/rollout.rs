@@ -67,7 +67,8 @@ impl Master {
         let (old, earlier_trial) = (svc.release(), svc.state().trial.clone());
         let config_changed = *old.config != *new.config;
         progress.line(format!(
-            "{name}: reloading {workers} workers, plugin {old} -> {new}{}",
+            "{name}: reloading {}, plugin {old} -> {new}{}",
+            super::workers(workers),
             if config_changed {
                 ", new configuration"
             } else {
@@ -102,8 +103,8 @@ impl Master {
                 self.save_history();
                 let text = format!(
                     "{name}: reload rejected, the first new worker failed: {reason}\n\
-                     {name}: nothing changed; still serving {old} with all {} workers",
-                    old.config.workers
+                     {name}: nothing changed; still serving {old} with all {}",
+                    super::workers(old.config.workers)
                 );
                 self.record_event(svc, kind, &old, &new, "rejected", started, Some(&reason));
                 return Outcome::Rejected(text);
@@ -204,8 +205,9 @@ impl Master {
             }
         };
         let mut done = format!(
-            "{name}: done in {} ms, all {workers} workers on {new}",
-            started.elapsed().as_millis()
+            "{name}: done in {} ms, all {} on {new}",
+            started.elapsed().as_millis(),
+            super::workers(workers)
         );
         if let (Some(id), false) = (trial, probation.is_zero()) {
             tokio::spawn(self.clone().end_probation(svc.clone(), id, probation));
@@ -370,8 +372,8 @@ impl Master {
         self.record_event(svc, kind, from, new, "rolled back", started, Some(&failure));
         let outcome = match back {
             Ok(()) => format!(
-                "rolled back to {from}: all {} workers run {from} again",
-                from.config.workers
+                "rolled back to {from}: all {} run {from} again",
+                super::workers(from.config.workers)
             ),
             Err(e) => format!("the rollback to {from} did not finish: {e}"),
         };

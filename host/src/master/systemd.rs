@@ -19,7 +19,14 @@ fn summary(master: &Master) -> String {
     let services = master.services();
     let parts: Vec<String> = services
         .iter()
-        .map(|s| format!("{} {} ({} workers)", s.name(), s.live(), s.config().workers))
+        .map(|s| {
+            format!(
+                "{} {} ({})",
+                s.name(),
+                s.live(),
+                super::workers(s.config().workers)
+            )
+        })
         .collect();
     format!("{} services: {}", services.len(), parts.join(", "))
 }

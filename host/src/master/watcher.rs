@@ -142,8 +142,8 @@ async fn run(
         }
         tracing::info!(
             service = %name,
-            "plugin {name} rebuilt ({old} -> {new}), reloading {} workers",
-            svc.config().workers
+            "plugin {name} rebuilt ({old} -> {new}), reloading {}",
+            super::workers(svc.config().workers)
         );
         let started = Instant::now();
         let (tx, mut replies) = mpsc::unbounded_channel();
