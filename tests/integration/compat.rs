@@ -51,18 +51,7 @@ fn a_plugin_built_against_api_0_2_0_gets_the_owned_request() {
     // Each way the host calls a handler has its own path to 0.2.0's entries.
     for calls in ["inline", "blocking", "async"] {
         let env = [("FIXTURE_API_020_CALLS", std::path::Path::new(calls))];
-        let dir = Host::dir_with_plugin("api-0-2-0");
-        let args = [
-            "--plugin",
-            "plugin.so",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-        ];
-        let host = Host::launch("start", dir, &args, &env).unwrap_or_else(|(host, why)| {
-            panic!("host did not become ready: {why}\n{}", host.logs())
-        });
+        let host = Host::serving_with(Host::dir_with_plugin("api-0-2-0"), 1, &[], &env);
         let addr = host.addr("plugin");
         host.wait_for_log("api 0.2.0 plugin started");
         let resp = crate::requests::call(

@@ -17,16 +17,11 @@ plugin = "plugin.so"
 workers = 2
 "#;
 
-/// For the tests that wait for a hanging start to time out: short, but long enough for the
-/// healthy starts and for what the test does meanwhile on a loaded machine.
-const SHORT_READY_TIMEOUT: &str = r#"
-[[service]]
-name = "web"
-listen = ["127.0.0.1:0"]
-plugin = "plugin.so"
-workers = 2
-ready_timeout = "5s"
-"#;
+/// `CONFIG` for the tests that wait for a hanging start to time out: short, but long enough
+/// for the healthy starts and for what the test does meanwhile on a loaded machine.
+fn short_ready_timeout() -> String {
+    format!("{CONFIG}ready_timeout = \"5s\"\n")
+}
 
 /// Starts versioned v1, breaks the plugin with `break_it`, reloads, and checks nothing changed;
 /// then a good build reloads fine. Returns the failed reload's output.
@@ -134,7 +129,7 @@ fn worker_crash_during_start_is_rejected() {
 
 #[test]
 fn hanging_on_start_hits_the_ready_timeout() {
-    let text = reload_is_rejected_in(SHORT_READY_TIMEOUT, with_fixture("start-hang"));
+    let text = reload_is_rejected_in(&short_ready_timeout(), with_fixture("start-hang"));
     assert!(
         text.contains("did not report ready within the ready timeout (5s)"),
         "{text}"
@@ -202,7 +197,7 @@ fn missing_plugin_file_fails_the_reload_and_keeps_serving() {
 #[test]
 fn a_reload_asked_for_during_another_waits_its_turn() {
     let host = Host::start(
-        dir_with_config(SHORT_READY_TIMEOUT, &[("plugin.so", "versioned")]),
+        dir_with_config(&short_ready_timeout(), &[("plugin.so", "versioned")]),
         &["--config", "host.toml"],
     );
     let addr = host.addr("web");

@@ -212,6 +212,16 @@ impl Host {
 
     /// Like `serving`, in a directory that already holds `plugin.so` (a restart in place).
     pub fn serving_in(dir: TempDir, workers: usize, extra: &[&str]) -> Host {
+        Host::serving_with(dir, workers, extra, &[])
+    }
+
+    /// Like `serving_in`, with `env` set for the master (and so for its workers).
+    pub fn serving_with(
+        dir: TempDir,
+        workers: usize,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Host {
         let workers = workers.to_string();
         let mut args = vec![
             "--plugin",
@@ -222,7 +232,7 @@ impl Host {
             &workers,
         ];
         args.extend_from_slice(extra);
-        Host::start(dir, &args)
+        Host::start_with(dir, &args, env)
     }
 
     /// Sends `GET /?ms=N` to the first service (a `slow` one) on its own connection and returns
@@ -247,7 +257,12 @@ impl Host {
 
     /// `host start <args>` in `dir`, waiting for its ready line.
     pub fn start(dir: TempDir, args: &[&str]) -> Host {
-        Host::try_start(dir, args).unwrap_or_else(|(host, why)| {
+        Host::start_with(dir, args, &[])
+    }
+
+    /// Like `start`, with `env` set for the master (and so for its workers).
+    pub fn start_with(dir: TempDir, args: &[&str], env: &[(&str, &Path)]) -> Host {
+        Host::launch("start", dir, args, env).unwrap_or_else(|(host, why)| {
             panic!(
                 "host did not become ready: {why}\n--- host log ---\n{}",
                 host.logs()

@@ -62,16 +62,7 @@ impl Notifications {
 fn the_master_tells_systemd_ready_reloading_and_stopping() {
     let dir = Host::dir_with_plugin("versioned");
     let (mut notes, path) = Notifications::bind(dir.path());
-    let args = [
-        "--plugin",
-        "plugin.so",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-    ];
-    let mut host = Host::launch("start", dir, &args, &[("NOTIFY_SOCKET", &path)])
-        .unwrap_or_else(|(host, why)| panic!("{why}\n{}", host.logs()));
+    let mut host = Host::serving_with(dir, 1, &[], &[("NOTIFY_SOCKET", &path)]);
     let ready = notes.wait_for("READY=1");
     assert!(ready.contains("STATUS=1 services: plugin "), "{ready}");
     notes.seen.clear();

@@ -119,6 +119,27 @@ fn measure(url: &str, pids: &[u32], seconds: u32) -> Steady {
     }
 }
 
+/// `rounds` rounds of one measured run of `seconds` per server (its URL and the pids whose CPU
+/// counts), who goes first rotating from round to round so that a drift within a round favours
+/// no side; `before` runs at the start of each round. Each server's runs, in `servers`' order.
+fn interleaved<const N: usize>(
+    servers: [(&str, &[u32]); N],
+    rounds: usize,
+    seconds: u32,
+    mut before: impl FnMut(),
+) -> [Vec<Steady>; N] {
+    let mut runs: [Vec<Steady>; N] = std::array::from_fn(|_| Vec::new());
+    for round in 0..rounds {
+        before();
+        let mut order: [usize; N] = std::array::from_fn(|i| i);
+        order.rotate_left(round % N);
+        for i in order {
+            runs[i].push(measure(servers[i].0, servers[i].1, seconds));
+        }
+    }
+    runs
+}
+
 fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {
     runs.iter().map(f).collect()
 }

@@ -11,7 +11,7 @@ use crate::{
     wrk, Master, Service,
 };
 
-use super::{baseline, col, measure, Ctx, Steady, CONNS, WORKERS};
+use super::{baseline, col, interleaved, Ctx, Steady, CONNS, WORKERS};
 
 /// Figure 1 (throughput, latency, CPU per request) and figure 4 (memory).
 pub fn steady(cx: &Ctx, out: &mut Results) {
@@ -38,23 +38,18 @@ pub fn steady(cx: &Ctx, out: &mut Results) {
     let (host_idle, base_idle) = (idle(&host_pids), idle(&base_pids));
     wrk::run(&host_url, CONNS, m.warmup_secs, None);
     wrk::run(&base_url, CONNS, m.warmup_secs, None);
-    let (mut h, mut s) = (Vec::new(), Vec::new());
     // Figure 4's idle samples between runs: every process of both servers before each round's
     // runs, with no connection open (the last run's closed during SETTLE).
     let (mut host_between, mut base_between) = (Vec::new(), Vec::new());
-    for round in 0..m.steady_rounds {
-        host_between.push(idle(&host_pids));
-        base_between.push(idle(&base_pids));
-        // Alternate who goes first, so that a drift within a round (the other engineer's build
-        // starting, a clock change) does not always land on the same server.
-        if round % 2 == 0 {
-            h.push(measure(&host_url, &host_pids, m.steady_secs));
-            s.push(measure(&base_url, &base_pids, m.steady_secs));
-        } else {
-            s.push(measure(&base_url, &base_pids, m.steady_secs));
-            h.push(measure(&host_url, &host_pids, m.steady_secs));
-        }
-    }
+    let [h, s] = interleaved(
+        [(&host_url, &host_pids), (&base_url, &base_pids)],
+        m.steady_rounds,
+        m.steady_secs,
+        || {
+            host_between.push(idle(&host_pids));
+            base_between.push(idle(&base_pids));
+        },
+    );
     let mut t = RoundTable::new(m.steady_rounds);
     let rps = |r: &Steady| r.report.rps;
     let p50 = |r: &Steady| r.report.p50_ms;
@@ -208,19 +203,16 @@ pub fn async_path(cx: &Ctx, out: &mut Results) {
     wrk::run(&sync_url, CONNS, m.warmup_secs, None);
     wrk::run(&async_url, CONNS, m.warmup_secs, None);
     wrk::run(&base_url, CONNS, m.warmup_secs, None);
-    let (mut s, mut a, mut base) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..m.async_rounds {
-        let mut order = [
-            (&async_url, &async_pids, &mut a),
-            (&sync_url, &sync_pids, &mut s),
-            (&base_url, &base_pids, &mut base),
-        ];
-        // Who goes first rotates, so that a drift within a round favours no one side.
-        order.rotate_left(round % 3);
-        for (url, pids, runs) in order {
-            runs.push(measure(url, pids, m.async_secs));
-        }
-    }
+    let [a, s, base] = interleaved(
+        [
+            (&async_url, &async_pids),
+            (&sync_url, &sync_pids),
+            (&base_url, &base_pids),
+        ],
+        m.async_rounds,
+        m.async_secs,
+        || {},
+    );
     let mut t = RoundTable::new(m.async_rounds);
     let cpu_us = Steady::cpu_us;
     let rps = |r: &Steady| r.report.rps;
@@ -283,16 +275,12 @@ pub fn steady_one_worker(cx: &Ctx, out: &mut Results) {
     let (host_pids, base_pids) = (host.pids(), procs::tree(baseline.child.id()));
     wrk::run(&host_url, CONNS, m.warmup_secs, None);
     wrk::run(&base_url, CONNS, m.warmup_secs, None);
-    let (mut h, mut s) = (Vec::new(), Vec::new());
-    for round in 0..m.steady_rounds {
-        if round % 2 == 0 {
-            h.push(measure(&host_url, &host_pids, m.steady_secs));
-            s.push(measure(&base_url, &base_pids, m.steady_secs));
-        } else {
-            s.push(measure(&base_url, &base_pids, m.steady_secs));
-            h.push(measure(&host_url, &host_pids, m.steady_secs));
-        }
-    }
+    let [h, s] = interleaved(
+        [(&host_url, &host_pids), (&base_url, &base_pids)],
+        m.steady_rounds,
+        m.steady_secs,
+        || {},
+    );
     let mut t = RoundTable::new(m.steady_rounds);
     let cpu_us = Steady::cpu_us;
     t.compare(
