@@ -58,6 +58,7 @@ fn main() {
         run_as: None,
         tls: None,
         host_routes: true,
+        balance_fd: None,
         access_log: None,
         master_pid: std::process::id(),
         check_only: true,

@@ -1,6 +1,7 @@
 //! The `host` library: one executable that is the master, its workers and the CLI.
 //!
 //! - [`admin`]: the admin listener: page, JSON API, health and metrics.
+//! - [`balance`]: the table a service's workers share to split new connections evenly.
 //! - [`cli`]: command-line parsing and the client commands (`reload`, `status`, `stop`, `check`).
 //! - [`config`]: the TOML config file and the flags, checked into [`config::Config`].
 //! - [`dev`]: `host dev`, the build-serve-rebuild loop for one plugin crate.
@@ -20,6 +21,7 @@
 //! must only ever take down a disposable worker.
 
 pub mod admin;
+pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod daemon;

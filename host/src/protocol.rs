@@ -237,6 +237,9 @@ pub struct WorkerSpec {
     pub host_routes: bool,
     /// Log every request in this format to the file passed at the fd after the listeners.
     pub access_log: Option<crate::config::AccessLogFormat>,
+    /// The fd of the service's accept-balancing table (`balance`), when it has one.
+    #[serde(default)]
+    pub balance_fd: Option<i32>,
     pub master_pid: u32,
     /// Load the plugin, start and stop it, report, exit: `host check`.
     pub check_only: bool,

@@ -9,6 +9,7 @@ mod access_log;
 mod admin;
 mod admin_page;
 mod async_handlers;
+mod balance;
 mod cli;
 mod compat;
 mod config_reload;

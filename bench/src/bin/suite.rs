@@ -19,7 +19,7 @@ use std::{
 use bench::{
     build, build_boundary,
     figures::{
-        boundary, ops,
+        balance, boundary, ops,
         ops::{H2_CONNS, H2_STREAMS, HANDSHAKE_CLIENTS},
         reload, steady, upgrade, websocket, Ctx, CONNS, RELOAD_EVERY, WORKERS,
     },
@@ -96,7 +96,8 @@ const FIGURES: &[Figure] = &[
 /// the long runs; figure 13 (gateway), which would take the default mode past its 20 min
 /// (docs/benchmarks.md, "Modes"); and the scaling curves (`bench::scaling`: reload time by
 /// workers and by plugin size, reload under load by connections, memory by idle connections,
-/// edit -> live); figure 16, figure 1 with one worker per server. Each gets its name here and a
+/// edit -> live); figure 16, figure 1 with one worker per server; figure 17, accept balancing
+/// on and off under reloads. Each gets its name here and a
 /// function in `bench::figures` or `bench::scaling`.
 const FULL_ONLY: &[Figure] = &[
     Figure {
@@ -137,6 +138,11 @@ const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "steady-1",
         run: steady::steady_one_worker,
+        quick: false,
+    },
+    Figure {
+        name: "balance",
+        run: balance::balance,
         quick: false,
     },
 ];

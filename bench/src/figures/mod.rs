@@ -10,11 +10,13 @@
 //!   request) with figure 4 (memory), figure 14 (async handlers), figure 16 (one worker);
 //! - [`reload`]: replacing the workers with a new build: figure 2 (reload under load) with its
 //!   chart (6) and its long runs (8), figure 3 (reload time), figure 7 (rebuild latency);
+//! - [`balance`]: accept balancing on and off under reloads: figure 17;
 //! - [`upgrade`]: replacing the master: figure 9;
 //! - [`boundary`]: the plugin boundary's microbenchmark: figure 5;
 //! - [`ops`]: what TLS, the access log and the metrics cost: figures 10, 11 and 12;
 //! - [`websocket`]: the WebSocket gateway: figure 13 (measured by [`crate::gateway`]).
 
+pub mod balance;
 pub mod boundary;
 pub mod ops;
 pub mod reload;

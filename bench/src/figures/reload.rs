@@ -242,7 +242,7 @@ fn reload_under_load(
 
 /// A wrk run of `seconds` with the bucket script in a thread, calling `reload` at 2 s, 4 s, ...
 /// (while before the end) if `reloads`. Returns wrk's report and the reload moments (unix ms).
-fn under_load(
+pub(super) fn under_load(
     url: &str,
     script: &Path,
     seconds: u32,

@@ -276,6 +276,7 @@ impl Config {
                 // These routes tell anyone pids and versions: off by default once the admin
                 // listener serves that to operators.
                 host_routes: s.host_routes.unwrap_or(raw.admin.is_none()),
+                balance_accepts: s.balance_accepts.unwrap_or(true),
                 access_log,
                 plugin_config: s.config.unwrap_or_default(),
             });

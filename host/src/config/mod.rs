@@ -171,6 +171,9 @@ pub struct ServiceConfig {
     pub tls: Option<Tls>,
     /// Answer `/__host/...` (info, worker, readyz) on the service's listeners.
     pub host_routes: bool,
+    /// A worker holding more than its share of the service's connections lets the others
+    /// accept first (`balance`).
+    pub balance_accepts: bool,
     pub access_log: Option<AccessLog>,
     /// The `[service.config]` table handed to the plugin.
     pub plugin_config: toml::Table,

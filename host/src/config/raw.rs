@@ -93,6 +93,8 @@ pub struct RawService {
     pub tls: Option<RawTls>,
     /// Answer `/__host/...` on the service's listeners (default: only without `[admin]`).
     pub host_routes: Option<bool>,
+    /// Share new connections evenly among the workers (default: true).
+    pub balance_accepts: Option<bool>,
     pub access_log: Option<RawAccessLog>,
     /// `"http"` (the default) or `"websocket"`.
     pub kind: Option<String>,

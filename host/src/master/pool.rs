@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     config::{Kind, ServiceConfig},
-    protocol::{monotonic_ns, Role, TlsPem, ToWorker, WorkerSpec},
+    protocol::{monotonic_ns, Role, TlsPem, ToWorker, WorkerSpec, FIRST_LISTENER_FD},
     shadow::PluginVersion,
 };
 
@@ -189,9 +189,17 @@ impl Master {
                 gateways.push(index);
                 gateway_ends.push((gateway, theirs));
             }
-        } else if let Some(log) = &config.access_log {
-            // Opened here, not in the worker: the worker may run as a user who cannot open it.
-            extra.push(OwnedFd::from(log.open()?));
+        } else {
+            if let Some(log) = &config.access_log {
+                // Opened here, not in the worker: the worker may run as a user who cannot open it.
+                extra.push(OwnedFd::from(log.open()?));
+            }
+            if let Some(fd) = svc.balance_fd().filter(|_| config.balance_accepts) {
+                let fd =
+                    fd.map_err(|e| format!("could not pass the accept-balancing table: {e}"))?;
+                spec.balance_fd = Some(FIRST_LISTENER_FD + (listeners.len() + extra.len()) as i32);
+                extra.push(fd);
+            }
         }
         let spawned = process::spawn(&spec, Some(&plugin), listeners, extra)
             .map_err(|e| format!("could not start a worker process: {e}"))?;
@@ -507,6 +515,8 @@ pub fn worker_spec(
         tls: config.tls.as_ref().map(TlsPem::from),
         host_routes: config.host_routes,
         access_log: config.access_log.as_ref().map(|a| a.format),
+        // Set by `start_worker`, which passes the table.
+        balance_fd: None,
         master_pid: std::process::id(),
         check_only: false,
     }

@@ -107,6 +107,9 @@ pub struct Service {
     pub watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Removed from the configuration: its workers drain, nothing restarts them.
     removed: std::sync::atomic::AtomicBool,
+    /// The table its HTTP workers share new connections by (`crate::balance`), and the memfd
+    /// passed to each; None if it could not be made (logged; the workers accept unbalanced).
+    balance: Option<(crate::balance::Table, std::os::fd::OwnedFd)>,
 }
 
 static TRIAL_IDS: AtomicU64 = AtomicU64::new(1);
@@ -150,6 +153,15 @@ impl Service {
         state.previous.retain(|v| v.hash != state.live.hash);
         let excess = (state.previous.len() + 1).saturating_sub(config.keep_versions);
         state.previous.drain(..excess);
+        let balance = crate::balance::Table::create()
+            .inspect_err(|e| {
+                tracing::warn!(
+                    service = %config.name,
+                    "could not make the accept-balancing table ({e}): the workers will accept \
+                     new connections unbalanced, as the kernel wakes them"
+                )
+            })
+            .ok();
         Service {
             name: config.name.clone(),
             config: RwLock::new(Arc::new(config)),
@@ -159,11 +171,24 @@ impl Service {
             trial_failed: Notify::new(),
             watcher: Mutex::new(None),
             removed: Default::default(),
+            balance,
         }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// A copy of the accept-balancing table's fd, for a new HTTP worker.
+    pub fn balance_fd(&self) -> Option<std::io::Result<std::os::fd::OwnedFd>> {
+        self.balance.as_ref().map(|(_, fd)| fd.try_clone())
+    }
+
+    /// Frees the balancing seat of a worker that has exited.
+    pub fn balance_seat_free(&self, pid: u32) {
+        if let Some((table, _)) = &self.balance {
+            table.clear(pid);
+        }
     }
 
     /// The configuration new workers start with.

@@ -270,6 +270,7 @@ impl Master {
                 self.gateway_exited(w.service, index, pid, exit, drained, lived);
                 return;
             }
+            w.service.balance_seat_free(pid);
             let slot = reg.slot(w.service.name(), w.slot);
             slot.draining.retain(|p| *p != pid);
             let held_slot = slot.pid == Some(pid);

@@ -237,6 +237,7 @@ fn spec(access_log: Option<AccessLogFormat>) -> WorkerSpec {
         tls: None,
         host_routes: true,
         access_log,
+        balance_fd: None,
         master_pid: std::process::id(),
         check_only: false,
     }
@@ -263,6 +264,7 @@ fn shared(handler: Handler, access_log: Option<AccessLogFormat>) -> Arc<Shared> 
         access_log: access_log.map(|format| {
             AccessLog::start(tempfile::tempfile().expect("a temporary file"), format)
         }),
+        balance: None,
     })
 }
 

@@ -53,13 +53,12 @@ const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 /// Serves one accepted connection until it closes.
 pub async fn connection(
     stream: TcpStream,
-    shared: Arc<Shared>,
+    open: Open,
     _done: mpsc::Sender<()>,
     _permit: Option<OwnedSemaphorePermit>,
 ) {
+    let shared = open.0.clone();
     let client = stream.peer_addr().ok();
-    shared.connections.fetch_add(1, Ordering::Relaxed);
-    let _open = Open(shared.clone());
     let header_timeout = Duration::from_millis(shared.spec.header_timeout_ms);
     match &shared.tls {
         Some(acceptor) => {
@@ -399,11 +398,26 @@ impl<I: hyper::rt::Write + Unpin> hyper::rt::Write for Watched<I> {
     }
 }
 
-/// Counts a connection as open while it lives.
-struct Open(Arc<Shared>);
+/// Counts a connection as open (in the worker's count and in its accept-balancing seat) from
+/// its accept to its close. Counted at the accept, not when the connection's task first runs:
+/// a worker accepting a burst must see each connection it took before it decides on the next.
+pub struct Open(Arc<Shared>);
+
+impl Open {
+    pub fn new(shared: &Arc<Shared>) -> Open {
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        if let Some(place) = &shared.balance {
+            place.opened();
+        }
+        Open(shared.clone())
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Some(place) = &self.0.balance {
+            place.closed();
+        }
     }
 }

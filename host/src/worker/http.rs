@@ -13,6 +13,7 @@
 //! 3. [`serve`] returns when the last connection is gone.
 
 use std::{
+    io,
     sync::{
         atomic::{AtomicBool, AtomicU64},
         Arc,
@@ -21,13 +22,14 @@ use std::{
 };
 
 use tokio::{
+    io::{unix::AsyncFd, Interest},
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore},
 };
 use tracing::Instrument;
 
 use super::{link::Link, plugin::Plugin};
-use crate::protocol::WorkerSpec;
+use crate::{balance, protocol::WorkerSpec};
 
 pub type Response = hyper::Response<super::body::Body>;
 
@@ -57,6 +59,8 @@ pub struct Shared {
     /// Requests by status class and duration, for the master's metrics.
     pub stats: super::stats::Stats,
     pub access_log: Option<super::access_log::AccessLog>,
+    /// The worker's seat in the service's accept-balancing table (`crate::balance`).
+    pub balance: Option<crate::balance::Place>,
 }
 
 /// Serves until the worker drains and its last connection has closed. `stopped_accepting` fires
@@ -83,6 +87,17 @@ pub async fn serve(
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sender<()>) {
+    // Readiness and the accept apart (tokio's listener only offers both at once), so that a
+    // worker over its share can leave a connection to the others (`accept`).
+    let listener = match listener.into_std().and_then(|l| {
+        let l = mio::net::TcpListener::from_std(l);
+        // SAFETY: the mio listener owns its fd, which stays open and the same until the
+        // `AsyncFd` gives it back (`into_inner`, below) or is dropped.
+        unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.map_err(io::Error::from)
+    }) {
+        Ok(listener) => listener,
+        Err(e) => return tracing::error!("cannot accept on an inherited listener: {e}"),
+    };
     let mut draining = shared.draining.subscribe();
     let mut failures = AcceptFailures::default();
     loop {
@@ -93,8 +108,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sen
             _ = until_draining(&mut draining) => break,
         };
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+            accepted = accept(&listener, shared.balance.as_ref()) => match accepted {
+                Ok(stream) => {
                     failures.succeeded();
                     start_connection(stream, &shared, &done, permit);
                 }
@@ -105,19 +120,39 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sen
             _ = until_draining(&mut draining) => break,
         }
     }
+    if let Some(place) = &shared.balance {
+        place.stop_accepting();
+    }
     // What is queued already was meant for this worker's accept: serve it rather than leave it
     // to be reset when the last copy of the listener closes. Plain accept(2) calls until the
-    // queue is empty: tokio's accept would wait for the reactor to report readiness first, and
-    // could miss connections that arrived since it last looked.
-    let Ok(listener) = listener.into_std() else {
-        return;
-    };
+    // queue is empty: waiting for the reactor to report readiness first could miss
+    // connections that arrived since it last looked.
+    let listener = std::net::TcpListener::from(listener.into_inner());
     while let Ok((stream, _)) = listener.accept() {
         let stream = stream
             .set_nonblocking(true)
             .and_then(|()| TcpStream::from_std(stream));
         if let Ok(stream) = stream {
             start_connection(stream, &shared, &done, None);
+        }
+    }
+}
+
+/// The next connection. A worker holding more than its share of the service's connections
+/// first leaves it to the others for [`balance::YIELD`] (the connection woke every worker of
+/// the service), then takes it if it is still there (`crate::balance`).
+async fn accept(
+    listener: &AsyncFd<mio::net::TcpListener>,
+    place: Option<&balance::Place>,
+) -> io::Result<TcpStream> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if place.is_some_and(balance::Place::over_share) {
+            tokio::time::sleep(balance::YIELD).await;
+        }
+        // Taken by another worker meanwhile: `try_io` clears the readiness, and this waits again.
+        if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
+            return accepted.and_then(|(stream, _)| TcpStream::from_std(stream.into()));
         }
     }
 }
@@ -132,12 +167,8 @@ fn start_connection(
     // Not instrumented with the worker span: entering a span on every poll of every connection
     // costs ~1 µs per request; the few lines logged from a connection enter it themselves
     // (`in_worker_span`).
-    tokio::spawn(super::conn::connection(
-        stream,
-        shared.clone(),
-        done.clone(),
-        permit,
-    ));
+    let open = super::conn::Open::new(shared);
+    tokio::spawn(super::conn::connection(stream, open, done.clone(), permit));
 }
 
 /// Failed accepts: the backoff, and the once-a-second log line.

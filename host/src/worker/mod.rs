@@ -215,6 +215,7 @@ async fn serve(
             }
         }
     };
+    let balance = spec.balance_fd.and_then(balance_place);
     let (draining, _) = watch::channel(false);
     let (close_idle, _) = watch::channel(false);
     let max_connections = spec
@@ -235,6 +236,7 @@ async fn serve(
         tls,
         stats: Default::default(),
         access_log,
+        balance,
     });
     let (stopped_tx, stopped_rx) = oneshot::channel();
     let server = tokio::spawn(http::serve(listeners, shared.clone(), stopped_tx).in_current_span());
@@ -443,6 +445,27 @@ pub(crate) fn inherited_plugin() -> Result<std::path::PathBuf, String> {
     // Kept open for good (ownership released): the loader maps the library through this path.
     let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
     Ok(format!("/proc/self/fd/{raw}").into())
+}
+
+/// This worker's seat in the service's accept-balancing table passed at `fd`; None (logged) if
+/// the table is not usable or full: the worker then accepts unbalanced, which loses nothing.
+fn balance_place(fd: i32) -> Option<crate::balance::Place> {
+    let table = inherit::adopt(fd, Kind::File)
+        .ok_or_else(|| format!("no table was passed at fd {fd}"))
+        .and_then(|fd| crate::balance::Table::adopt(&fd));
+    let place = table.and_then(|table| {
+        table
+            .sit(std::process::id())
+            .ok_or_else(|| "every seat is taken".to_string())
+    });
+    place
+        .inspect_err(|e| {
+            tracing::warn!(
+                "accepting unbalanced: this worker cannot use the service's accept-balancing \
+                 table ({e}); other workers may take fewer new connections than it"
+            )
+        })
+        .ok()
 }
 
 pub(crate) fn inherited_listeners(
