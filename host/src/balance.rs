@@ -11,20 +11,30 @@
 //! So the workers of a service keep a small table in shared memory: one seat per worker, with
 //! its pid, whether it is accepting, and how many connections it holds. A worker woken for a
 //! connection while it holds more than one above the mean of the accepting workers waits
-//! [`YIELD`] before it accepts, so that another worker (woken by the same connection) takes it;
-//! if none does, it accepts it after all. The table only ever delays an accept, by at most
-//! [`YIELD`] per connection, and never refuses one: a wrong or stale count (a worker that
-//! crashed before the master cleared its seat, a misbehaving plugin writing to the page) makes
-//! the split less even, not the service less available.
+//! [`yield_time`] before it accepts, so that another worker (woken by the same connection)
+//! takes it; if it is still queued then, it takes it. After a few waits in a row in which no
+//! other worker accepted anything (they are busy, or wedged), it stops waiting until one does
+//! (`worker::http::accept`). So the table only ever delays an accept and never refuses one: a
+//! wrong or stale count (a wedged worker still counted as accepting, a misbehaving plugin
+//! writing to the page) makes the split less even and a few new connections up to 2 ms
+//! slower, not the service less available.
 //!
-//! The master creates the table (a sealed memfd of 8 KiB per service), passes it to each HTTP
-//! worker it starts, and clears the seat of a worker that has exited. A table that cannot be
-//! made or mapped is logged, and the service runs without balancing.
+//! The master creates the table (a sealed memfd of 64 KiB per HTTP service, of which only the
+//! pages of seats in use are ever touched), passes it to each HTTP worker it starts, marks a
+//! worker not accepting when it tells it to drain (a wedged worker could not), and frees the
+//! seat of a worker that has exited. A table that cannot be made or mapped is logged, and the
+//! service runs without balancing.
 
 use std::{
     num::NonZeroUsize,
     os::fd::{AsFd, OwnedFd},
-    sync::atomic::{AtomicU32, Ordering::Relaxed},
+    sync::{
+        atomic::{
+            AtomicU32,
+            Ordering::{Acquire, Relaxed, Release},
+        },
+        OnceLock,
+    },
     time::Duration,
 };
 
@@ -38,12 +48,24 @@ use nix::{
     unistd::ftruncate,
 };
 
-/// How long a worker over its share leaves a connection to the others before it takes it.
-pub const YIELD: Duration = Duration::from_millis(1);
+/// How long a worker over its share leaves a connection to the others before it takes it:
+/// 1 ms (tokio's timer makes it 1-2), or `HOST_ACCEPT_YIELD_MS` (read once per worker), which
+/// the tests raise so that a busy machine's scheduling delays cannot decide their outcome.
+pub fn yield_time() -> Duration {
+    static YIELD: OnceLock<Duration> = OnceLock::new();
+    *YIELD.get_or_init(|| {
+        let ms = std::env::var("HOST_ACCEPT_YIELD_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1u64);
+        Duration::from_millis(ms.clamp(1, 1000))
+    })
+}
 
-/// Seats per service: a service's workers, the ones replacing them in a reload, and the ones
-/// draining, with room to spare. A worker that finds no free seat accepts unbalanced.
-const SEATS: usize = 128;
+/// Seats per service: up to 256 workers, the ones replacing them in a reload and those still
+/// draining (a slot keeps two draining generations), with room to spare. A worker that finds
+/// no free seat accepts unbalanced.
+const SEATS: usize = 1024;
 
 /// One worker's seat; a cache line of its own, so that a worker counting its connections does
 /// not slow the others' reads of theirs.
@@ -54,14 +76,26 @@ struct Seat {
     /// 1 while the worker accepts; 0 once it drains.
     accepting: AtomicU32,
     connections: AtomicU32,
+    /// Connections accepted so far (wrapping): whether a worker is taking any, whatever
+    /// closes meanwhile.
+    accepted: AtomicU32,
 }
 
-const SIZE: usize = SEATS * std::mem::size_of::<Seat>();
+/// The table's first cache line: how many seats from the start have ever been taken, so that
+/// a worker's count of the others reads those only (seats are taken lowest first).
+#[repr(C, align(64))]
+struct Header {
+    used: AtomicU32,
+}
 
-/// A service's table, mapped for the life of the process (8 KiB per service, never unmapped:
-/// a seat may be read until the process exits).
+const SIZE: usize = std::mem::size_of::<Header>() + SEATS * std::mem::size_of::<Seat>();
+
+/// A service's table, mapped for the life of the process and never unmapped (a seat may be
+/// read until the process exits): a master whose config adds and removes services keeps the
+/// mapping of each it had, 64 KiB of address space and the touched pages.
 #[derive(Clone, Copy)]
 pub struct Table {
+    header: &'static Header,
     seats: &'static [Seat],
 }
 
@@ -97,22 +131,46 @@ impl Table {
 
     /// Takes a free seat for `pid`, accepting with no connections; None if all are taken.
     pub fn sit(self, pid: u32) -> Option<Place> {
+        // Acquire: the master's zeroing of a freed seat (released with its pid) happens before
+        // this worker's own stores below.
         let index = self
             .seats
             .iter()
-            .position(|seat| seat.pid.compare_exchange(0, pid, Relaxed, Relaxed).is_ok())?;
+            .position(|seat| seat.pid.compare_exchange(0, pid, Acquire, Relaxed).is_ok())?;
+        self.header.used.fetch_max(index as u32 + 1, Relaxed);
         let seat = &self.seats[index];
         seat.connections.store(0, Relaxed);
         seat.accepting.store(1, Relaxed);
         Some(Place { table: self, index })
     }
 
+    /// The seats ever taken: the only ones that can hold a worker.
+    fn used(self) -> &'static [Seat] {
+        let used = (self.header.used.load(Relaxed) as usize).min(SEATS);
+        &self.seats[..used]
+    }
+
+    /// The master's side, when it tells `pid` to drain: its connections stop counting towards
+    /// the mean at once (the worker says so itself too, unless it is wedged).
+    pub fn stop_accepting(self, pid: u32) {
+        if pid == 0 {
+            return;
+        }
+        for seat in self.used().iter().filter(|s| s.pid.load(Relaxed) == pid) {
+            seat.accepting.store(0, Relaxed);
+        }
+    }
+
     /// The master's side, when `pid` has exited: frees its seat, if it had one.
     pub fn clear(self, pid: u32) {
-        for seat in self.seats.iter().filter(|s| s.pid.load(Relaxed) == pid) {
+        if pid == 0 {
+            return;
+        }
+        for seat in self.used().iter().filter(|s| s.pid.load(Relaxed) == pid) {
             seat.accepting.store(0, Relaxed);
             seat.connections.store(0, Relaxed);
-            let _ = seat.pid.compare_exchange(pid, 0, Relaxed, Relaxed);
+            // Release: a worker that takes the seat next sees it zeroed.
+            let _ = seat.pid.compare_exchange(pid, 0, Release, Relaxed);
         }
     }
 }
@@ -121,11 +179,11 @@ fn map(fd: &OwnedFd) -> Result<Table, String> {
     let len = NonZeroUsize::new(SIZE).expect("a table has seats");
     // SAFETY: a shared read-write mapping of `SIZE` bytes of a memfd that is at least that
     // large and sealed against shrinking (checked by the caller), so every byte stays backed
-    // and no access faults. It is never unmapped, hence the 'static slice. Every byte pattern
-    // is a valid `Seat` (three `AtomicU32`s and padding), the mapping is page-aligned (so
-    // `Seat`'s 64-byte alignment holds), and other processes change it only through atomic
-    // operations on the same words.
-    let seats = unsafe {
+    // and no access faults. It is never unmapped, hence the 'static references. Every byte
+    // pattern is a valid `Header` and `Seat` (`AtomicU32`s and padding); the mapping is
+    // page-aligned and `Header` is 64 bytes, so both keep their 64-byte alignment; other
+    // processes change it only through atomic operations on the same words.
+    let (header, seats) = unsafe {
         let ptr = mmap(
             None,
             len,
@@ -135,9 +193,11 @@ fn map(fd: &OwnedFd) -> Result<Table, String> {
             0,
         )
         .map_err(|e| format!("mmap: {e}"))?;
-        std::slice::from_raw_parts(ptr.as_ptr() as *const Seat, SEATS)
+        let header = ptr.as_ptr() as *const Header;
+        let first = header.add(1) as *const Seat;
+        (&*header, std::slice::from_raw_parts(first, SEATS))
     };
-    Ok(Table { seats })
+    Ok(Table { header, seats })
 }
 
 /// A worker's seat in its service's table.
@@ -153,10 +213,16 @@ impl Place {
 
     pub fn opened(&self) {
         self.seat().connections.fetch_add(1, Relaxed);
+        self.seat().accepted.fetch_add(1, Relaxed);
     }
 
     pub fn closed(&self) {
-        self.seat().connections.fetch_sub(1, Relaxed);
+        // Never below 0, should the count have been cleared under the worker (a plugin writing
+        // to the page): a wrapped count would make this worker look over any share for good.
+        let _ = self
+            .seat()
+            .connections
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
     }
 
     /// The worker drains: its connections no longer count towards the others' mean.
@@ -169,13 +235,25 @@ impl Place {
     pub fn over_share(&self) -> bool {
         let mine = u64::from(self.seat().connections.load(Relaxed));
         let (mut total, mut accepting) = (0u64, 0u64);
-        for seat in self.table.seats {
+        for seat in self.table.used() {
             if seat.accepting.load(Relaxed) == 1 && seat.pid.load(Relaxed) != 0 {
                 total += u64::from(seat.connections.load(Relaxed));
                 accepting += 1;
             }
         }
         accepting > 1 && mine * accepting > total + accepting
+    }
+
+    /// A number that changes whenever another worker of the service accepts a connection.
+    pub fn others_accepted(&self) -> u32 {
+        self.table
+            .used()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != self.index)
+            .fold(0u32, |sum, (_, seat)| {
+                sum.wrapping_add(seat.accepted.load(Relaxed))
+            })
     }
 }
 
@@ -200,6 +278,13 @@ mod tests {
         b.opened();
         // 3 against 1: the mean is 2; 3 is not more than one above it.
         assert!(!a.over_share());
+        // Accepting shows in the others' number, and closing does not undo it.
+        let seen = a.others_accepted();
+        b.closed();
+        assert_eq!(a.others_accepted(), seen);
+        b.opened();
+        assert_ne!(a.others_accepted(), seen);
+        b.closed();
         b.closed();
         assert!(a.over_share());
         // A draining worker's connections do not count, and it is not over any share.
@@ -210,6 +295,28 @@ mod tests {
         let c = other.sit(300).expect("the freed seat");
         assert_eq!(c.index, a.index);
         assert_eq!(c.seat().connections.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn garbage_in_the_table_skews_the_split_but_cannot_overflow_or_wrap() {
+        let (table, _fd) = Table::create().expect("a table");
+        let me = table.sit(100).expect("a seat");
+        for pid in 1..SEATS as u32 {
+            let other = table.sit(1000 + pid).expect("a seat");
+            other.seat().connections.store(u32::MAX, Relaxed);
+        }
+        assert!(table.sit(5000).is_none(), "every seat is taken");
+        me.seat().connections.store(u32::MAX, Relaxed);
+        assert!(!me.over_share(), "all equal: nobody is over the mean");
+        // A count cleared under a live worker stays at 0 when its connection closes.
+        me.seat().connections.store(0, Relaxed);
+        me.closed();
+        assert_eq!(me.seat().connections.load(Relaxed), 0);
+        // The master marks a draining worker not accepting; pid 0 touches nothing.
+        table.stop_accepting(100);
+        assert_eq!(me.seat().accepting.load(Relaxed), 0);
+        table.clear(0);
+        assert_eq!(table.seats[1].pid.load(Relaxed), 1001);
     }
 
     #[test]
@@ -227,5 +334,6 @@ mod tests {
         fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).expect("seal");
         let err = Table::adopt(&fd).err().expect("refused");
         assert!(err.contains("64 bytes"), "{err}");
+        assert_eq!(SIZE, 64 + 1024 * 64, "a header line and 1024 seats");
     }
 }

@@ -6,6 +6,7 @@ use std::{
     collections::HashMap,
     io::{Read, Write},
     net::TcpStream,
+    path::Path,
     time::Duration,
 };
 
@@ -77,7 +78,15 @@ fn assert_even(held: &HashMap<u32, usize>, workers: &[u32]) {
 
 #[test]
 fn a_burst_of_connections_is_shared_evenly_before_and_after_a_reload() {
-    let host = Host::serving("versioned", 2, &[]);
+    // A worker over its share waits 30 ms, not 1, for the other to take a connection: on a
+    // machine busy with other tests the other may not run within 1-2 ms, and then the split
+    // would be decided by the scheduler, not by the rule under test.
+    let host = Host::serving_with(
+        Host::dir_with_plugin("versioned"),
+        2,
+        &[],
+        &[("HOST_ACCEPT_YIELD_MS", Path::new("30"))],
+    );
     let addr = host.addr("plugin");
     let first = host.ready_pids("plugin");
     for pid in &first {

@@ -210,6 +210,12 @@ impl Config {
                              requests to log)"
                         )));
                     }
+                    if s.balance_accepts.is_some() {
+                        return Err(ConfigError(format!(
+                            "{at}: balance_accepts is for HTTP services (a websocket service's \
+                             connections are held by its gateways, which take them as they come)"
+                        )));
+                    }
                     Kind::WebSocket {
                         gateways,
                         max_message_bytes,

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::{
     config::{Kind, ServiceConfig},
-    protocol::{monotonic_ns, Role, TlsPem, ToWorker, WorkerSpec, FIRST_LISTENER_FD},
+    protocol::{monotonic_ns, Role, TlsPem, ToWorker, WorkerSpec},
     shadow::PluginVersion,
 };
 
@@ -194,11 +194,20 @@ impl Master {
                 // Opened here, not in the worker: the worker may run as a user who cannot open it.
                 extra.push(OwnedFd::from(log.open()?));
             }
-            if let Some(fd) = svc.balance_fd().filter(|_| config.balance_accepts) {
-                let fd =
-                    fd.map_err(|e| format!("could not pass the accept-balancing table: {e}"))?;
-                spec.balance_fd = Some(FIRST_LISTENER_FD + (listeners.len() + extra.len()) as i32);
-                extra.push(fd);
+            if config.balance_accepts {
+                match svc.balance_fd() {
+                    Some(Ok(fd)) => {
+                        spec.balance_fd = Some(process::extra_fd(listeners.len(), extra.len()));
+                        extra.push(fd);
+                    }
+                    // The worker accepts unbalanced, which loses nothing.
+                    Some(Err(e)) => tracing::warn!(
+                        service = %svc.name(),
+                        "could not pass the accept-balancing table to a new worker ({e}): it \
+                         will accept new connections unbalanced"
+                    ),
+                    None => {}
+                }
             }
         }
         let spawned = process::spawn(&spec, Some(&plugin), listeners, extra)
@@ -379,6 +388,7 @@ impl Master {
         }
         w.stopped_accepting = Some(stopped_tx);
         w.state = WorkerState::Draining;
+        w.service.balance_seat_stop(pid);
         w.drain_started = Some(Instant::now());
         w.tell(ToWorker::Drain);
         let (svc, slot, kill) = (w.service.clone(), w.slot, w.kill.clone());

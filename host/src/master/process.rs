@@ -31,6 +31,12 @@ pub struct Spawned {
     pub channel: UnixStream,
 }
 
+/// The fd number a worker with `listeners` listeners finds the `index`th of [`spawn`]'s
+/// `extra` files at.
+pub fn extra_fd(listeners: usize, index: usize) -> i32 {
+    FIRST_LISTENER_FD + (listeners + index) as i32
+}
+
 /// Starts `host worker` for `spec`, passing the verified `plugin` copy, `listeners` (in the
 /// order of `spec.listen`) and the `extra` files after them.
 pub fn spawn(
@@ -50,7 +56,7 @@ pub fn spawn(
             child_fd: PLUGIN_FD,
         });
     }
-    let after_listeners = FIRST_LISTENER_FD + listeners.len() as i32;
+    let listener_count = listeners.len();
     for (i, listener) in listeners.into_iter().enumerate() {
         mappings.push(FdMapping {
             parent_fd: OwnedFd::from(listener),
@@ -60,7 +66,7 @@ pub fn spawn(
     for (i, fd) in extra.into_iter().enumerate() {
         mappings.push(FdMapping {
             parent_fd: fd,
-            child_fd: after_listeners + i as i32,
+            child_fd: extra_fd(listener_count, i),
         });
     }
     let mut command = tokio::process::Command::new("/proc/self/exe");

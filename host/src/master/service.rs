@@ -153,7 +153,12 @@ impl Service {
         state.previous.retain(|v| v.hash != state.live.hash);
         let excess = (state.previous.len() + 1).saturating_sub(config.keep_versions);
         state.previous.drain(..excess);
-        let balance = crate::balance::Table::create()
+        // HTTP services only: a websocket service's connections are held by its gateways. Made
+        // even with `balance_accepts = false`, which a config reload may turn on.
+        let http = matches!(config.kind, crate::config::Kind::Http);
+        let balance = http
+            .then(crate::balance::Table::create)
+            .transpose()
             .inspect_err(|e| {
                 tracing::warn!(
                     service = %config.name,
@@ -161,7 +166,8 @@ impl Service {
                      new connections unbalanced, as the kernel wakes them"
                 )
             })
-            .ok();
+            .ok()
+            .flatten();
         Service {
             name: config.name.clone(),
             config: RwLock::new(Arc::new(config)),
@@ -188,6 +194,13 @@ impl Service {
     pub fn balance_seat_free(&self, pid: u32) {
         if let Some((table, _)) = &self.balance {
             table.clear(pid);
+        }
+    }
+
+    /// Marks a worker told to drain as not accepting (it would say so itself, unless wedged).
+    pub fn balance_seat_stop(&self, pid: u32) {
+        if let Some((table, _)) = &self.balance {
+            table.stop_accepting(pid);
         }
     }
 

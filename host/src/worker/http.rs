@@ -89,17 +89,19 @@ pub async fn serve(
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sender<()>) {
     // Readiness and the accept apart (tokio's listener only offers both at once), so that a
     // worker over its share can leave a connection to the others (`accept`).
-    let listener = match listener.into_std().and_then(|l| {
-        let l = mio::net::TcpListener::from_std(l);
-        // SAFETY: the mio listener owns its fd, which stays open and the same until the
-        // `AsyncFd` gives it back (`into_inner`, below) or is dropped.
-        unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.map_err(io::Error::from)
-    }) {
+    let listener = match listener.into_std().and_then(readiness) {
         Ok(listener) => listener,
-        Err(e) => return tracing::error!("cannot accept on an inherited listener: {e}"),
+        Err(e) => {
+            // Not counted as accepting: the other workers would wait for it in vain.
+            if let Some(place) = &shared.balance {
+                place.stop_accepting();
+            }
+            return tracing::error!("cannot accept on an inherited listener: {e}");
+        }
     };
     let mut draining = shared.draining.subscribe();
     let mut failures = AcceptFailures::default();
+    let mut stalls = Stalls::default();
     loop {
         // At max_connections, wait for one to close before accepting: new connections wait in
         // the shared queue, where another worker may take them.
@@ -108,7 +110,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sen
             _ = until_draining(&mut draining) => break,
         };
         tokio::select! {
-            accepted = accept(&listener, shared.balance.as_ref()) => match accepted {
+            accepted = accept(&listener, shared.balance.as_ref(), &mut stalls) => match accepted {
                 Ok(stream) => {
                     failures.succeeded();
                     start_connection(stream, &shared, &done, permit);
@@ -138,17 +140,43 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, done: mpsc::Sen
     }
 }
 
+/// A listener whose readiness can be waited for apart from its accept.
+fn readiness(listener: std::net::TcpListener) -> io::Result<AsyncFd<mio::net::TcpListener>> {
+    let listener = mio::net::TcpListener::from_std(listener);
+    // SAFETY: the mio listener owns its fd, which stays open and the same until the `AsyncFd`
+    // gives it back (`into_inner`) or is dropped.
+    unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+        .map_err(io::Error::from)
+}
+
 /// The next connection. A worker holding more than its share of the service's connections
-/// first leaves it to the others for [`balance::YIELD`] (the connection woke every worker of
-/// the service), then takes it if it is still there (`crate::balance`).
+/// first leaves it to the others for [`balance::yield_time`] (the connection woke every worker
+/// of the service), then looks again (`crate::balance`). A wait in which no other worker
+/// accepted anything is a stall: the others are busy, or wedged, or were waiting too (two
+/// workers can both think themselves over their share for a moment, each having read the
+/// table before the other's last accepts). After [`STALLS`] stalls in a row it stops waiting
+/// until another worker accepts again, so that a worker that wrongly thinks itself over its
+/// share is slowed by a few waits, not held to one accept per wait.
 async fn accept(
     listener: &AsyncFd<mio::net::TcpListener>,
     place: Option<&balance::Place>,
+    stalls: &mut Stalls,
 ) -> io::Result<TcpStream> {
     loop {
         let mut ready = listener.readable().await?;
-        if place.is_some_and(balance::Place::over_share) {
-            tokio::time::sleep(balance::YIELD).await;
+        if let Some(place) = place {
+            let others = place.others_accepted();
+            if others != stalls.others {
+                *stalls = Stalls { others, count: 0 };
+            }
+            if stalls.count < STALLS && place.over_share() {
+                tokio::time::sleep(balance::yield_time()).await;
+                if place.others_accepted() != others {
+                    // Another worker is taking them: look again (the readiness is still set).
+                    continue;
+                }
+                stalls.count += 1;
+            }
         }
         // Taken by another worker meanwhile: `try_io` clears the readiness, and this waits again.
         if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
@@ -156,6 +184,17 @@ async fn accept(
         }
     }
 }
+
+/// Waits in a row in which no other worker accepted (see [`accept`]), and the others' count of
+/// accepts then.
+#[derive(Default)]
+struct Stalls {
+    others: u32,
+    count: u32,
+}
+
+/// Stalls in a row after which a worker over its share stops waiting.
+const STALLS: u32 = 3;
 
 fn start_connection(
     stream: TcpStream,
@@ -212,4 +251,47 @@ impl AcceptFailures {
 /// keeps the callers' futures `Send`.)
 pub async fn until_draining(draining: &mut watch::Receiver<bool>) {
     let _ = draining.wait_for(|d| *d).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker over its share next to one that never accepts (wedged, or a seat a plugin
+    /// wrote): it waits at most `STALLS` times, then accepts without waiting; when the other
+    /// accepts again, it waits again.
+    #[test]
+    fn a_worker_over_its_share_stops_waiting_for_one_that_never_accepts() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let (table, _fd) = balance::Table::create().expect("a table");
+            let me = table.sit(1).expect("a seat");
+            let wedged = table.sit(2).expect("a seat");
+            for _ in 0..5 {
+                me.opened();
+            }
+            let std = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            std.set_nonblocking(true).expect("nonblocking");
+            let addr = std.local_addr().expect("addr");
+            let listener = readiness(std).expect("registered");
+            let _clients: Vec<_> = (0..STALLS + 3)
+                .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+                .collect();
+            let mut stalls = Stalls::default();
+            for n in 1..=STALLS + 2 {
+                accept(&listener, Some(&me), &mut stalls)
+                    .await
+                    .expect("accepted");
+                assert_eq!(stalls.count, n.min(STALLS), "after accept {n}");
+            }
+            wedged.opened();
+            accept(&listener, Some(&me), &mut stalls)
+                .await
+                .expect("accepted");
+            assert_eq!(stalls.count, 1, "the other accepted: waiting again");
+        });
+    }
 }
