@@ -387,6 +387,18 @@ mod tests {
     }
 
     #[test]
+    fn balance_accepts_is_on_by_default_and_for_http_services_only() {
+        let base = "[[service]]\nname='a'\nlisten=['127.0.0.1:1']\nplugin='x'\n";
+        assert!(parse(base).unwrap().services[0].balance_accepts);
+        let off = parse(&format!("{base}balance_accepts=false")).unwrap();
+        assert!(!off.services[0].balance_accepts);
+        let ws = parse(&format!("{base}kind='websocket'\nbalance_accepts=true"))
+            .unwrap_err()
+            .0;
+        assert!(ws.contains("balance_accepts is for HTTP services"), "{ws}");
+    }
+
+    #[test]
     fn limits_timed_on_the_coarse_clock_are_at_least_100ms() {
         let base = "[[service]]\nname='a'\nlisten=['127.0.0.1:1']\nplugin='x'\n";
         for key in [
