@@ -7,9 +7,10 @@
 use std::{os::fd::OwnedFd, sync::Arc, time::Duration, time::Instant};
 
 use super::{
-    pool::{worker_spec, EntryRole, WorkerState},
+    pool::{EntryRole, WorkerState},
     process,
     service::Service,
+    spec::worker_spec,
     Master,
 };
 use crate::{

@@ -20,6 +20,7 @@ mod process;
 mod rollout;
 mod run;
 mod service;
+mod spec;
 mod status;
 mod supervise;
 mod systemd;
@@ -35,10 +36,13 @@ use std::{
 use tokio::{sync::watch, task::JoinSet};
 
 pub use self::jobs::Op;
-pub use self::pool::{heartbeat_interval, worker_spec, WorkerState};
 pub use self::process::{spawn as spawn_worker_process, Spawned};
 pub use self::supervise::describe_exit;
 use self::{jobs::Jobs, pool::Registry, service::Service};
+pub use self::{
+    pool::WorkerState,
+    spec::{heartbeat_interval, worker_spec},
+};
 use crate::{
     config::Source,
     protocol::RolloutEvent,
