@@ -150,23 +150,24 @@ impl Table {
         &self.seats[..used]
     }
 
+    /// The seat `pid` holds, if any (pid 0, a free seat's, holds none).
+    fn seats_of(self, pid: u32) -> impl Iterator<Item = &'static Seat> {
+        self.used()
+            .iter()
+            .filter(move |s| pid != 0 && s.pid.load(Relaxed) == pid)
+    }
+
     /// The master's side, when it tells `pid` to drain: its connections stop counting towards
     /// the mean at once (the worker says so itself too, unless it is wedged).
     pub fn stop_accepting(self, pid: u32) {
-        if pid == 0 {
-            return;
-        }
-        for seat in self.used().iter().filter(|s| s.pid.load(Relaxed) == pid) {
+        for seat in self.seats_of(pid) {
             seat.accepting.store(0, Relaxed);
         }
     }
 
     /// The master's side, when `pid` has exited: frees its seat, if it had one.
     pub fn clear(self, pid: u32) {
-        if pid == 0 {
-            return;
-        }
-        for seat in self.used().iter().filter(|s| s.pid.load(Relaxed) == pid) {
+        for seat in self.seats_of(pid) {
             seat.accepting.store(0, Relaxed);
             seat.connections.store(0, Relaxed);
             // Release: a worker that takes the seat next sees it zeroed.

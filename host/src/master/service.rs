@@ -155,19 +155,18 @@ impl Service {
         state.previous.drain(..excess);
         // HTTP services only: a websocket service's connections are held by its gateways. Made
         // even with `balance_accepts = false`, which a config reload may turn on.
-        let http = matches!(config.kind, crate::config::Kind::Http);
-        let balance = http
-            .then(crate::balance::Table::create)
-            .transpose()
-            .inspect_err(|e| {
-                tracing::warn!(
-                    service = %config.name,
-                    "could not make the accept-balancing table ({e}): the workers will accept \
-                     new connections unbalanced, as the kernel wakes them"
-                )
-            })
-            .ok()
-            .flatten();
+        let balance = match config.kind {
+            crate::config::Kind::Http => crate::balance::Table::create()
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        service = %config.name,
+                        "could not make the accept-balancing table ({e}): the workers will \
+                         accept new connections unbalanced, as the kernel wakes them"
+                    )
+                })
+                .ok(),
+            crate::config::Kind::WebSocket { .. } => None,
+        };
         Service {
             name: config.name.clone(),
             config: RwLock::new(Arc::new(config)),

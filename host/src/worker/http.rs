@@ -164,12 +164,13 @@ async fn accept(
 ) -> io::Result<TcpStream> {
     loop {
         let mut ready = listener.readable().await?;
-        if let Some(place) = place {
+        // The others' accepts are read only when they matter: most accepts are not over a share.
+        if let Some(place) = place.filter(|p| p.over_share()) {
             let others = place.others_accepted();
             if others != stalls.others {
                 *stalls = Stalls { others, count: 0 };
             }
-            if stalls.count < STALLS && place.over_share() {
+            if stalls.count < STALLS {
                 tokio::time::sleep(balance::yield_time()).await;
                 if place.others_accepted() != others {
                     // Another worker is taking them: look again (the readiness is still set).
