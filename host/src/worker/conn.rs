@@ -15,19 +15,18 @@
 //! client opens a new connection (to a new worker) for the next ones, without losing any.
 
 use std::{
-    convert::Infallible,
     future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering},
         Arc,
     },
-    task::{Context, Poll},
-    time::{Duration, Instant},
+    task::{Context, Poll, Waker},
+    time::Duration,
 };
 
-use http::{header, HeaderValue};
+use futures_util::task::AtomicWaker;
 use hyper::{
     server::conn::{http1, http2},
     service::service_fn,
@@ -39,11 +38,9 @@ use tokio::{
 };
 
 use super::{
-    access_log,
+    exchange::Exchange,
     http::{until_draining, Shared},
     in_worker_span,
-    liveness::ask_for_replacement,
-    respond,
 };
 use crate::protocol::coarse_ns;
 
@@ -150,68 +147,11 @@ where
         h2,
         // Formatted once for the connection's requests (the plugin gets it as text).
         client_text: client.map(|c| c.to_string()).unwrap_or_default(),
+        shared,
     });
     let service = {
-        let (shared, state) = (shared.clone(), state.clone());
-        service_fn(move |req| {
-            let (shared, state) = (shared.clone(), state.clone());
-            async move {
-                let _in_flight = InFlight::begin(&state);
-                let started = Instant::now();
-                // What the access log needs, taken before the request is consumed (only when
-                // there is one: this is the request path).
-                let logged = shared.access_log.as_ref().map(|_| {
-                    let header = |name| {
-                        req.headers()
-                            .get(name)
-                            .and_then(|v: &HeaderValue| v.to_str().ok())
-                            .map(str::to_string)
-                    };
-                    (
-                        req.method().clone(),
-                        req.uri().clone(),
-                        req.version(),
-                        header(header::REFERER),
-                        header(header::USER_AGENT),
-                    )
-                });
-                let mut resp = respond::respond(req, &shared, &state.client_text).await;
-                let took = started.elapsed();
-                shared.stats.record(resp.status().as_u16(), took);
-                if let (Some(log), Some((method, uri, version, referer, agent))) =
-                    (&shared.access_log, &logged)
-                {
-                    log.log(&access_log::Request {
-                        client,
-                        method: method.as_str(),
-                        target: uri.path_and_query().map_or(uri.path(), |p| p.as_str()),
-                        version: *version,
-                        status: resp.status().as_u16(),
-                        bytes: hyper::body::Body::size_hint(resp.body())
-                            .exact()
-                            .unwrap_or(0),
-                        took,
-                        referer: referer.as_deref(),
-                        user_agent: agent.as_deref(),
-                        plugin_version: &shared.spec.plugin_version,
-                    });
-                }
-                let served = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
-                if served == shared.spec.max_requests {
-                    ask_for_replacement(
-                        &shared.link,
-                        &shared.replacement_asked,
-                        format!("it served {served} requests (max_requests, with its jitter)"),
-                    );
-                }
-                // HTTP/2 has no Connection header: a draining worker sends GOAWAY instead.
-                if !state.h2 && *shared.draining.borrow() {
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                Ok::<_, Infallible>(resp)
-            }
-        })
+        let state = state.clone();
+        service_fn(move |req| Exchange::start(&state, client, req))
     };
     let io = Watched {
         io,
@@ -221,26 +161,100 @@ where
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .serve_connection(io, service);
-        drive(conn, &state, &shared).await
+        drive(conn, &state).await
     } else {
         let conn = http1::Builder::new().serve_connection(io, service);
-        drive(conn, &state, &shared).await
+        drive(conn, &state).await
     }
 }
 
-/// Polls the connection to its end while applying the timeouts and the drain.
-async fn drive<C: Graceful>(conn: C, state: &ConnState, shared: &Shared) {
+/// Polls the connection to its end, and stops it when its limits or the drain say so (see
+/// [`limits`], which decides in a task of its own).
+///
+/// Why apart: polling the limits' timer and watches beside the connection (a `select!`) cost
+/// each wake-up of the connection, about one per request, a poll of all four (about 150 ns a
+/// request: docs/benchmarks.md). Here a wake-up polls the connection and reads one atomic; the
+/// limits' task wakes only when its timer or a watch fires.
+async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
     tokio::pin!(conn);
-    let spec = &shared.spec;
+    let stop = Arc::new(Stop::default());
+    let _limits = AbortOnDrop(tokio::spawn(limits(state.clone(), stop.clone())).abort_handle());
+    let mut finishing = false;
+    // The waker the order wakes. The limits' task gives at most one order, so a waker
+    // registered once stays until then, and is registered again only if the task's changes.
+    let mut registered: Option<Waker> = None;
+    let ended = std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(res));
+        }
+        if finishing {
+            return Poll::Pending;
+        }
+        // Registered before the order is read: an order given after the read wakes this.
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            stop.waker.register(cx.waker());
+            registered = Some(cx.waker().clone());
+        }
+        match stop.order.load(Ordering::Acquire) {
+            Stop::FINISH => {
+                // Graceful: hyper finishes what is in flight, then the connection ends; it
+                // must be polled again to act on it.
+                conn.as_mut().shutdown();
+                finishing = true;
+            }
+            Stop::CLOSE => return Poll::Ready(None),
+            _ => return Poll::Pending,
+        }
+    })
+    .await;
+    // `None`: closed at once (the limits' task said why); dropping hyper's connection closes it.
+    if let Some(res) = ended {
+        log_conn_end(res)
+    }
+}
+
+/// What the limits' task tells the connection's task.
+#[derive(Default)]
+struct Stop {
+    /// `Stop::FINISH`, `Stop::CLOSE`, or 0 (go on).
+    order: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Stop {
+    /// Finish gracefully: HTTP/1.1 closes once idle, HTTP/2 sends GOAWAY.
+    const FINISH: u8 = 1;
+    /// Close now (a request head overran `header_timeout`).
+    const CLOSE: u8 = 2;
+
+    fn give(&self, order: u8) {
+        self.order.store(order, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// Aborts the limits' task when the connection ends first.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The connection's timeouts and drain: decides, when its timer or a watch fires, whether the
+/// connection goes on, finishes or closes, and tells [`drive`] once. Ends then (or is aborted
+/// when the connection ends first).
+async fn limits(state: Arc<ConnState>, stop: Arc<Stop>) {
+    let spec = &state.shared.spec;
     let header_timeout = Duration::from_millis(spec.header_timeout_ms);
     let keepalive = Duration::from_millis(spec.keepalive_timeout_ms);
-    let mut draining = shared.draining.subscribe();
-    let mut close_idle = shared.close_idle.subscribe();
+    let mut draining = state.shared.draining.subscribe();
+    let mut close_idle = state.shared.close_idle.subscribe();
     loop {
         // HTTP/2: GOAWAY as soon as the worker drains; open streams finish.
         if state.h2 && *draining.borrow() {
-            conn.as_mut().shutdown();
-            break;
+            return stop.give(Stop::FINISH);
         }
         let grace = if *close_idle.borrow() {
             Duration::ZERO
@@ -252,17 +266,15 @@ async fn drive<C: Graceful>(conn: C, state: &ConnState, shared: &Shared) {
         let wait = if let Some(head) = state.head_for().filter(|_| state.idle_for().is_some()) {
             // A request head is arriving (or is awaited after the accept).
             if head >= header_timeout {
-                return debug("no request head within header_timeout");
+                debug("no request head within header_timeout");
+                return stop.give(Stop::CLOSE);
             }
             // The head may complete and its request end before then: wake in time for the
             // idle grace too.
             (header_timeout - head).min(grace.max(Duration::from_millis(10)))
         } else {
             match state.idle_for() {
-                Some(idle) if idle >= grace => {
-                    conn.as_mut().shutdown();
-                    break;
-                }
+                Some(idle) if idle >= grace => return stop.give(Stop::FINISH),
                 // Idle: wake up before the grace ends, and often enough to notice a request
                 // head that started meanwhile and is late (so a slow head is cut within 1.5 x
                 // header_timeout without waking this loop on every request).
@@ -273,13 +285,11 @@ async fn drive<C: Graceful>(conn: C, state: &ConnState, shared: &Shared) {
             }
         };
         tokio::select! {
-            res = conn.as_mut() => return log_conn_end(res),
             _ = tokio::time::sleep(wait) => {}
             _ = until_draining(&mut draining), if !*draining.borrow() => {}
             _ = close_idle.wait_for(|c| *c), if !*close_idle.borrow() => {}
         }
     }
-    log_conn_end(conn.await)
 }
 
 fn log_conn_end(res: Result<(), hyper::Error>) {
@@ -288,16 +298,18 @@ fn log_conn_end(res: Result<(), hyper::Error>) {
     }
 }
 
-/// Per-connection activity, read by the connection's supervisor.
-struct ConnState {
+/// Per-connection activity, read by the connection's limits (and kept by its requests:
+/// `worker::exchange`).
+pub(super) struct ConnState {
     /// Requests (HTTP/2: streams) in progress.
-    in_flight: AtomicUsize,
+    pub(super) in_flight: AtomicUsize,
     /// When the last request ended ([`coarse_ns`]).
-    last_active: AtomicU64,
+    pub(super) last_active: AtomicU64,
     /// When the first byte of the next HTTP/1.1 request head arrived ([`coarse_ns`]; 0: none).
-    head_started: AtomicU64,
-    h2: bool,
-    client_text: String,
+    pub(super) head_started: AtomicU64,
+    pub(super) h2: bool,
+    pub(super) client_text: String,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl ConnState {
@@ -315,24 +327,6 @@ impl ConnState {
             0 => None,
             t => Some(Duration::from_nanos(coarse_ns().saturating_sub(t))),
         }
-    }
-}
-
-/// Marks a request in flight on its connection for as long as it lives.
-struct InFlight(Arc<ConnState>);
-
-impl InFlight {
-    fn begin(conn: &Arc<ConnState>) -> InFlight {
-        conn.in_flight.fetch_add(1, Ordering::SeqCst);
-        conn.head_started.store(0, Ordering::Relaxed);
-        InFlight(conn.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.last_active.store(coarse_ns(), Ordering::SeqCst);
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

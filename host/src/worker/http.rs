@@ -40,12 +40,17 @@ const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
 pub struct Shared {
     pub plugin: Plugin,
     pub spec: WorkerSpec,
-    pub requests: AtomicU64,
+    /// Requests counted toward `max_requests`, when it is set (the count of all requests is
+    /// `stats`'s, apart per thread: one count every thread adds to is slow).
+    pub toward_max_requests: AtomicU64,
     /// Connections open now.
     pub connections: AtomicU64,
     /// One permit per connection the worker may hold (`max_connections`).
     pub connection_slots: Arc<Semaphore>,
     pub draining: watch::Sender<bool>,
+    /// `draining`'s value as an atomic, for the request path: the watch's `borrow` takes a
+    /// lock that every thread's requests would share (see [`Shared::drain`]).
+    pub draining_now: AtomicBool,
     /// Draining idle connections close now, not after the idle grace.
     pub close_idle: watch::Sender<bool>,
     pub started: Instant,
@@ -61,6 +66,20 @@ pub struct Shared {
     pub access_log: Option<super::access_log::AccessLog>,
     /// The worker's seat in the service's accept-balancing table (`crate::balance`).
     pub balance: Option<crate::balance::Place>,
+}
+
+impl Shared {
+    /// Starts the worker's drain (again is harmless).
+    pub fn drain(&self) {
+        self.draining_now
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.draining.send_replace(true);
+    }
+
+    /// Whether the worker drains, read cheaply.
+    pub fn is_draining(&self) -> bool {
+        self.draining_now.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Serves until the worker drains and its last connection has closed. `stopped_accepting` fires

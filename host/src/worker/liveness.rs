@@ -57,17 +57,22 @@ pub static INLINE_CALLS: InlineCalls = InlineCalls {
 
 impl InlineCalls {
     fn register(&self) -> &'static AtomicU64 {
+        /// A slot on a cache line of its own: two threads' slots side by side would make each
+        /// thread's two writes a call wait for the line to come over from the other's core.
+        #[repr(align(128))]
+        struct Slot(AtomicU64);
         // One small leak per runtime thread, for the life of the process.
-        let slot: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
-        self.slots.lock().unwrap().push(slot);
-        slot
+        let slot: &'static Slot = Box::leak(Box::new(Slot(AtomicU64::new(0))));
+        self.slots.lock().unwrap().push(&slot.0);
+        &slot.0
     }
 
     /// Marks an inline call in progress on this thread until the guard drops.
     pub fn begin(&self) -> InlineCall {
         let slot = SLOT.with(|s| *s);
-        slot.store(coarse_ns().max(1), Ordering::Relaxed);
-        InlineCall(slot)
+        let started = coarse_ns().max(1);
+        slot.store(started, Ordering::Relaxed);
+        InlineCall { slot, started }
     }
 
     /// How long the oldest inline call in progress has run.
@@ -84,11 +89,22 @@ impl InlineCalls {
     }
 }
 
-pub struct InlineCall(&'static AtomicU64);
+pub struct InlineCall {
+    slot: &'static AtomicU64,
+    started: u64,
+}
+
+impl InlineCall {
+    /// How long the call has run, to the coarse clock's tick (a few ms): enough for a warning
+    /// at 100 ms, and one cheap clock read where two precise ones were.
+    pub fn took(&self) -> Duration {
+        Duration::from_nanos(coarse_ns().saturating_sub(self.started))
+    }
+}
 
 impl Drop for InlineCall {
     fn drop(&mut self) {
-        self.0.store(0, Ordering::Relaxed);
+        self.slot.store(0, Ordering::Relaxed);
     }
 }
 
@@ -145,7 +161,7 @@ pub async fn heartbeat(shared: Arc<Shared>, link: Arc<Link>, every: Duration) {
 /// it served.
 pub fn send_heartbeat(shared: &Shared, link: &Link) {
     link.send(&FromWorker::Heartbeat {
-        requests: shared.requests.load(Ordering::Relaxed),
+        requests: shared.stats.requests(),
         rss_bytes: rss_bytes(),
         connections: shared.connections.load(Ordering::Relaxed),
         stats: shared.stats.snapshot(),

@@ -17,6 +17,7 @@ mod access_log;
 mod alloc_count;
 mod body;
 mod conn;
+mod exchange;
 mod http;
 mod kv;
 pub(crate) mod link;
@@ -24,6 +25,7 @@ mod liveness;
 pub(crate) use liveness::rss_bytes;
 pub mod plugin;
 mod plugin_v01;
+mod request_id;
 mod respond;
 mod stats;
 mod ws;
@@ -224,10 +226,11 @@ async fn serve(
     let shared = Arc::new(http::Shared {
         plugin,
         spec,
-        requests: AtomicU64::new(0),
+        toward_max_requests: AtomicU64::new(0),
         connections: AtomicU64::new(0),
         connection_slots: Arc::new(tokio::sync::Semaphore::new(max_connections)),
         draining,
+        draining_now: AtomicBool::new(false),
         close_idle,
         started: Instant::now(),
         warned_inline: AtomicBool::new(false),
@@ -274,7 +277,7 @@ async fn serve(
         _ = sigterm.recv() => tracing::info!("SIGTERM: draining"),
         _ = http::until_draining(&mut drain_requested) => {}
     }
-    shared.draining.send_replace(true);
+    shared.drain();
     // The plugin's drain notice: SSE streams and background loops end now, so the in-flight
     // requests below can finish.
     plugin.drain();
@@ -297,7 +300,7 @@ async fn serve(
     }
     tracing::info!(
         "drained after {} requests, exiting",
-        shared.requests.load(std::sync::atomic::Ordering::Relaxed)
+        shared.stats.requests()
     );
     channel_task.abort();
     ExitCode::SUCCESS
@@ -328,16 +331,16 @@ async fn talk_to_master(
             }
         };
         let Some((message, mut fds)) = next else {
-            shared.draining.send_replace(true);
+            shared.drain();
             return;
         };
         match message {
             ToWorker::Drain => {
                 tracing::info!("draining on the master's request");
-                shared.draining.send_replace(true);
+                shared.drain();
             }
             ToWorker::Stats => {
-                let requests = shared.requests.load(std::sync::atomic::Ordering::Relaxed);
+                let requests = shared.stats.requests();
                 link.send(&FromWorker::Stats { requests });
             }
             ToWorker::CloseIdle => {

@@ -1,6 +1,8 @@
-//! One request, start to finish: the host's own routes, reading the body within its limits,
-//! calling the plugin where it belongs (inline, or on the blocking pool under
-//! `handler_timeout`), and turning its answer into a response.
+//! One request's response: the host's own routes, reading the body within its limits, calling
+//! the plugin where it belongs (inline, on the blocking pool, or polling an async handler, under
+//! `handler_timeout`), and turning its answer into a response. The common request, a handler
+//! called inline on a request without a body, is answered at once ([`now`], no future); any
+//! other [`later`]. (`worker::exchange` does the accounting around both.)
 //!
 //! Limits, each with its status: a body declared (Content-Length) or found larger than
 //! `max_body_bytes` is a 413, before any of it is read when it is declared (so a client that
@@ -8,13 +10,7 @@
 //! and dropped meanwhile, so that it reads the 413 rather than a reset); a body that stalls longer than
 //! `body_timeout` between two parts is a 408; a handler that overruns `handler_timeout` is a 503.
 
-use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use abi_stable::std_types::RStr;
 use bytes::{Bytes, BytesMut};
@@ -29,6 +25,7 @@ use super::{
     in_worker_span,
     liveness::{ask_for_replacement, INLINE_CALLS},
     plugin::Calls,
+    request_id::{self, RequestId},
 };
 
 /// What `call_plugin` returns when the handler overran `handler_timeout` (the client gets 503).
@@ -37,26 +34,42 @@ const TIMED_OUT: &str = "handler timed out";
 /// An inline call that takes longer than this is reported: the plugin said it never blocks.
 const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
 
-/// A client's `X-Request-Id` is used as the request's id when it is at most this long and
-/// printable; otherwise the worker makes one.
-const MAX_CLIENT_REQUEST_ID: usize = 64;
 /// A refused body is read and dropped up to this many bytes (see `discard`); past it the
 /// connection closes, as a client that keeps sending after a 413 deserves.
 const DISCARD_MAX: u64 = 64 * 1024 * 1024;
 
-pub async fn respond(
-    req: hyper::Request<Incoming>,
-    shared: &Arc<Shared>,
-    client: &str,
-) -> Response {
+/// The response to `req` at once, for the common request: a handler called inline on a request
+/// without a body, or a host route; `None` for any other, which [`later`] answers. Borrows the
+/// request: moving it in and back out cost more than the call (it is 264 bytes).
+pub fn now(req: &hyper::Request<Incoming>, shared: &Shared, client: &str) -> Option<Response> {
     if shared.spec.host_routes {
         if let Some(path) = req.uri().path().strip_prefix("/__host/") {
-            return builtin(path, req.method(), shared);
+            return Some(builtin(path, req.method(), shared));
         }
     }
-    let (parts, incoming) = req.into_parts();
-    let id = request_id(&parts.headers);
+    if shared.plugin.calls() != Calls::Inline || !req.body().is_end_stream() {
+        return None;
+    }
+    let id = RequestId::of(req.headers());
+    let head = Head {
+        method: req.method(),
+        uri: req.uri(),
+        version: req.version(),
+        headers: req.headers(),
+        client,
+        tls: shared.tls.is_some(),
+        id: &id,
+    };
+    let result = call_inline(shared, &head, FfiBody::full(Default::default()));
+    Some(answer(result, &head))
+}
+
+/// The response to a request [`now`] gave back: once its body is read, or its handler (on the
+/// blocking pool, or async) has answered.
+pub async fn later(req: hyper::Request<Incoming>, shared: &Shared, client: &str) -> Response {
     let calls = shared.plugin.calls();
+    let (parts, incoming) = req.into_parts();
+    let id = RequestId::of(&parts.headers);
     let body = match calls {
         Calls::Async => stream_body(&parts, incoming, shared),
         Calls::Blocking | Calls::Inline => read_body(&parts, incoming, shared)
@@ -67,16 +80,24 @@ pub async fn respond(
         Ok(body) => body,
         Err(response) => return response,
     };
-    let id = id.as_str();
     let head = Head {
-        parts: &parts,
+        method: &parts.method,
+        uri: &parts.uri,
+        version: parts.version,
+        headers: &parts.headers,
         client,
         tls: shared.tls.is_some(),
-        id,
+        id: &id,
     };
-    let result = call_plugin(shared, calls, head, body).await;
+    let result = call_plugin(shared, calls, &head, body).await;
+    answer(result, &head)
+}
+
+/// The client's response to the handler's answer: its own, or a 503 (`handler_timeout`), or a
+/// 500 with the reason in the log.
+fn answer(result: Result<FfiResponse, String>, head: &Head<'_>) -> Response {
     let failure = match result {
-        Ok(response) => match into_hyper(response, id) {
+        Ok(response) => match into_hyper(response, head.id) {
             Ok(response) => return response,
             Err(e) => format!("the plugin returned an invalid response: {e}"),
         },
@@ -90,10 +111,10 @@ pub async fn respond(
     };
     in_worker_span(|| {
         tracing::error!(
-            request_id = id,
+            request_id = head.id.as_str(),
             "{} {} -> 500: {failure}",
-            parts.method,
-            parts.uri.path()
+            head.method,
+            head.uri.path()
         )
     });
     text(
@@ -102,70 +123,16 @@ pub async fn respond(
     )
 }
 
-/// The request's id: the client's `X-Request-Id` when it is short and printable, else the
-/// worker's pid and a count, which no other worker of this machine repeats while it lives.
-/// Made on the stack: it is copied once, into the request the plugin gets.
-fn request_id(headers: &http::HeaderMap) -> RequestId {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    // Once: glibc no longer caches getpid(), which made it a syscall per request.
-    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let given = headers
-        .get("x-request-id")
-        .map(HeaderValue::as_bytes)
-        .filter(|v| {
-            !v.is_empty() && v.len() <= MAX_CLIENT_REQUEST_ID && v.iter().all(u8::is_ascii_graphic)
-        });
-    let mut id = RequestId {
-        bytes: [0; MAX_CLIENT_REQUEST_ID],
-        len: 0,
-    };
-    match given {
-        Some(given) => {
-            id.bytes[..given.len()].copy_from_slice(given);
-            id.len = given.len();
-        }
-        None => {
-            let pid = *PID.get_or_init(std::process::id);
-            let next = NEXT.fetch_add(1, Ordering::Relaxed);
-            // By hand: `write!` through core::fmt took ~80 ns a request (perf). At most
-            // 8 + 1 + 16 bytes: it fits.
-            id.len = push_hex(&mut id.bytes, 0, u64::from(pid));
-            id.bytes[id.len] = b'-';
-            id.len = push_hex(&mut id.bytes, id.len + 1, next);
-        }
-    }
-    id
-}
-
-/// Writes `n` in lower-case hex (no leading zeros) at `at`; returns where it ended.
-fn push_hex(out: &mut [u8], at: usize, n: u64) -> usize {
-    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
-    for i in 0..digits {
-        let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
-        out[at + i] = b"0123456789abcdef"[nibble as usize];
-    }
-    at + digits
-}
-
-/// A request id of at most `MAX_CLIENT_REQUEST_ID` printable ASCII bytes.
-struct RequestId {
-    bytes: [u8; MAX_CLIENT_REQUEST_ID],
-    len: usize,
-}
-
-impl RequestId {
-    fn as_str(&self) -> &str {
-        // Printable ASCII only (checked above, or written so): always UTF-8.
-        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
-    }
-}
-
-/// What the plugin is told about a request, borrowed from hyper's request and the connection.
+/// What the plugin is told about a request, borrowed from hyper's request (whole, or its
+/// parts) and the connection.
 struct Head<'a> {
-    parts: &'a http::request::Parts,
+    method: &'a Method,
+    uri: &'a http::Uri,
+    version: Version,
+    headers: &'a http::HeaderMap,
     client: &'a str,
     tls: bool,
-    id: &'a str,
+    id: &'a RequestId,
 }
 
 impl Head<'_> {
@@ -176,8 +143,7 @@ impl Head<'_> {
     /// not in a `Host` header: the plugin gets it as `host` all the same, so that a handler
     /// reads the host one way whatever the protocol.
     fn with_ffi<R>(&self, f: impl FnOnce(&FfiRequestRef<'_>) -> R) -> R {
-        let parts = self.parts;
-        let mut headers: smallvec::SmallVec<[FfiHeaderRef<'_>; 16]> = parts
+        let mut headers: smallvec::SmallVec<[FfiHeaderRef<'_>; 16]> = self
             .headers
             .iter()
             .map(|(name, value)| FfiHeaderRef {
@@ -185,8 +151,8 @@ impl Head<'_> {
                 value: value.as_bytes().into(),
             })
             .collect();
-        if let Some(authority) = parts.uri.authority() {
-            if !parts.headers.contains_key(header::HOST) {
+        if let Some(authority) = self.uri.authority() {
+            if !self.headers.contains_key(header::HOST) {
                 headers.push(FfiHeaderRef {
                     name: RStr::from_str("host"),
                     value: authority.as_str().as_bytes().into(),
@@ -194,14 +160,14 @@ impl Head<'_> {
             }
         }
         f(&FfiRequestRef {
-            method: RStr::from_str(parts.method.as_str()),
-            path: RStr::from_str(parts.uri.path()),
-            query: RStr::from_str(parts.uri.query().unwrap_or("")),
+            method: RStr::from_str(self.method.as_str()),
+            path: RStr::from_str(self.uri.path()),
+            query: RStr::from_str(self.uri.query().unwrap_or("")),
             headers: headers.as_slice().into(),
             client_addr: RStr::from_str(self.client),
             tls: self.tls,
-            http_version: RStr::from_str(version_text(parts.version)),
-            request_id: RStr::from_str(self.id),
+            http_version: RStr::from_str(version_text(self.version)),
+            request_id: RStr::from_str(self.id.as_str()),
         })
     }
 }
@@ -340,10 +306,10 @@ async fn read_body(
 async fn call_plugin(
     shared: &Shared,
     calls: Calls,
-    head: Head<'_>,
+    head: &Head<'_>,
     body: FfiBody,
 ) -> Result<FfiResponse, String> {
-    let (parts, id) = (head.parts, head.id);
+    let (method, path, id) = (head.method, head.uri.path(), head.id.as_str());
     let plugin = shared.plugin;
     let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
     match calls {
@@ -365,8 +331,8 @@ async fn call_plugin(
                             request_id = id,
                             "{} {}: the async handler has run longer than handler_timeout ({}); \
                              it was cancelled and the client got a 503",
-                            parts.method,
-                            parts.uri.path(),
+                            method,
+                            path,
                             humantime::format_duration(timeout)
                         )
                     });
@@ -394,8 +360,8 @@ async fn call_plugin(
                             format!(
                                 "a handler call for {} {} (request {id}) has run longer than \
                                  handler_timeout ({}): its thread is lost",
-                                parts.method,
-                                parts.uri.path(),
+                                method,
+                                path,
                                 humantime::format_duration(timeout)
                             ),
                         )
@@ -404,34 +370,38 @@ async fn call_plugin(
                 }
             }
         }
-        Calls::Inline => {
-            let started = Instant::now();
-            let result = {
-                let _call = INLINE_CALLS.begin();
-                head.with_ffi(|request| plugin.handle(request, body))
-            };
-            let took = started.elapsed();
-            if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
-                in_worker_span(|| {
-                    tracing::warn!(
-                        request_id = id,
-                        "{} {} took {} ms in plugin {}, which declares BLOCKING = false, so it \
-                         held one of the worker's async threads (and other requests) for that \
-                         long. If its handler can block, remove `const BLOCKING: bool = false` \
-                         from the plugin, or make it an AsyncPlugin. (Said once per worker.)",
-                        parts.method,
-                        parts.uri.path(),
-                        took.as_millis(),
-                        plugin.name()
-                    )
-                });
-            }
-            result
-        }
+        Calls::Inline => call_inline(shared, head, body),
     }
 }
 
-fn into_hyper(ffi: FfiResponse, id: &str) -> Result<Response, String> {
+/// Calls a handler that never blocks right here, on the async thread, and says so (once per
+/// worker) if it took long.
+fn call_inline(shared: &Shared, head: &Head<'_>, body: FfiBody) -> Result<FfiResponse, String> {
+    let plugin = shared.plugin;
+    let (result, took) = {
+        let call = INLINE_CALLS.begin();
+        let result = head.with_ffi(|request| plugin.handle(request, body));
+        (result, call.took())
+    };
+    if took > INLINE_CALL_WARNING && !shared.warned_inline.swap(true, Ordering::Relaxed) {
+        in_worker_span(|| {
+            tracing::warn!(
+                request_id = head.id.as_str(),
+                "{} {} took {} ms in plugin {}, which declares BLOCKING = false, so it \
+                 held one of the worker's async threads (and other requests) for that \
+                 long. If its handler can block, remove `const BLOCKING: bool = false` \
+                 from the plugin, or make it an AsyncPlugin. (Said once per worker.)",
+                head.method,
+                head.uri.path(),
+                took.as_millis(),
+                plugin.name()
+            )
+        });
+    }
+    result
+}
+
+fn into_hyper(ffi: FfiResponse, id: &RequestId) -> Result<Response, String> {
     let status = StatusCode::from_u16(ffi.status)
         .map_err(|_| format!("status {} is not an HTTP status", ffi.status))?;
     let body = match ffi.body.rest.into_option() {
@@ -446,17 +416,34 @@ fn into_hyper(ffi: FfiResponse, id: &str) -> Result<Response, String> {
     for h in ffi.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| format!("header name {:?} is not valid", h.name.as_str()))?;
-        let value = HeaderValue::from_bytes(&h.value)
-            .map_err(|_| format!("the value of header {name} is not valid"))?;
+        let value = match common_value(&h.value) {
+            Some(value) => value,
+            None => HeaderValue::from_bytes(&h.value)
+                .map_err(|_| format!("the value of header {name} is not valid"))?,
+        };
         response.headers_mut().append(name, value);
     }
-    if let Ok(id) = HeaderValue::from_str(id) {
-        // A static name: a `&str` name is copied on every insert.
+    if let Some(id) = id.header_value() {
         response
             .headers_mut()
-            .insert(HeaderName::from_static("x-request-id"), id);
+            .insert(request_id::HEADER.clone(), id);
     }
     Ok(response)
+}
+
+/// A header value plugins send on most responses (`Response::text`, `Response::json`), as a
+/// static value: a value made from bytes is a copy on the heap, one allocation and free a
+/// response.
+fn common_value(value: &[u8]) -> Option<HeaderValue> {
+    const COMMON: [&str; 3] = [
+        "text/plain; charset=utf-8",
+        "application/json",
+        "text/html; charset=utf-8",
+    ];
+    COMMON
+        .into_iter()
+        .find(|c| c.as_bytes() == value)
+        .map(HeaderValue::from_static)
 }
 
 /// Routes the host answers from its own code, whatever the plugin. `/__host/info` comes from the
@@ -486,11 +473,11 @@ fn builtin(path: &str, method: &Method, shared: &Shared) -> Response {
             "handler_calls": format!("{:?}", shared.plugin.calls()).to_lowercase(),
             "plugin_api": shared.plugin.api(),
             "uptime_ms": shared.started.elapsed().as_millis() as u64,
-            "requests": shared.requests.load(Ordering::Relaxed),
+            "requests": shared.stats.requests(),
         }),
         // A load balancer's health check on the service's own port: this worker serves, or
         // (503) it is draining and the balancer should send the next request elsewhere.
-        "readyz" if *shared.draining.borrow() => {
+        "readyz" if shared.is_draining() => {
             return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
         "readyz" => return text(StatusCode::OK, "ready\n"),
@@ -517,37 +504,4 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_as_format_writes_it() {
-        for n in [0, 1, 0xf, 0x10, 0xabc, u64::from(u32::MAX), u64::MAX] {
-            let mut out = [0u8; 20];
-            let end = push_hex(&mut out, 2, n);
-            assert_eq!(&out[2..end], format!("{n:x}").as_bytes());
-        }
-    }
-
-    #[test]
-    fn a_request_id_is_the_clients_when_fit_else_pid_and_count() {
-        let mut headers = http::HeaderMap::new();
-        let made = request_id(&headers);
-        let (pid, count) = made.as_str().split_once('-').unwrap();
-        assert_eq!(pid, format!("{:x}", std::process::id()));
-        assert!(u64::from_str_radix(count, 16).is_ok(), "{}", made.as_str());
-        headers.insert("x-request-id", HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&headers).as_str(), "abc-123");
-        // Too long, or not printable: the worker makes one.
-        let long = "x".repeat(MAX_CLIENT_REQUEST_ID + 1);
-        for refused in [long.as_str(), "a b"] {
-            headers.insert("x-request-id", HeaderValue::from_str(refused).unwrap());
-            let id = request_id(&headers);
-            let (pid, _) = id.as_str().split_once('-').unwrap();
-            assert_eq!(pid, format!("{:x}", std::process::id()), "{refused:?}");
-        }
-    }
 }

@@ -1,0 +1,161 @@
+//! One request on a connection, around `worker::respond`: marks the request in flight on its
+//! connection (which the connection's limits read), gets its response, at once when it can and
+//! else later, and accounts for it: its status and duration (`worker::stats`), the access log,
+//! `max_requests`, and `Connection: close` once the worker drains.
+//!
+//! The common request (a handler called inline, no body) is answered within hyper's call of the
+//! service, with no future of its own: [`Exchange`] is then the response, which hyper moves
+//! into place. A future for every request was about 660 bytes (the request, what the access
+//! log keeps of it, the response's future), moved on every request; a request answered later
+//! is now one boxed future.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{atomic::Ordering, Arc},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http::{header, HeaderValue, Method, Uri, Version};
+use hyper::body::Incoming;
+
+use super::{access_log, conn::ConnState, http::Response, liveness::ask_for_replacement, respond};
+use crate::protocol::coarse_ns;
+
+/// A request's response: ready, or on its way.
+pub enum Exchange {
+    Now(Option<Response>),
+    Later(Pin<Box<dyn Future<Output = Response> + Send>>),
+}
+
+impl Exchange {
+    /// Serves `req`, which arrived on the connection of `state` from `client`.
+    pub fn start(
+        state: &Arc<ConnState>,
+        client: Option<SocketAddr>,
+        req: hyper::Request<Incoming>,
+    ) -> Exchange {
+        // One reference count a request, which the request's `InFlight` holds.
+        let in_flight = InFlight::begin(state.clone());
+        let started = Instant::now();
+        // Only when there is an access log: this is the request path.
+        let logged = state.shared.access_log.as_ref().map(|_| Logged::of(&req));
+        match respond::now(&req, &state.shared, &state.client_text) {
+            Some(response) => Exchange::Now(Some(finish(state, client, started, logged, response))),
+            None => Exchange::Later(Box::pin(async move {
+                let state = &in_flight.0;
+                let response = respond::later(req, &state.shared, &state.client_text).await;
+                finish(state, client, started, logged, response)
+            })),
+        }
+    }
+}
+
+impl Future for Exchange {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Exchange::Now(response) => Poll::Ready(Ok(response
+                .take()
+                .expect("an exchange is not polled after it ended"))),
+            Exchange::Later(future) => future.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
+/// What the access log needs of a request, taken before the request is consumed.
+struct Logged {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    referer: Option<String>,
+    user_agent: Option<String>,
+}
+
+impl Logged {
+    fn of(req: &hyper::Request<Incoming>) -> Logged {
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Logged {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            referer: header(header::REFERER),
+            user_agent: header(header::USER_AGENT),
+        }
+    }
+}
+
+/// The accounting of a request that has its response (see the module comment).
+fn finish(
+    state: &ConnState,
+    client: Option<SocketAddr>,
+    started: Instant,
+    logged: Option<Logged>,
+    mut response: Response,
+) -> Response {
+    let shared = &state.shared;
+    let took = started.elapsed();
+    shared.stats.record(response.status().as_u16(), took);
+    if let (Some(log), Some(logged)) = (&shared.access_log, &logged) {
+        let uri = &logged.uri;
+        log.log(&access_log::Request {
+            client,
+            method: logged.method.as_str(),
+            target: uri.path_and_query().map_or(uri.path(), |p| p.as_str()),
+            version: logged.version,
+            status: response.status().as_u16(),
+            bytes: hyper::body::Body::size_hint(response.body())
+                .exact()
+                .unwrap_or(0),
+            took,
+            referer: logged.referer.as_deref(),
+            user_agent: logged.user_agent.as_deref(),
+            plugin_version: &shared.spec.plugin_version,
+        });
+    }
+    let max = shared.spec.max_requests;
+    if max != 0 {
+        let served = shared.toward_max_requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if served == max {
+            ask_for_replacement(
+                &shared.link,
+                &shared.replacement_asked,
+                format!("it served {served} requests (max_requests, with its jitter)"),
+            );
+        }
+    }
+    // HTTP/2 has no Connection header: a draining worker sends GOAWAY instead.
+    if !state.h2 && shared.is_draining() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Marks a request in flight on its connection for as long as it lives.
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn begin(conn: Arc<ConnState>) -> InFlight {
+        conn.in_flight.fetch_add(1, Ordering::SeqCst);
+        conn.head_started.store(0, Ordering::Relaxed);
+        InFlight(conn)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.last_active.store(coarse_ns(), Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
