@@ -366,23 +366,28 @@ pub fn stats(cx: &Ctx, out: &mut Results) {
             .map(|x| x.as_f64().unwrap())
             .collect()
     };
-    let (record, per_request, two) = (
+    let (record, per_request, two, one_set) = (
         get("record_ns"),
         get("per_request_ns"),
         get("two_threads_ns"),
+        get("one_set_ns"),
     );
     let mut t = RoundTable::new(m.stats_rounds);
     t.values(
-        "ns per request: record (3 relaxed adds, partition_point)",
+        "ns per request: record (4 relaxed adds, partition_point)",
         &record,
     );
     t.values(
-        "ns per request: clock at start and end, record, served add",
+        "ns per request: clock at start and end, record",
         &per_request,
     );
     t.values(
-        "ns per request: the same, 2 threads on one Stats (each)",
+        "ns per request: the same, 2 threads, each its own counters (each)",
         &two,
+    );
+    t.values(
+        "ns per request: the same, 2 threads on one set of counters (each; the host before 2026-12-01)",
+        &one_set,
     );
     let share = match cx.host_cpu_us.get() {
         Some((cpu_us, from)) => {
@@ -390,7 +395,7 @@ pub fn stats(cx: &Ctx, out: &mut Results) {
                 ns.iter().map(|n| n / (cpu_us * 1000.0) * 100.0).collect()
             };
             t.values(
-                "% of the host's CPU per request: clock, record, served add",
+                "% of the host's CPU per request: clock, record",
                 &pct(&per_request),
             );
             t.values(
@@ -411,9 +416,10 @@ pub fn stats(cx: &Ctx, out: &mut Results) {
         "12. metrics counting",
         format!(
             "## 12. Metrics counting per request\n\n`cargo bench -p bench --bench stats` \
-             (criterion): an equivalent of the worker's private `Stats::record` (status class, \
-             3 relaxed atomic adds, a `partition_point` over the host's 14 duration bounds) and \
-             of what each request does around it, {} interleaved rounds of {} ms warm-up and {} \
+             (criterion): an equivalent of the worker's private `Stats::record` (this \
+             thread's counters, status class, 4 relaxed atomic adds, a `partition_point` over \
+             the host's 14 duration bounds) and of what each request does around it, {} \
+             interleaved rounds of {} ms warm-up and {} \
              ms measurement each; criterion's own report: {}. {share}\n\n{}\n",
             m.stats_rounds,
             m.stats_warmup.as_millis(),
