@@ -19,10 +19,10 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -168,21 +168,19 @@ where
     }
 }
 
-/// Polls the connection to its end, and stops it when its limits or the drain say so (see
-/// [`limits`], which decides in a task of its own).
+/// Polls the connection to its end, and stops it when its limits or the drain say so.
 ///
-/// Why apart: polling the limits' timer and watches beside the connection (a `select!`) cost
-/// each wake-up of the connection, about one per request, a poll of all four (about 150 ns a
-/// request: docs/benchmarks.md). Here a wake-up polls the connection and reads one atomic; the
-/// limits' task wakes only when its timer or a watch fires.
+/// Why a second task ([`limits`]): polling the limits' timer and watches beside the connection
+/// (a `select!`) cost each wake-up of the connection, about one per request, a poll of all four
+/// (about 150 ns a request: docs/benchmarks.md). Here a wake-up polls the connection and reads
+/// one atomic; the limits' task wakes only when its timer or a watch fires. It only says when to
+/// look: the verdict is taken again here, in step with hyper's reads and calls, so that a
+/// request that arrived since the limits' task looked is never cut by a stale one.
 async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
     tokio::pin!(conn);
-    let stop = Arc::new(Stop::default());
-    let _limits = AbortOnDrop(tokio::spawn(limits(state.clone(), stop.clone())).abort_handle());
+    let look = Arc::new(Look::default());
+    let _limits = AbortOnDrop(tokio::spawn(limits(state.clone(), look.clone())).abort_handle());
     let mut finishing = false;
-    // The waker the order wakes. The limits' task gives at most one order, so a waker
-    // registered once stays until then, and is registered again only if the task's changes.
-    let mut registered: Option<Waker> = None;
     let ended = std::future::poll_fn(|cx| loop {
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
             return Poll::Ready(Some(res));
@@ -190,45 +188,48 @@ async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
         if finishing {
             return Poll::Pending;
         }
-        // Registered before the order is read: an order given after the read wakes this.
-        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            stop.waker.register(cx.waker());
-            registered = Some(cx.waker().clone());
+        // Registered before the flag is read: a call to look after the read wakes this.
+        look.waker.register(cx.waker());
+        if !look.asked.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
         }
-        match stop.order.load(Ordering::Acquire) {
-            Stop::FINISH => {
+        let shared = &state.shared;
+        match verdict(state, shared.is_draining(), *shared.close_idle.borrow()) {
+            Verdict::Finish => {
                 // Graceful: hyper finishes what is in flight, then the connection ends; it
                 // must be polled again to act on it.
                 conn.as_mut().shutdown();
                 finishing = true;
+                look.finishing.store(true, Ordering::Release);
             }
-            Stop::CLOSE => return Poll::Ready(None),
-            _ => return Poll::Pending,
+            Verdict::Close => {
+                debug("no request head within header_timeout");
+                return Poll::Ready(None);
+            }
+            // Stale: a request came meanwhile. The limits' task looks again.
+            Verdict::Wait(_) => return Poll::Pending,
         }
     })
     .await;
-    // `None`: closed at once (the limits' task said why); dropping hyper's connection closes it.
+    // `None`: closed at once; dropping hyper's connection closes it.
     if let Some(res) = ended {
         log_conn_end(res)
     }
 }
 
-/// What the limits' task tells the connection's task.
+/// Between the limits' task and the connection's.
 #[derive(Default)]
-struct Stop {
-    /// `Stop::FINISH`, `Stop::CLOSE`, or 0 (go on).
-    order: AtomicU8,
+struct Look {
+    /// The limits' task asks the connection's to take the verdict.
+    asked: AtomicBool,
     waker: AtomicWaker,
+    /// The connection finishes: the limits' task has nothing left to do.
+    finishing: AtomicBool,
 }
 
-impl Stop {
-    /// Finish gracefully: HTTP/1.1 closes once idle, HTTP/2 sends GOAWAY.
-    const FINISH: u8 = 1;
-    /// Close now (a request head overran `header_timeout`).
-    const CLOSE: u8 = 2;
-
-    fn give(&self, order: u8) {
-        self.order.store(order, Ordering::Release);
+impl Look {
+    fn ask(&self) {
+        self.asked.store(true, Ordering::Release);
         self.waker.wake();
     }
 }
@@ -242,46 +243,71 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The connection's timeouts and drain: decides, when its timer or a watch fires, whether the
-/// connection goes on, finishes or closes, and tells [`drive`] once. Ends then (or is aborted
-/// when the connection ends first).
-async fn limits(state: Arc<ConnState>, stop: Arc<Stop>) {
+/// What a connection's limits and the drain say now.
+enum Verdict {
+    /// Go on, and look again within this long.
+    Wait(Duration),
+    /// Finish gracefully: HTTP/1.1 closes once idle, HTTP/2 sends GOAWAY.
+    Finish,
+    /// Close now: a request head overran `header_timeout`.
+    Close,
+}
+
+fn verdict(state: &ConnState, draining: bool, close_idle: bool) -> Verdict {
     let spec = &state.shared.spec;
     let header_timeout = Duration::from_millis(spec.header_timeout_ms);
     let keepalive = Duration::from_millis(spec.keepalive_timeout_ms);
+    // HTTP/2: GOAWAY as soon as the worker drains; open streams finish.
+    if state.h2 && draining {
+        return Verdict::Finish;
+    }
+    let grace = if close_idle {
+        Duration::ZERO
+    } else if draining {
+        Duration::from_millis(spec.idle_grace_ms).min(keepalive)
+    } else {
+        keepalive
+    };
+    if let Some(head) = state.head_for().filter(|_| state.idle_for().is_some()) {
+        // A request head is arriving (or is awaited after the accept).
+        if head >= header_timeout {
+            return Verdict::Close;
+        }
+        // The head may complete and its request end before then: wake in time for the idle
+        // grace too.
+        return Verdict::Wait((header_timeout - head).min(grace.max(Duration::from_millis(10))));
+    }
+    match state.idle_for() {
+        Some(idle) if idle >= grace => Verdict::Finish,
+        // Idle: wake up before the grace ends, and often enough to notice a request head that
+        // started meanwhile and is late (so a slow head is cut within 1.5 x header_timeout
+        // without waking this loop on every request).
+        Some(idle) => Verdict::Wait((grace - idle).min(header_timeout / 2)),
+        // Busy: look again later (its response will carry `Connection: close` if the worker
+        // drains meanwhile).
+        None => Verdict::Wait(grace.clamp(Duration::from_millis(10), Duration::from_secs(1))),
+    }
+}
+
+/// How soon the limits' task looks again after asking the connection's task to take a verdict
+/// it did not act on (a request came meanwhile).
+const LOOK_AGAIN: Duration = Duration::from_millis(10);
+
+/// The connection's timeouts and drain: wakes when its timer or a watch fires, and when the
+/// verdict is to finish or close, asks [`drive`] to take it (again, in step with the
+/// connection). Ends once the connection finishes, or is aborted when it ends.
+async fn limits(state: Arc<ConnState>, look: Arc<Look>) {
     let mut draining = state.shared.draining.subscribe();
     let mut close_idle = state.shared.close_idle.subscribe();
     loop {
-        // HTTP/2: GOAWAY as soon as the worker drains; open streams finish.
-        if state.h2 && *draining.borrow() {
-            return stop.give(Stop::FINISH);
+        if look.finishing.load(Ordering::Acquire) {
+            return;
         }
-        let grace = if *close_idle.borrow() {
-            Duration::ZERO
-        } else if *draining.borrow() {
-            Duration::from_millis(spec.idle_grace_ms).min(keepalive)
-        } else {
-            keepalive
-        };
-        let wait = if let Some(head) = state.head_for().filter(|_| state.idle_for().is_some()) {
-            // A request head is arriving (or is awaited after the accept).
-            if head >= header_timeout {
-                debug("no request head within header_timeout");
-                return stop.give(Stop::CLOSE);
-            }
-            // The head may complete and its request end before then: wake in time for the
-            // idle grace too.
-            (header_timeout - head).min(grace.max(Duration::from_millis(10)))
-        } else {
-            match state.idle_for() {
-                Some(idle) if idle >= grace => return stop.give(Stop::FINISH),
-                // Idle: wake up before the grace ends, and often enough to notice a request
-                // head that started meanwhile and is late (so a slow head is cut within 1.5 x
-                // header_timeout without waking this loop on every request).
-                Some(idle) => (grace - idle).min(header_timeout / 2),
-                // Busy: look again later (its response will carry `Connection: close` if the
-                // worker drains meanwhile).
-                None => grace.clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        let wait = match verdict(&state, *draining.borrow(), *close_idle.borrow()) {
+            Verdict::Wait(wait) => wait,
+            Verdict::Finish | Verdict::Close => {
+                look.ask();
+                LOOK_AGAIN
             }
         };
         tokio::select! {

@@ -3,8 +3,8 @@
 //! else later, and accounts for it: its status and duration (`worker::stats`), the access log,
 //! `max_requests`, and `Connection: close` once the worker drains.
 //!
-//! The common request (a handler called inline, no body) is answered within hyper's call of the
-//! service, with no future of its own: [`Exchange`] is then the response, which hyper moves
+//! The common request (HTTP/1.1, a handler called inline, no body) is answered within hyper's
+//! call of the service, with no future of its own: [`Exchange`] is then the response, which hyper moves
 //! into place. A future for every request was about 660 bytes (the request, what the access
 //! log keeps of it, the response's future), moved on every request; a request answered later
 //! is now one boxed future.
@@ -43,7 +43,16 @@ impl Exchange {
         let started = Instant::now();
         // Only when there is an access log: this is the request path.
         let logged = state.shared.access_log.as_ref().map(|_| Logged::of(&req));
-        match respond::now(&req, &state.shared, &state.client_text) {
+        // HTTP/1.1 only: hyper's HTTP/2 calls the service inside the connection's own poll, so
+        // a handler answered there would run one stream at a time on the connection's thread,
+        // and hold up its other streams' frames. Its streams run as tasks of their own when
+        // they have a future.
+        let now = if state.h2 {
+            None
+        } else {
+            respond::now(&req, &state.shared, &state.client_text)
+        };
+        match now {
             Some(response) => Exchange::Now(Some(finish(state, client, started, logged, response))),
             None => Exchange::Later(Box::pin(async move {
                 let state = &in_flight.0;

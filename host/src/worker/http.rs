@@ -47,6 +47,7 @@ pub struct Shared {
     pub connections: AtomicU64,
     /// One permit per connection the worker may hold (`max_connections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Written only through [`Shared::drain`], which keeps `draining_now` equal to it.
     pub draining: watch::Sender<bool>,
     /// `draining`'s value as an atomic, for the request path: the watch's `borrow` takes a
     /// lock that every thread's requests would share (see [`Shared::drain`]).

@@ -1,7 +1,9 @@
 //! A request's id: the client's `X-Request-Id` when it is short and printable, else the
 //! worker's pid and a count (`4de7-1a`), which no other worker of this machine repeats while
 //! it lives. The plugin gets it with the request, the host's and the plugin's log lines for
-//! the request carry it, and the response sends it back in `X-Request-Id`.
+//! the request carry it, and the response sends it back in `X-Request-Id`. The counts never
+//! repeat within a worker, but each runtime thread takes them in blocks of 1,024: ids do not
+//! rise in the order the requests came, so sort log lines by their time, not their id.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
