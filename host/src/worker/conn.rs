@@ -172,9 +172,9 @@ where
 ///
 /// Why a second task ([`limits`]): polling the limits' timer and watches beside the connection
 /// (a `select!`) cost each wake-up of the connection, about one per request, a poll of all four
-/// (about 150 ns a request: docs/benchmarks.md). Here a wake-up polls the connection and reads
-/// one atomic; the limits' task wakes only when its timer or a watch fires. It only says when to
-/// look: the verdict is taken again here, in step with hyper's reads and calls, so that a
+/// (about 150 ns a request: docs/benchmarks.md). Here a wake-up polls the connection, registers
+/// the waker (two atomic operations when it is the same one) and reads one atomic; the limits' task wakes only when
+/// its timer or a watch fires. It only says when to look: the verdict is taken again here, in step with hyper's reads and calls, so that a
 /// request that arrived since the limits' task looked is never cut by a stale one.
 async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
     tokio::pin!(conn);
@@ -190,9 +190,10 @@ async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
         }
         // Registered before the flag is read: a call to look after the read wakes this.
         look.waker.register(cx.waker());
-        if !look.asked.swap(false, Ordering::AcqRel) {
+        if !look.asked.load(Ordering::Acquire) {
             return Poll::Pending;
         }
+        look.asked.store(false, Ordering::Relaxed);
         let shared = &state.shared;
         match verdict(state, shared.is_draining(), *shared.close_idle.borrow()) {
             Verdict::Finish => {
