@@ -57,11 +57,17 @@ fn stop_drains_leaves_no_process_and_frees_the_port() {
     let out = host.cli(&["stop"]);
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(output_text(&out).contains("stopped"));
-    assert!(host.wait_exit(), "the master exits with status 0");
+    // `host stop` returns once the master's process has ended, so what runs next (a
+    // `host start`, a deploy script) finds everything free: checked before the exit is reaped.
+    assert!(
+        !alive(host.pid),
+        "the master is gone when `host stop` returns"
+    );
     assert!(pids.iter().all(|p| !alive(*p)), "no worker is left");
     TcpListener::bind(&addr).expect("the port is free again");
     assert!(!host.state_dir().join("host.sock").exists());
     assert!(!host.state_dir().join("host.pid").exists());
+    assert!(host.wait_exit(), "the master exits with status 0");
 }
 
 #[test]

@@ -1,22 +1,20 @@
 //! The command line: parse it (clap), run the role or client command it names, pick the exit
-//! code. Client commands talk to the running master over its control socket.
+//! code. Client commands talk to the running master over its control socket (`client`,
+//! `status`).
 //!
 //! Exit codes: 0 success; 1 the operation failed (a reload was rejected, a check failed, the
 //! master could not start); 2 bad usage or configuration; 3 no master is running.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
-    path::PathBuf,
-    process::ExitCode,
-    time::Duration,
-};
+mod client;
+mod status;
+
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config::{Config, RawAdmin, RawConfig, RawService, RawTls, Source, DEFAULT_WORKERS},
-    protocol::{ControlReply, ControlRequest, FromWorker, StatusReport, ToWorker},
+    protocol::{ControlRequest, FromWorker, ToWorker},
     state_dir::StateDir,
 };
 
@@ -252,18 +250,19 @@ pub fn main() -> ExitCode {
             Err(e) => usage_error(&e),
         },
         Command::Reload { services } => {
-            finish(stream(&state, &ControlRequest::Reload { services }))
+            finish(client::stream(&state, &ControlRequest::Reload { services }))
         }
-        Command::Stop => finish(stream(&state, &ControlRequest::Stop)),
-        Command::ReopenLogs => finish(stream(&state, &ControlRequest::ReopenLogs)),
+        Command::Stop => finish(client::stop(&state)),
+        Command::ReopenLogs => finish(client::stream(&state, &ControlRequest::ReopenLogs)),
         Command::Upgrade { exe } => {
             let exe = exe.map(|e| std::path::absolute(&e).unwrap_or(e));
-            finish(stream(&state, &ControlRequest::Upgrade { exe }))
+            finish(client::stream(&state, &ControlRequest::Upgrade { exe }))
         }
-        Command::Rollback { service, to } => {
-            finish(stream(&state, &ControlRequest::Rollback { service, to }))
-        }
-        Command::Status { json } => finish(status(&state, json)),
+        Command::Rollback { service, to } => finish(client::stream(
+            &state,
+            &ControlRequest::Rollback { service, to },
+        )),
+        Command::Status { json } => finish(status::status(&state, json)),
     }
 }
 
@@ -328,244 +327,6 @@ fn finish(result: Result<(), (u8, String)>) -> ExitCode {
             ExitCode::from(code)
         }
     }
-}
-
-/// Sends `request` and yields the replies until the final one.
-fn converse(
-    state: &StateDir,
-    request: &ControlRequest,
-    mut on_reply: impl FnMut(ControlReply),
-) -> Result<(), (u8, String)> {
-    let socket = state.socket();
-    let pid_file_pid = state.check_for_client().map_err(|e| (EXIT_FAILED, e))?;
-    let mut stream = UnixStream::connect(&socket).map_err(|e| {
-        (
-            EXIT_NO_MASTER,
-            format!(
-                "no host master is running with state directory {} ({e}); start one with \
-                 `host start`, or pass the --state-dir (or HOST_STATE_DIR) it was started with",
-                state.root.display()
-            ),
-        )
-    })?;
-    check_master(&stream, pid_file_pid)?;
-    stream
-        .write_all(&crate::protocol::encode(request))
-        .map_err(|e| (EXIT_FAILED, format!("could not talk to the master: {e}")))?;
-    for line in BufReader::new(stream).lines() {
-        let line = line.map_err(|e| {
-            (
-                EXIT_FAILED,
-                format!("lost the connection to the master: {e}"),
-            )
-        })?;
-        let reply: ControlReply = serde_json::from_str(&line).map_err(|e| {
-            (
-                EXIT_FAILED,
-                format!(
-                    "unreadable answer from the master ({e}); is it the same version as this CLI?"
-                ),
-            )
-        })?;
-        let last = matches!(
-            reply,
-            ControlReply::Done { .. } | ControlReply::Error(_) | ControlReply::Status(_)
-        );
-        on_reply(reply);
-        if last {
-            return Ok(());
-        }
-    }
-    Err((
-        EXIT_FAILED,
-        "the master closed the connection before it answered".into(),
-    ))
-}
-
-/// Checks who answers on the control socket before trusting it: a process of this user (or
-/// root), and the master the pid file names.
-fn check_master(stream: &UnixStream, pid_file: Option<u32>) -> Result<(), (u8, String)> {
-    let me = nix::unistd::geteuid().as_raw();
-    let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(|e| {
-            (
-                EXIT_FAILED,
-                format!("could not check who runs the master: {e}"),
-            )
-        })?;
-    if peer.uid() != me && peer.uid() != 0 {
-        return Err((
-            EXIT_FAILED,
-            format!(
-                "the process answering on the control socket runs as uid {}, not as you (uid \
-                 {me}) or root; it is not a master this CLI trusts. Stop it and remove the socket.",
-                peer.uid()
-            ),
-        ));
-    }
-    if let Some(pid) = pid_file.filter(|pid| *pid != peer.pid() as u32) {
-        return Err((
-            EXIT_FAILED,
-            format!(
-                "the process answering on the control socket (pid {}) is not the master the pid \
-                 file names (pid {pid}); something else is listening there. Stop it and remove \
-                 the socket.",
-                peer.pid()
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Reload and stop: print progress lines as they come; fail if the master says it failed.
-fn stream(state: &StateDir, request: &ControlRequest) -> Result<(), (u8, String)> {
-    let mut outcome = Ok(());
-    converse(state, request, |reply| match reply {
-        ControlReply::Line(line) => println!("{line}"),
-        ControlReply::Done { ok: true, summary } => println!("{summary}"),
-        ControlReply::Done { ok: false, summary } => outcome = Err((EXIT_FAILED, summary)),
-        ControlReply::Error(e) => outcome = Err((EXIT_FAILED, e)),
-        ControlReply::Status(_) => {}
-    })?;
-    outcome
-}
-
-fn status(state: &StateDir, json: bool) -> Result<(), (u8, String)> {
-    let mut report = None;
-    converse(state, &ControlRequest::Status, |reply| {
-        if let ControlReply::Status(r) = reply {
-            report = Some(r);
-        }
-    })?;
-    let report = report.ok_or((EXIT_FAILED, "the master sent no status".to_string()))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap());
-    } else {
-        print!("{}", render_status(&report));
-    }
-    Ok(())
-}
-
-fn ago(ms: u64) -> String {
-    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
-}
-
-fn render_status(r: &StatusReport) -> String {
-    let mut out = format!(
-        "master pid {}, up {}, host {} (build {}, {})\n",
-        r.master_pid,
-        ago(r.uptime_ms),
-        r.host_version,
-        r.build_id,
-        r.executable.display()
-    );
-    if let Some(admin) = &r.admin {
-        out += &format!("admin on {admin}\n");
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    for s in &r.services {
-        let health = match (&s.probation_left_ms, &s.probation_fallback) {
-            (Some(left), Some(back)) => format!(
-                "on probation for {} more (a crash rolls back to {back})",
-                ago(*left)
-            ),
-            _ if s.version_healthy => "healthy".to_string(),
-            _ => "not yet proven healthy".to_string(),
-        };
-        out += &format!(
-            "\nservice {} on {}: plugin {} ({}){}, {health}\n",
-            s.name,
-            s.listen.join(", "),
-            s.version,
-            s.plugin.display(),
-            if s.reloadable {
-                ""
-            } else {
-                ", reloadable = false"
-            }
-        );
-        if s.crashes_last_minute > 0 {
-            out += &format!("  crashes in the last minute: {}\n", s.crashes_last_minute);
-        }
-        if !s.previous.is_empty() {
-            let previous: Vec<_> = s
-                .previous
-                .iter()
-                .map(|v| {
-                    let mut text = format!(
-                        "{} (first loaded {} ago",
-                        v.version,
-                        ago(now.saturating_sub(v.first_loaded) * 1000)
-                    );
-                    if v.failed.is_some() {
-                        text += ", failed";
-                    } else if v.healthy {
-                        text += ", healthy";
-                    }
-                    text + ")"
-                })
-                .collect();
-            out += &format!("  previous versions: {}\n", previous.join(", "));
-        }
-        out += &format!(
-            "  {:<5} {:<8} {:<9} {:<8} {:<10} {:<9} {:<6} {}\n",
-            "SLOT", "PID", "STATE", "VERSION", "UPTIME", "RSS", "CONNS", "REQUESTS"
-        );
-        for w in &s.workers {
-            let requests = w.requests.map_or("?".to_string(), |n| n.to_string());
-            // A websocket service's gateways are listed with its business workers: `gw N`.
-            let slot = match w.role.as_str() {
-                "gateway" => format!("gw {}", w.slot),
-                _ => w.slot.to_string(),
-            };
-            out += &format!(
-                "  {:<5} {:<8} {:<9} {:<8} {:<10} {:<9} {:<6} {}\n",
-                slot,
-                w.pid,
-                w.state,
-                w.version,
-                ago(w.uptime_ms),
-                format!("{:.1}M", w.rss_bytes as f64 / (1024.0 * 1024.0)),
-                w.connections,
-                requests
-            );
-        }
-        for slot in &s.slots {
-            let Some(exit) = &slot.last_exit else {
-                continue;
-            };
-            out += &format!(
-                "  slot {}: last exit {} ago: {exit}",
-                slot.slot,
-                ago(slot.last_exit_ago_ms.unwrap_or(0))
-            );
-            if let Some(next) = slot.next_retry_in_ms {
-                out += &format!(
-                    "; {} short-lived workers in a row, next start in {next} ms",
-                    slot.crashes_in_a_row
-                );
-            }
-            out += "\n";
-        }
-        for e in &s.recent {
-            out += &format!(
-                "  {} ago: {} {} -> {}: {} in {} ms{}\n",
-                ago(now.saturating_sub(e.at) * 1000),
-                e.kind,
-                e.from,
-                e.to,
-                e.outcome,
-                e.duration_ms,
-                e.detail
-                    .as_deref()
-                    .map(|d| format!(" ({})", d.lines().next().unwrap_or("")))
-                    .unwrap_or_default()
-            );
-        }
-    }
-    out
 }
 
 /// `host check`: the config is valid (we got here), and each plugin loads and starts in a

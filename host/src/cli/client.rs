@@ -1,0 +1,211 @@
+//! The client side of the control socket: what `host reload`, `stop`, `upgrade`, `rollback`,
+//! `reopen-logs` and `status` send to the running master, and how they read its answers. It
+//! checks who answers before it trusts the answer (the socket's peer credentials against the
+//! pid file).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::{fd::OwnedFd, unix::net::UnixStream},
+    time::{Duration, Instant},
+};
+
+use rustix::{
+    event::{poll, PollFd, PollFlags, Timespec},
+    io::Errno,
+    process::{pidfd_open, Pid, PidfdFlags},
+};
+
+use super::{EXIT_FAILED, EXIT_NO_MASTER};
+use crate::{
+    protocol::{ControlReply, ControlRequest},
+    state_dir::StateDir,
+};
+
+/// How long `host stop` waits, after the master said it stopped, for its process to end (it
+/// writes its history, closes the admin server and removes its socket and pid file first).
+const EXIT_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Sends `request` and yields the replies until the final one.
+pub fn converse(
+    state: &StateDir,
+    request: &ControlRequest,
+    on_reply: impl FnMut(ControlReply),
+) -> Result<(), (u8, String)> {
+    converse_with(state, request, |_| {}, on_reply)
+}
+
+/// [`converse`], telling `on_connect` the pid of the master that answered (checked by its
+/// socket's peer credentials) before the request is sent.
+fn converse_with(
+    state: &StateDir,
+    request: &ControlRequest,
+    on_connect: impl FnOnce(u32),
+    mut on_reply: impl FnMut(ControlReply),
+) -> Result<(), (u8, String)> {
+    let socket = state.socket();
+    let pid_file_pid = state.check_for_client().map_err(|e| (EXIT_FAILED, e))?;
+    let mut stream = UnixStream::connect(&socket).map_err(|e| {
+        (
+            EXIT_NO_MASTER,
+            format!(
+                "no host master is running with state directory {} ({e}); start one with \
+                 `host start`, or pass the --state-dir (or HOST_STATE_DIR) it was started with",
+                state.root.display()
+            ),
+        )
+    })?;
+    on_connect(check_master(&stream, pid_file_pid)?);
+    stream
+        .write_all(&crate::protocol::encode(request))
+        .map_err(|e| (EXIT_FAILED, format!("could not talk to the master: {e}")))?;
+    for line in BufReader::new(stream).lines() {
+        let line = line.map_err(|e| {
+            (
+                EXIT_FAILED,
+                format!("lost the connection to the master: {e}"),
+            )
+        })?;
+        let reply: ControlReply = serde_json::from_str(&line).map_err(|e| {
+            (
+                EXIT_FAILED,
+                format!(
+                    "unreadable answer from the master ({e}); is it the same version as this CLI?"
+                ),
+            )
+        })?;
+        let last = matches!(
+            reply,
+            ControlReply::Done { .. } | ControlReply::Error(_) | ControlReply::Status(_)
+        );
+        on_reply(reply);
+        if last {
+            return Ok(());
+        }
+    }
+    Err((
+        EXIT_FAILED,
+        "the master closed the connection before it answered".into(),
+    ))
+}
+
+/// Checks who answers on the control socket before trusting it: a process of this user (or
+/// root), and the master the pid file names. Returns its pid.
+fn check_master(stream: &UnixStream, pid_file: Option<u32>) -> Result<u32, (u8, String)> {
+    let me = nix::unistd::geteuid().as_raw();
+    let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| {
+            (
+                EXIT_FAILED,
+                format!("could not check who runs the master: {e}"),
+            )
+        })?;
+    if peer.uid() != me && peer.uid() != 0 {
+        return Err((
+            EXIT_FAILED,
+            format!(
+                "the process answering on the control socket runs as uid {}, not as you (uid \
+                 {me}) or root; it is not a master this CLI trusts. Stop it and remove the socket.",
+                peer.uid()
+            ),
+        ));
+    }
+    if let Some(pid) = pid_file.filter(|pid| *pid != peer.pid() as u32) {
+        return Err((
+            EXIT_FAILED,
+            format!(
+                "the process answering on the control socket (pid {}) is not the master the pid \
+                 file names (pid {pid}); something else is listening there. Stop it and remove \
+                 the socket.",
+                peer.pid()
+            ),
+        ));
+    }
+    Ok(peer.pid() as u32)
+}
+
+/// Reload, upgrade, rollback, reopen-logs: print progress lines as they come; fail if the
+/// master says it failed.
+pub fn stream(state: &StateDir, request: &ControlRequest) -> Result<(), (u8, String)> {
+    stream_with(state, request, |_| {})
+}
+
+fn stream_with(
+    state: &StateDir,
+    request: &ControlRequest,
+    on_connect: impl FnOnce(u32),
+) -> Result<(), (u8, String)> {
+    let mut outcome = Ok(());
+    converse_with(state, request, on_connect, |reply| match reply {
+        ControlReply::Line(line) => println!("{line}"),
+        ControlReply::Done { ok: true, summary } => println!("{summary}"),
+        ControlReply::Done { ok: false, summary } => outcome = Err((EXIT_FAILED, summary)),
+        ControlReply::Error(e) => outcome = Err((EXIT_FAILED, e)),
+        ControlReply::Status(_) => {}
+    })?;
+    outcome
+}
+
+/// `host stop`: as [`stream`], then waits until the master's process has ended, so that
+/// what runs next (`host start`, a deploy script, systemd) finds its pid file, control socket
+/// and ports free. The master says "stopped" a moment before it exits.
+pub fn stop(state: &StateDir) -> Result<(), (u8, String)> {
+    let mut master = None;
+    // The process is pinned by a pidfd before the stop is sent: a pid alone could be taken by
+    // another process once the master is gone.
+    stream_with(state, &ControlRequest::Stop, |pid| {
+        master = Some((pid, pidfd(pid)))
+    })?;
+    match master {
+        Some((pid, Ok(Some(fd)))) => wait_for_exit(pid, &fd),
+        // Gone already (ESRCH), or a kernel without pidfds (before Linux 5.3): nothing to
+        // wait on.
+        _ => Ok(()),
+    }
+}
+
+/// A pidfd of `pid`; `None` when the process is gone already.
+fn pidfd(pid: u32) -> Result<Option<OwnedFd>, Errno> {
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return Ok(None);
+    };
+    match pidfd_open(pid, PidfdFlags::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::SRCH) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits until the process of `fd` ends (a pidfd is readable from then on), at most
+/// [`EXIT_PATIENCE`].
+fn wait_for_exit(pid: u32, fd: &OwnedFd) -> Result<(), (u8, String)> {
+    let deadline = Instant::now() + EXIT_PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = Timespec {
+            tv_sec: left.as_secs() as _,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) => {
+                return Err((
+                    EXIT_FAILED,
+                    format!(
+                        "the master (pid {pid}) said it stopped, but its process has not ended \
+                         {} s later; see its log for what it is doing, and `kill {pid}` if it \
+                         hangs",
+                        EXIT_PATIENCE.as_secs()
+                    ),
+                ))
+            }
+            Ok(_) => return Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(e) => {
+                return Err((
+                    EXIT_FAILED,
+                    format!("could not wait for the master (pid {pid}) to exit: {e}"),
+                ))
+            }
+        }
+    }
+}
