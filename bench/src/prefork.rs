@@ -26,23 +26,48 @@ use nix::{
 /// Where a child finds the listening socket.
 const LISTENER_FD: i32 = 3;
 
+/// How the children share the port.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Share {
+    /// One listening socket, inherited by every child (the host's model): which child takes a
+    /// connection is up to the kernel's accept wake-ups, so the split is whatever they give.
+    OneListener,
+    /// A listening socket per child, each with `SO_REUSEPORT`: the kernel spreads the
+    /// connections over them by a hash of their addresses, so the split is about even.
+    ReusePort,
+}
+
 /// The parent's part: binds `addr` (backlog 1024, the host's), starts `workers` children as
-/// `/proc/self/exe --child <child_args>` with the listener at fd 3, prints `ready`, and waits
-/// for them (they run until the suite kills the process group).
-pub fn parent(addr: SocketAddr, workers: usize, child_args: &[String]) {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )
-    .unwrap();
-    socket.set_reuse_address(true).unwrap();
-    socket.bind(&addr.into()).unwrap();
-    socket.listen(1024).unwrap();
-    let listener: TcpListener = socket.into();
+/// `/proc/self/exe --child <child_args>` with a listener at fd 3 (the same one or one each, as
+/// `share` says), prints `ready`, and waits for them (they run until the suite kills the
+/// process group).
+pub fn parent(addr: SocketAddr, workers: usize, share: Share, child_args: &[String]) {
+    let bind = || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        socket.set_reuse_address(true).unwrap();
+        if share == Share::ReusePort {
+            socket.set_reuse_port(true).unwrap();
+        }
+        socket.bind(&addr.into()).unwrap();
+        socket.listen(1024).unwrap();
+        TcpListener::from(socket)
+    };
+    // Every socket is bound before any child starts, so that none misses a connection.
+    let listeners: Vec<TcpListener> = match share {
+        Share::OneListener => {
+            let one = bind();
+            (0..workers).map(|_| one.try_clone().unwrap()).collect()
+        }
+        Share::ReusePort => (0..workers).map(|_| bind()).collect(),
+    };
     let mut children = Vec::new();
-    for _ in 0..workers {
-        let fd = OwnedFd::from(listener.try_clone().unwrap());
+    for listener in listeners {
+        let fd = OwnedFd::from(listener);
         let mut cmd = Command::new("/proc/self/exe");
         cmd.arg("--child").args(child_args);
         cmd.fd_mappings(vec![FdMapping {

@@ -161,6 +161,19 @@ pub fn state(pid: u32) -> Option<char> {
     text.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
+/// How many of a process's open fds are sockets (listening, connected or a socketpair's end):
+/// the difference between two reads of a server's process is the connections it took between
+/// them.
+pub fn sockets(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
 /// What a process's open fds are, one word or path each, with the inode numbers of sockets and
 /// pipes left out (so that two snapshots compare by kind): "socket", "pipe",
 /// "anon_inode:[eventfd]", "/path/of/a/file".

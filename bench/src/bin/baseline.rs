@@ -4,8 +4,10 @@
 //! accept on it with a default multi-thread tokio runtime each, and call the handler inline.
 //! It is the ceiling the host is measured against.
 //!
-//! `baseline --listen 127.0.0.1:PORT --workers N [--tls-cert PEM --tls-key PEM]` (prints
-//! `ready` when every child listens). Without TLS it speaks HTTP/1.1 only. With TLS it sets up
+//! `baseline --listen 127.0.0.1:PORT --workers N [--reuseport] [--tls-cert PEM --tls-key PEM]`
+//! (prints `ready` when every child listens). `--reuseport` gives each child a listening socket
+//! of its own with `SO_REUSEPORT`, so that the kernel splits the connections about evenly
+//! (figure 18), where the one shared socket leaves the split to its accept wake-ups. Without TLS it speaks HTTP/1.1 only. With TLS it sets up
 //! rustls as the host's workers do (`host::tls::acceptor`, repeated here so that the baseline
 //! links none of the host): ring as the one crypto provider chosen explicitly, the safe default
 //! protocol versions, one certificate chain and key read as PEM with rustls-pki-types, ALPN `h2`
@@ -55,7 +57,12 @@ fn main() {
         ],
         None => Vec::new(),
     };
-    bench::prefork::parent(addr, workers, &child_args);
+    let share = if args.iter().any(|a| a == "--reuseport") {
+        bench::prefork::Share::ReusePort
+    } else {
+        bench::prefork::Share::OneListener
+    };
+    bench::prefork::parent(addr, workers, share, &child_args);
 }
 
 /// The TLS acceptor as the host's workers set it up (host/src/tls.rs).

@@ -97,7 +97,8 @@ const FIGURES: &[Figure] = &[
 /// (docs/benchmarks.md, "Modes"); and the scaling curves (`bench::scaling`: reload time by
 /// workers and by plugin size, reload under load by connections, memory by idle connections,
 /// edit -> live); figure 16, figure 1 with one worker per server; figure 17, accept balancing
-/// on and off under reloads. Each gets its name here and a
+/// on and off under reloads; figure 18, figure 1 beside a baseline whose connections split
+/// evenly (`SO_REUSEPORT`). Each gets its name here and a
 /// function in `bench::figures` or `bench::scaling`.
 const FULL_ONLY: &[Figure] = &[
     Figure {
@@ -143,6 +144,11 @@ const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "balance",
         run: balance::balance,
+        quick: false,
+    },
+    Figure {
+        name: "steady-even",
+        run: steady::steady_even,
         quick: false,
     },
 ];

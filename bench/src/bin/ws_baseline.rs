@@ -29,7 +29,7 @@ fn main() {
     }
     let addr: SocketAddr = arg("--listen").expect("--listen ADDR").parse().unwrap();
     let workers: usize = arg("--workers").map_or(2, |n| n.parse().unwrap());
-    bench::prefork::parent(addr, workers, &[]);
+    bench::prefork::parent(addr, workers, bench::prefork::Share::OneListener, &[]);
 }
 
 fn child() {

@@ -87,12 +87,13 @@ fn baseline(b: &Build, tls: Option<&Certs>) -> Prefork {
     Prefork::start(&b.baseline, WORKERS, &args)
 }
 
-/// One measured steady run: wrk's report, server CPU seconds, and RSS (MiB) per process
-/// sampled half-way through.
+/// One measured steady run: wrk's report, server CPU seconds, and, sampled half-way through,
+/// RSS (MiB) and the connections held (sockets more than before the run) per process.
 struct Steady {
     report: wrk::Report,
     cpu: f64,
     rss_loaded: Vec<f64>,
+    conns: Vec<usize>,
 }
 
 impl Steady {
@@ -100,24 +101,43 @@ impl Steady {
     fn cpu_us(&self) -> f64 {
         self.cpu / self.report.requests as f64 * 1e6
     }
+
+    /// The share of the run's connections that its busiest worker held (0.5: an even split of
+    /// 2 workers, 1: one worker held them all). Index 0 is the master or parent, which holds
+    /// none.
+    fn busiest_share(&self) -> f64 {
+        let workers = &self.conns[1..];
+        let total: usize = workers.iter().sum();
+        let busiest = workers.iter().copied().max().unwrap_or(0);
+        busiest as f64 / total.max(1) as f64
+    }
 }
 
 fn measure(url: &str, pids: &[u32], seconds: u32) -> Steady {
+    let sockets = |pids: &[u32]| pids.iter().map(|p| procs::sockets(*p)).collect::<Vec<_>>();
+    let before = sockets(pids);
     let cpu0 = procs::cpu_seconds(pids);
     let sampler = {
         let pids = pids.to_vec();
         thread::spawn(move || {
             thread::sleep(Duration::from_secs(u64::from(seconds)) / 2);
-            pids.iter().map(|p| procs::rss_mib(*p)).collect::<Vec<_>>()
+            let rss = pids.iter().map(|p| procs::rss_mib(*p)).collect::<Vec<_>>();
+            (rss, sockets(&pids))
         })
     };
     let report = wrk::run(url, CONNS, seconds, None);
     let cpu = procs::cpu_seconds(pids) - cpu0;
     thread::sleep(SETTLE);
+    let (rss_loaded, during) = sampler.join().unwrap();
     Steady {
         report,
         cpu,
-        rss_loaded: sampler.join().unwrap(),
+        rss_loaded,
+        conns: during
+            .iter()
+            .zip(&before)
+            .map(|(d, b)| d.saturating_sub(*b))
+            .collect(),
     }
 }
 

@@ -1,8 +1,8 @@
 //! The figures under steady keep-alive load, the host against the baseline in interleaved
 //! rounds of one measured wrk run per server: figure 1 (throughput, latency, CPU per request)
 //! with figure 4 (memory, sampled around and during figure 1's runs), figure 14 (an async
-//! handler against the same handler called inline), and figure 16 (`--full`: figure 1 with one
-//! worker per server).
+//! handler against the same handler called inline), figure 16 (`--full`: figure 1 with one
+//! worker per server) and figure 18 (`--full`: figure 1 beside a baseline whose split is even).
 
 use crate::{
     prefork::Prefork,
@@ -86,6 +86,16 @@ pub fn steady(cx: &Ctx, out: &mut Results) {
     );
     t.values("failed requests: host", &col(&h, failed));
     t.values("failed requests: baseline", &col(&s, failed));
+    // What decides much of a round's ratio (docs/benchmarks.md, "Why figure 1's spread is
+    // wide"): the host balances its accepts, the baseline's split is the kernel's.
+    t.values(
+        "busiest worker's share of the connections: host",
+        &col(&h, Steady::busiest_share),
+    );
+    t.values(
+        "busiest worker's share of the connections: baseline",
+        &col(&s, Steady::busiest_share),
+    );
     out.section(
         "1. steady",
         format!(
@@ -309,6 +319,122 @@ pub fn steady_one_worker(cx: &Ctx, out: &mut Results) {
             "## 16. Steady, one worker per server\n\nFigure 1 with `workers = 1` and \
              `baseline --workers 1`: {} interleaved rounds of {} s per server; host / baseline \
              within each round.\n\n{}\n",
+            m.steady_rounds,
+            m.steady_secs,
+            t.render()
+        ),
+        &t.goals,
+    );
+}
+
+/// Figure 18 (`--full` or by name): figure 1 with a second baseline beside the first, whose
+/// children each listen with `SO_REUSEPORT` (`baseline --reuseport`), so that the kernel
+/// splits the connections about evenly, as the host's accept balancing does; the first
+/// baseline's split is whatever the accept wake-ups give, and one worker holding every
+/// connection is the cheapest way to serve on 2 cores (docs/benchmarks.md, "Why figure 1's
+/// spread is wide"). The busiest worker's share of the connections, per run, says which split
+/// each round measured.
+pub fn steady_even(cx: &Ctx, out: &mut Results) {
+    let (b, m) = (&cx.b, &cx.mode);
+    let host = Master::serving(&b.host, &Service::new(&b.hello_v1, WORKERS), "info");
+    let shared = baseline(b, None);
+    let even = Prefork::start(&b.baseline, WORKERS, &["--reuseport"]);
+    let urls = [
+        format!("http://{}/", host.addr()),
+        format!("http://{}/", shared.addr),
+        format!("http://{}/", even.addr),
+    ];
+    let pids = [
+        host.pids(),
+        procs::tree(shared.child.id()),
+        procs::tree(even.child.id()),
+    ];
+    for url in &urls {
+        wrk::run(url, CONNS, m.warmup_secs, None);
+    }
+    let [h, s, e] = interleaved(
+        [
+            (&urls[0], &pids[0]),
+            (&urls[1], &pids[1]),
+            (&urls[2], &pids[2]),
+        ],
+        m.steady_rounds,
+        m.steady_secs,
+        || {},
+    );
+    let mut t = RoundTable::new(m.steady_rounds);
+    let cpu_us = Steady::cpu_us;
+    let rps = |r: &Steady| r.report.rps;
+    t.values("server CPU per request (µs): host", &col(&h, cpu_us));
+    t.values(
+        "server CPU per request (µs): baseline, one listener",
+        &col(&s, cpu_us),
+    );
+    t.values(
+        "server CPU per request (µs): baseline, SO_REUSEPORT",
+        &col(&e, cpu_us),
+    );
+    t.ratios(
+        "**server CPU per request: host / baseline, SO_REUSEPORT**",
+        &report::ratios(&col(&h, cpu_us), &col(&e, cpu_us)),
+        Some(Goal::AtMost(1.05)),
+    );
+    t.ratios(
+        "server CPU per request: host / baseline, one listener (figure 1)",
+        &report::ratios(&col(&h, cpu_us), &col(&s, cpu_us)),
+        None,
+    );
+    t.ratios(
+        "requests/s: host / baseline, SO_REUSEPORT",
+        &report::ratios(&col(&h, rps), &col(&e, rps)),
+        Some(Goal::AtLeast(0.95)),
+    );
+    t.ratios(
+        "requests/s: host / baseline, one listener",
+        &report::ratios(&col(&h, rps), &col(&s, rps)),
+        None,
+    );
+    let p99 = |r: &Steady| r.report.p99_ms;
+    t.ratios(
+        "p99 latency: host / baseline, SO_REUSEPORT",
+        &report::ratios(&col(&h, p99), &col(&e, p99)),
+        Some(Goal::AtMost(1.10)),
+    );
+    t.ratios(
+        "p99 latency: host / baseline, one listener",
+        &report::ratios(&col(&h, p99), &col(&s, p99)),
+        None,
+    );
+    let sides = [
+        ("host", &h),
+        ("baseline, one listener", &s),
+        ("baseline, SO_REUSEPORT", &e),
+    ];
+    for (name, runs) in sides {
+        t.values(
+            &format!("busiest worker's share of the connections: {name}"),
+            &col(runs, Steady::busiest_share),
+        );
+    }
+    for (name, runs) in sides {
+        t.values(&format!("p99 latency (ms): {name}"), &col(runs, p99));
+    }
+    for (name, runs) in sides {
+        t.values(
+            &format!("failed requests: {name}"),
+            &col(runs, |r| r.report.failed() as f64),
+        );
+    }
+    out.section(
+        "18. steady, even baseline",
+        format!(
+            "## 18. Steady, against a baseline whose split is even
+
+Figure 1 (host and \
+             baseline, {} workers each) with a second baseline whose children listen with \
+             `SO_REUSEPORT` (`baseline --reuseport`): {} interleaved rounds of {} s per server \
+             (who goes first rotates); the ratios within each round.\n\n{}\n",
+            WORKERS,
             m.steady_rounds,
             m.steady_secs,
             t.render()
