@@ -152,14 +152,19 @@ pub fn stop(state: &StateDir) -> Result<(), (u8, String)> {
     let mut master = None;
     // The process is pinned by a pidfd before the stop is sent: a pid alone could be taken by
     // another process once the master is gone.
-    stream_with(state, &ControlRequest::Stop, |pid| {
+    let outcome = stream_with(state, &ControlRequest::Stop, |pid| {
         master = Some((pid, pidfd(pid)))
-    })?;
+    });
     match master {
-        Some((pid, Ok(Some(fd)))) => wait_for_exit(pid, &fd),
-        // Gone already (ESRCH), or a kernel without pidfds (before Linux 5.3): nothing to
-        // wait on.
-        _ => Ok(()),
+        // Also when the stop failed (workers killed before they drained, the connection
+        // lost): the master exits all the same, and the stop's own error is the one to tell.
+        Some((pid, Ok(Some(fd)))) => {
+            let exited = wait_for_exit(pid, &fd);
+            outcome.and(exited)
+        }
+        // Not connected; gone already (ESRCH); or a kernel without pidfds (before Linux
+        // 5.3): nothing to wait on.
+        _ => outcome,
     }
 }
 
