@@ -286,7 +286,7 @@ pub enum ToWorker {
     /// slot has more draining workers than it keeps).
     CloseIdle,
     /// Log to the file that comes with this message (SCM_RIGHTS) from now on: the master
-    /// reopened its log file (`host reopen-logs`).
+    /// reopened its log file (`host reopen-logs`). Answered with [`FromWorker::Reopened`].
     ReopenLogs,
     /// The same, for the access log.
     ReopenAccessLog,
@@ -351,6 +351,11 @@ pub enum FromWorker {
     Kv {
         id: u64,
         op: KvOp,
+    },
+    /// The answer to each [`ToWorker::ReopenLogs`] and [`ToWorker::ReopenAccessLog`], in
+    /// order: nothing more goes to the old file (`error`: why the worker could not switch).
+    Reopened {
+        error: Option<String>,
     },
 }
 

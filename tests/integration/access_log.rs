@@ -3,6 +3,10 @@
 
 use std::{fs, time::Duration};
 
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
 use serde_json::Value;
 
 use crate::{
@@ -12,10 +16,14 @@ use crate::{
 };
 
 fn start(format: &str, workers: usize) -> Host {
+    start_with(format, workers, "")
+}
+
+fn start_with(format: &str, workers: usize, extra: &str) -> Host {
     let config = format!(
         "[[service]]\nname = \"web\"\nlisten = [\"127.0.0.1:0\"]\nplugin = \"plugin.so\"\n\
          workers = {workers}\ncanary_probation = \"0s\"\nprobation = \"0s\"\n\
-         access_log = {{ path = \"access.log\", format = \"{format}\" }}\n"
+         access_log = {{ path = \"access.log\", format = \"{format}\" }}\n{extra}"
     );
     let dir = dir_with_config(&config, &[("plugin.so", "versioned")]);
     Host::start(dir, &["--config", "host.toml"])
@@ -102,10 +110,9 @@ fn combined_lines_read_as_apache_writes_them_and_reopen_logs_moves_to_a_new_file
         "{}",
         output_text(&out)
     );
-    // `reopen-logs` returns once the master has sent the new file; the worker takes it a moment
-    // later (a line logged meanwhile still goes to the old file, as with nginx's USR1), and says
-    // so. Then the same worker, on the same keep-alive connection, writes to the new file.
-    host.wait_for_log("access log reopened");
+    // `reopen-logs` returns once the worker's writer has switched to the new file: the same
+    // worker, on the same keep-alive connection, writes the next line there at once, and the
+    // old file gets nothing more (logrotate may compress it).
     assert_eq!(conn.get("/after").unwrap().status, 200);
     wait_until("the line after the rotation is in the new file", || {
         lines(&host, "access.log")
@@ -113,6 +120,32 @@ fn combined_lines_read_as_apache_writes_them_and_reopen_logs_moves_to_a_new_file
             .any(|l| l.contains("GET /after"))
     });
     assert_eq!(lines(&host, "access.log.1").len(), 1);
+}
+
+/// A worker that cannot switch (here stopped by SIGSTOP; a slow disk or a start under way
+/// alike) is named, and the command fails: the rotated file must not be compressed yet.
+#[test]
+fn reopen_logs_names_a_worker_that_did_not_switch() {
+    // Long enough that liveness does not replace the stopped worker meanwhile.
+    let host = start_with("combined", 2, "liveness_timeout = \"60s\"\n");
+    let pids = host.ready_pids("web");
+    kill(Pid::from_raw(pids[0] as i32), Signal::SIGSTOP).unwrap();
+    let out = host.cli(&["reopen-logs"]);
+    kill(Pid::from_raw(pids[0] as i32), Signal::SIGCONT).unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "worker {} (access log) did not confirm within 5 s",
+            pids[0]
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(&format!("worker {} (", pids[1])), "{text}");
+    // Once it runs again it reads the message and switches.
+    wait_until("both workers said they reopened the access log", || {
+        host.logs().matches("access log reopened").count() == 2
+    });
 }
 
 #[test]

@@ -106,6 +106,13 @@ fn reopen_logs_moves_master_and_workers_to_the_new_file() {
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("(the master and its 2 workers)"), "{text}");
+    // It returned once both workers had switched: their lines saying so are in the new file.
+    let new = fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        new.matches("log file reopened").count(),
+        2,
+        "each worker's own line, in the new file:\n{new}"
+    );
     // A worker that was running before logs to the new file; so does the master.
     let mut conn = crate::http::Conn::new(&addr);
     conn.get("/").unwrap();

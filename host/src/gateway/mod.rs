@@ -390,7 +390,7 @@ impl Gateway {
 
     /// Follows the master's messages until it says `Drain` or goes away.
     async fn talk_to_master(self: Arc<Self>, channel: UnixStream) {
-        let mut messages = crate::worker::MasterMessages::new(channel);
+        let mut messages = crate::worker::MasterMessages::new(channel, &self.link);
         while let Some((message, mut fds)) = messages.next().await {
             match message {
                 ToWorker::Drain => {

@@ -113,7 +113,7 @@ async fn handle(master: Arc<Master>, stream: UnixStream) {
     };
     match request {
         ControlRequest::ReopenLogs => {
-            let reply = match master.reopen_logs() {
+            let reply = match master.reopen_logs().await {
                 Ok(summary) => ControlReply::Done { ok: true, summary },
                 Err(e) => ControlReply::Error(e),
             };

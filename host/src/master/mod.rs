@@ -17,6 +17,7 @@ mod jobs;
 mod listeners;
 mod pool;
 mod process;
+mod reopen;
 mod rollout;
 mod run;
 mod service;
@@ -158,57 +159,6 @@ impl Master {
             workers(n)
         )));
         let _ = self.home.stops.send(waiter);
-    }
-
-    /// `host reopen-logs`: opens the log file and the services' access logs again (logrotate
-    /// moved the old ones). The master points its stderr at its new log file and hands each
-    /// worker its new files (`fdpass`); workers started later get them at their start.
-    pub fn reopen_logs(&self) -> Result<String, String> {
-        use crate::protocol::ToWorker;
-        let mut reopened = Vec::new();
-        let reg = self.registry.lock().unwrap();
-        if let Some(path) = &self.log_file {
-            crate::daemon::log_to(path)?;
-            let file = Arc::new(crate::daemon::open_log(path)?);
-            for w in reg.workers.values() {
-                let _ = w
-                    .to_worker
-                    .send(pool::Outgoing(ToWorker::ReopenLogs, Some(file.clone())));
-            }
-            tracing::info!("log file {} reopened", path.display());
-            reopened.push(path.display().to_string());
-        }
-        // One open file per access log path, shared by the workers that write it.
-        let mut access_logs = std::collections::HashMap::new();
-        for w in reg.workers.values() {
-            let Some(log) = &w.config.access_log else {
-                continue;
-            };
-            let file = match access_logs.get(&log.path) {
-                Some(file) => Arc::clone(file),
-                None => {
-                    let file = Arc::new(log.open()?);
-                    access_logs.insert(log.path.clone(), file.clone());
-                    reopened.push(log.path.display().to_string());
-                    file
-                }
-            };
-            let _ = w
-                .to_worker
-                .send(pool::Outgoing(ToWorker::ReopenAccessLog, Some(file)));
-        }
-        if reopened.is_empty() {
-            return Ok(
-                "nothing to reopen: this master logs to the stderr it was started with \
-                       (no --log-file, no --daemon) and no service has an access_log"
-                    .into(),
-            );
-        }
-        Ok(format!(
-            "reopened {} (the master and its {})",
-            reopened.join(", "),
-            workers(reg.workers.len())
-        ))
     }
 
     /// Starts (or restarts, on a new path) the watcher of a service's plugin file.

@@ -177,6 +177,11 @@ impl Master {
                     let _ = w.stats_waiters.remove(0).send(requests);
                 }
             }
+            FromWorker::Reopened { error } => {
+                if !w.reopen_waiters.is_empty() {
+                    let _ = w.reopen_waiters.remove(0).send(error);
+                }
+            }
             FromWorker::Heartbeat {
                 requests,
                 rss_bytes,

@@ -42,13 +42,16 @@ struct Pending {
     /// The worker is exiting: write everything, then stop.
     finishing: bool,
     finished: bool,
+    /// How many new files the writer has switched to ([`AccessLog::reopen`] waits for it).
+    switched: u64,
 }
 
 struct Queue {
     pending: Mutex<Pending>,
     /// Wakes the writer early (a full batch, a reopen, the finish).
     wake: Condvar,
-    /// Tells [`AccessLog::finish`] the writer is done.
+    /// Tells [`AccessLog::finish`] the writer is done, and [`AccessLog::reopen`] that it
+    /// switched files.
     done: Condvar,
 }
 
@@ -133,14 +136,31 @@ impl AccessLog {
         });
     }
 
-    /// Writes to `file` from now on (`host reopen-logs`).
-    pub fn reopen(&self, file: File) {
+    /// Writes to `file` from now on (`host reopen-logs`). Returns once the writer has written
+    /// what was logged before to the old file and switched, so that the old file gets nothing
+    /// more (logrotate may compress it at once); false if that took longer than `within`.
+    pub fn reopen(&self, file: File, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
         let mut pending = self.queue.lock();
         let before = pending.reopen.take().map(|(_, n)| n);
         // Two reopens before the writer woke: what came between goes to the newest file.
         let at = before.unwrap_or(pending.bytes.len());
         pending.reopen = Some((file, at));
+        let target = pending.switched + 1;
         self.queue.wake.notify_one();
+        while pending.switched < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            pending = self
+                .queue
+                .done
+                .wait_timeout(pending, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
     }
 
     /// Writes what is left and stops the writer, waiting for it `within` at most (the worker is
@@ -188,6 +208,8 @@ fn write_all(mut file: File, queue: &Queue) {
             Some((new, at)) => {
                 write_lines(&mut file, &out[..at.min(out.len())]);
                 file = new;
+                queue.lock().switched += 1;
+                queue.done.notify_all();
                 write_lines(&mut file, &out[at.min(out.len())..]);
             }
             None => write_lines(&mut file, &out),
@@ -364,6 +386,35 @@ mod tests {
             user_agent: Some("curl/8"),
             plugin_version: "3879408",
         }
+    }
+
+    /// `host reopen-logs` relies on it: once `reopen` returns, every line logged before is in
+    /// the old file and the next goes to the new one, with no wait for the writer's tick.
+    #[test]
+    fn reopen_returns_once_the_old_file_has_every_line_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        let log = AccessLog::start(open("old"), AccessLogFormat::Combined);
+        for _ in 0..3 {
+            log.log(&request());
+        }
+        assert!(log.reopen(open("new"), Duration::from_secs(10)));
+        assert_eq!(read("old").lines().count(), 3, "every line before, at once");
+        log.log(&request());
+        log.finish(Duration::from_secs(10));
+        assert_eq!(
+            read("old").lines().count(),
+            3,
+            "nothing more in the old file"
+        );
+        assert_eq!(read("new").lines().count(), 1);
     }
 
     #[test]

@@ -61,6 +61,9 @@ static WORKER_SPAN: OnceLock<tracing::Span> = OnceLock::new();
 
 /// How long a stopping worker waits for the plugin's `on_stop` and then its background tasks.
 const STOP_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a worker waits for its access log writer to switch files at `host reopen-logs`
+/// (the master waits a little longer for every worker's answer).
+const REOPEN_PATIENCE: Duration = Duration::from_secs(3);
 
 /// Runs `f` inside the worker's span, so that the line it logs carries service, pid and plugin
 /// version (threads of the blocking pool and the plugin's log callback have no span of their own).
@@ -315,7 +318,7 @@ async fn talk_to_master(
     link: Arc<Link>,
     stopped_accepting: oneshot::Receiver<()>,
 ) {
-    let mut messages = MasterMessages::new(channel);
+    let mut messages = MasterMessages::new(channel, &link);
     let mut stopped_accepting = Some(stopped_accepting);
     loop {
         let next = tokio::select! {
@@ -349,13 +352,36 @@ async fn talk_to_master(
                 );
                 shared.close_idle.send_replace(true);
             }
-            ToWorker::ReopenAccessLog => match (fds.pop(), &shared.access_log) {
-                (Some(file), Some(log)) => {
-                    log.reopen(file.into());
-                    tracing::info!("access log reopened");
+            ToWorker::ReopenAccessLog => {
+                let error = match (fds.pop(), shared.access_log.is_some()) {
+                    (Some(file), true) => {
+                        // The writer thread switches files: wait for it off the runtime's
+                        // threads (it may be writing a batch to a slow disk).
+                        let shared = shared.clone();
+                        let switched = tokio::task::spawn_blocking(move || {
+                            let log = shared.access_log.as_ref().expect("checked above");
+                            log.reopen(file.into(), REOPEN_PATIENCE)
+                        })
+                        .await;
+                        match switched {
+                            Ok(true) => {
+                                tracing::info!("access log reopened");
+                                None
+                            }
+                            _ => Some(format!(
+                                "its access log writer did not switch to the new file within \
+                                 {} s (a slow disk?); it will when it gets there",
+                                REOPEN_PATIENCE.as_secs()
+                            )),
+                        }
+                    }
+                    _ => Some("it has no access log, or no file came with the message".into()),
+                };
+                if let Some(e) = &error {
+                    tracing::warn!("reopening the access log: {e}");
                 }
-                _ => tracing::warn!("the master asked to reopen the access log, but there is none"),
-            },
+                link.send(&FromWorker::Reopened { error });
+            }
             other => tracing::warn!("an HTTP worker ignores {other:?}"),
         }
     }
@@ -364,14 +390,17 @@ async fn talk_to_master(
 /// What a worker, gateway or business worker hears from the master, one message at a time;
 /// `None` once the master is gone (each then drains). What every role does the same way
 /// (`ReopenLogs`: log to the file that came with it) is done here.
-pub(crate) struct MasterMessages {
+pub(crate) struct MasterMessages<'a> {
     lines: crate::fdpass::LineReader,
+    /// Where `ReopenLogs` is answered.
+    link: &'a Link,
 }
 
-impl MasterMessages {
-    pub fn new(channel: UnixStream) -> MasterMessages {
+impl<'a> MasterMessages<'a> {
+    pub fn new(channel: UnixStream, link: &'a Link) -> MasterMessages<'a> {
         MasterMessages {
             lines: crate::fdpass::LineReader::new(channel),
+            link,
         }
     }
 
@@ -388,13 +417,22 @@ impl MasterMessages {
             };
             match serde_json::from_str::<ToWorker>(&line) {
                 // Everything this process logs goes to stderr: point it at the reopened file.
-                Ok(ToWorker::ReopenLogs) => match fds.pop() {
-                    Some(file) => match nix::unistd::dup2_stderr(&file) {
-                        Ok(()) => tracing::info!("log file reopened"),
-                        Err(e) => tracing::warn!("could not switch to the reopened log file: {e}"),
-                    },
-                    None => tracing::warn!("the master asked to reopen logs but sent no file"),
-                },
+                Ok(ToWorker::ReopenLogs) => {
+                    let error = match fds.pop() {
+                        Some(file) => match nix::unistd::dup2_stderr(&file) {
+                            Ok(()) => {
+                                tracing::info!("log file reopened");
+                                None
+                            }
+                            Err(e) => Some(format!("could not switch to the new log file: {e}")),
+                        },
+                        None => Some("no file came with the message".into()),
+                    };
+                    if let Some(e) = &error {
+                        tracing::warn!("reopening the log file: {e}");
+                    }
+                    self.link.send(&FromWorker::Reopened { error });
+                }
                 // Every role's plugin may call the key/value store.
                 Ok(ToWorker::KvReply { id, result }) => kv::answer(id, result),
                 Ok(message) => return Some((message, fds)),

@@ -559,7 +559,7 @@ async fn talk_to_master(
     handled: &AtomicU64,
     draining: &AtomicBool,
 ) {
-    let mut messages = super::MasterMessages::new(channel);
+    let mut messages = super::MasterMessages::new(channel, link);
     while let Some((message, mut fds)) = messages.next().await {
         match message {
             ToWorker::Drain => {
