@@ -153,6 +153,43 @@ fn a_version_that_exits_during_probation_is_rolled_back_automatically() {
     assert!(get(&addr, "/").body.contains("versioned v1"));
 }
 
+/// `host reload` of the file already live, while it is on probation from the reload that
+/// brought it: the workers restart, and the probation goes on as it was (its end, what it rolls
+/// back to), not a new one that would roll back to the same version.
+#[test]
+fn reloading_the_same_file_during_its_probation_keeps_that_probation() {
+    let host = start(
+        "versioned",
+        1,
+        "canary_probation = \"0s\"\nprobation = \"30s\"",
+    );
+    let v1 = live_version(&host);
+    host.replace_plugin("versioned-v2");
+    let text = host.reload_ok();
+    assert!(
+        text.contains(&format!(
+            "on probation for 30s (a crash rolls back to {v1})"
+        )),
+        "{text}"
+    );
+    let v2 = live_version(&host);
+    let text = host.reload_ok();
+    assert!(
+        text.contains("its probation goes on: ")
+            && text.contains(&format!("more (a crash rolls back to {v1})")),
+        "{text}"
+    );
+    assert!(!text.contains(&format!("rolls back to {v2}")), "{text}");
+    let svc = web(&host);
+    assert_eq!(svc["version"], v2.as_str(), "{svc}");
+    assert_eq!(svc["probation_fallback"], v1.as_str(), "{svc}");
+    let left = svc["probation_left_ms"].as_u64().unwrap();
+    assert!(
+        left < 30_000,
+        "the first probation's end, not a new one: {left} ms left"
+    );
+}
+
 #[test]
 fn a_later_slot_that_fails_twice_rolls_the_whole_service_back() {
     let host = start("versioned", 3, "canary_probation = \"0s\"");

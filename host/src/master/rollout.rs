@@ -183,15 +183,29 @@ impl Master {
         // lock, so a failure noted in between is never left to a probation nobody watches.
         let probation = new.config.probation;
         let until = Instant::now() + probation;
+        // The same release again, while it is on probation from the reload that brought it:
+        // that probation goes on as it was (its timer, what it rolls back to); restarting the
+        // workers proves nothing new.
+        let ongoing = match svc.state().trial.as_ref() {
+            Some(t) if !on_trial && t.to.same_as(&new) && t.failure.is_none() => match t.phase {
+                TrialPhase::Probation { until } => Some((
+                    until.saturating_duration_since(Instant::now()),
+                    t.from.clone(),
+                )),
+                TrialPhase::Rolling => None,
+            },
+            _ => None,
+        };
         let trial = {
             let mut st = svc.state();
             match st.trial.as_mut() {
                 Some(t) if t.to.same_as(&new) => match &t.failure {
                     Some(failure) => Err(failure.clone()),
-                    None => {
+                    None if on_trial => {
                         t.phase = TrialPhase::Probation { until };
                         Ok(Some(t.id))
                     }
+                    None => Ok(None),
                 },
                 _ => Ok(None),
             }
@@ -217,6 +231,11 @@ impl Master {
             );
         } else if trial.is_some() {
             self.pass_probation(svc, &new);
+        } else if let Some((left, back)) = ongoing {
+            done += &format!(
+                "; its probation goes on: {} more (a crash rolls back to {back})",
+                humantime::format_duration(Duration::from_secs(left.as_secs()))
+            );
         }
         progress.line(done + " (old workers drain in the background)");
         self.record_event(svc, kind, &old, &new, "done", started, None);
