@@ -286,10 +286,15 @@ pub enum ToWorker {
     /// slot has more draining workers than it keeps).
     CloseIdle,
     /// Log to the file that comes with this message (SCM_RIGHTS) from now on: the master
-    /// reopened its log file (`host reopen-logs`). Answered with [`FromWorker::Reopened`].
-    ReopenLogs,
+    /// reopened its log file (`host reopen-logs`). Answered with [`FromWorker::Reopened`] with
+    /// the same id.
+    ReopenLogs {
+        id: u64,
+    },
     /// The same, for the access log.
-    ReopenAccessLog,
+    ReopenAccessLog {
+        id: u64,
+    },
     /// To a business worker: a link to gateway `gateway` comes with this message.
     GatewayLink {
         gateway: u32,
@@ -352,9 +357,10 @@ pub enum FromWorker {
         id: u64,
         op: KvOp,
     },
-    /// The answer to each [`ToWorker::ReopenLogs`] and [`ToWorker::ReopenAccessLog`], in
-    /// order: nothing more goes to the old file (`error`: why the worker could not switch).
+    /// The answer to a [`ToWorker::ReopenLogs`] or [`ToWorker::ReopenAccessLog`] of the same
+    /// id: nothing more goes to the old file (`error`: why the worker could not switch).
     Reopened {
+        id: u64,
         error: Option<String>,
     },
 }

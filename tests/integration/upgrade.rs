@@ -167,7 +167,7 @@ fn an_upgrade_with_a_bad_config_or_plugin_changes_nothing() {
 }
 
 #[test]
-fn a_reload_or_a_second_upgrade_during_an_upgrade_is_refused() {
+fn a_reload_stop_reopen_or_second_upgrade_during_an_upgrade_is_refused() {
     let host = start("versioned");
     let sleeps = script(host.dir.path(), "sleeps", "exec sleep 1000");
     let state_dir = host.state_dir();
@@ -180,7 +180,14 @@ fn a_reload_or_a_second_upgrade_during_an_upgrade_is_refused() {
         crate::harness::run(cmd)
     });
     host.wait_for_log("upgrade: starting a new master");
-    for args in [&["reload"][..], &["upgrade"][..]] {
+    // A stop would stop this master and leave the new one serving; a reopen would miss the new
+    // one's workers.
+    for args in [
+        &["reload"][..],
+        &["upgrade"][..],
+        &["stop"][..],
+        &["reopen-logs"][..],
+    ] {
         let out = host.cli(args);
         let text = output_text(&out);
         assert_eq!(out.status.code(), Some(1), "{text}");

@@ -106,7 +106,7 @@ impl Steady {
     /// 2 workers, 1: one worker held them all). Index 0 is the master or parent, which holds
     /// none.
     fn busiest_share(&self) -> f64 {
-        let workers = &self.conns[1..];
+        let workers = self.conns.get(1..).unwrap_or_default();
         let total: usize = workers.iter().sum();
         let busiest = workers.iter().copied().max().unwrap_or(0);
         busiest as f64 / total.max(1) as f64

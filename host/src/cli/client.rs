@@ -126,23 +126,34 @@ fn check_master(stream: &UnixStream, pid_file: Option<u32>) -> Result<u32, (u8, 
 /// Reload, upgrade, rollback, reopen-logs: print progress lines as they come; fail if the
 /// master says it failed.
 pub fn stream(state: &StateDir, request: &ControlRequest) -> Result<(), (u8, String)> {
-    stream_with(state, request, |_| {})
+    stream_with(state, request, |_| {}).0
 }
 
+/// [`stream`], with `on_connect` as in [`converse_with`]; also says whether the master took
+/// the request on (it answered with progress or an outcome, not with an error).
 fn stream_with(
     state: &StateDir,
     request: &ControlRequest,
     on_connect: impl FnOnce(u32),
-) -> Result<(), (u8, String)> {
-    let mut outcome = Ok(());
-    converse_with(state, request, on_connect, |reply| match reply {
-        ControlReply::Line(line) => println!("{line}"),
-        ControlReply::Done { ok: true, summary } => println!("{summary}"),
-        ControlReply::Done { ok: false, summary } => outcome = Err((EXIT_FAILED, summary)),
+) -> (Result<(), (u8, String)>, bool) {
+    let (mut outcome, mut taken) = (Ok(()), false);
+    let talked = converse_with(state, request, on_connect, |reply| match reply {
+        ControlReply::Line(line) => {
+            taken = true;
+            println!("{line}")
+        }
+        ControlReply::Done { ok: true, summary } => {
+            taken = true;
+            println!("{summary}")
+        }
+        ControlReply::Done { ok: false, summary } => {
+            taken = true;
+            outcome = Err((EXIT_FAILED, summary))
+        }
         ControlReply::Error(e) => outcome = Err((EXIT_FAILED, e)),
         ControlReply::Status(_) => {}
-    })?;
-    outcome
+    });
+    (talked.and(outcome), taken)
 }
 
 /// `host stop`: as [`stream`], then waits until the master's process has ended, so that
@@ -152,18 +163,14 @@ pub fn stop(state: &StateDir) -> Result<(), (u8, String)> {
     let mut master = None;
     // The process is pinned by a pidfd before the stop is sent: a pid alone could be taken by
     // another process once the master is gone.
-    let outcome = stream_with(state, &ControlRequest::Stop, |pid| {
+    let (outcome, taken) = stream_with(state, &ControlRequest::Stop, |pid| {
         master = Some((pid, pidfd(pid)))
     });
     match master {
-        // Also when the stop failed (workers killed before they drained, the connection
-        // lost): the master exits all the same, and the stop's own error is the one to tell.
-        Some((pid, Ok(Some(fd)))) => {
-            let exited = wait_for_exit(pid, &fd);
-            outcome.and(exited)
-        }
-        // Not connected; gone already (ESRCH); or a kernel without pidfds (before Linux
-        // 5.3): nothing to wait on.
+        // Also when the stop failed once under way (workers killed before they drained, the
+        // connection lost): the master exits all the same, and the stop's own error is the
+        // one to tell. Not when the master refused it: then it goes on running.
+        Some((pid, fd)) if taken => outcome.and(wait_for_exit(pid, fd)),
         _ => outcome,
     }
 }
@@ -180,10 +187,40 @@ fn pidfd(pid: u32) -> Result<Option<OwnedFd>, Errno> {
     }
 }
 
-/// Waits until the process of `fd` ends (a pidfd is readable from then on), at most
-/// [`EXIT_PATIENCE`].
-fn wait_for_exit(pid: u32, fd: &OwnedFd) -> Result<(), (u8, String)> {
+/// Waits until the master's process ends, at most [`EXIT_PATIENCE`]: on its pidfd (readable
+/// from then on), or, where there is none (a kernel before 5.3, a seccomp profile that refuses
+/// the call), by looking at /proc every 20 ms.
+fn wait_for_exit(pid: u32, fd: Result<Option<OwnedFd>, Errno>) -> Result<(), (u8, String)> {
     let deadline = Instant::now() + EXIT_PATIENCE;
+    let waited = match fd {
+        Ok(None) => Ok(true),
+        Ok(Some(fd)) => poll_pidfd(&fd, deadline),
+        Err(_) => {
+            while !gone(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(gone(pid))
+        }
+    };
+    match waited {
+        Ok(true) => Ok(()),
+        Ok(false) => Err((
+            EXIT_FAILED,
+            format!(
+                "the master (pid {pid}) said it stopped, but its process has not ended {} s \
+                 later; see its log for what it is doing, and `kill {pid}` if it hangs",
+                EXIT_PATIENCE.as_secs()
+            ),
+        )),
+        Err(e) => Err((
+            EXIT_FAILED,
+            format!("could not wait for the master (pid {pid}) to exit: {e}"),
+        )),
+    }
+}
+
+/// Whether the pidfd's process ended before `deadline`.
+fn poll_pidfd(fd: &OwnedFd, deadline: Instant) -> Result<bool, Errno> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = Timespec {
@@ -192,25 +229,42 @@ fn wait_for_exit(pid: u32, fd: &OwnedFd) -> Result<(), (u8, String)> {
         };
         let mut fds = [PollFd::new(fd, PollFlags::IN)];
         match poll(&mut fds, Some(&timeout)) {
-            Ok(0) => {
-                return Err((
-                    EXIT_FAILED,
-                    format!(
-                        "the master (pid {pid}) said it stopped, but its process has not ended \
-                         {} s later; see its log for what it is doing, and `kill {pid}` if it \
-                         hangs",
-                        EXIT_PATIENCE.as_secs()
-                    ),
-                ))
-            }
-            Ok(_) => return Ok(()),
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
             Err(Errno::INTR) => continue,
-            Err(e) => {
-                return Err((
-                    EXIT_FAILED,
-                    format!("could not wait for the master (pid {pid}) to exit: {e}"),
-                ))
-            }
+            Err(e) => return Err(e),
         }
+    }
+}
+
+/// Whether `pid` has ended: no longer in /proc, or a zombie its parent has not reaped yet.
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fallback without pidfds: a process that ended is gone even before its parent reaps
+    /// it (a master whose parent never waits stays a zombie).
+    #[test]
+    fn a_zombie_counts_as_gone() {
+        assert!(!gone(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !gone(child.id()) {
+            assert!(Instant::now() < deadline, "`true` never ended");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Not reaped yet: /proc still has it, as a zombie.
+        assert!(std::path::Path::new(&format!("/proc/{}", child.id())).exists());
+        child.wait().unwrap();
+        assert!(gone(child.id()));
     }
 }

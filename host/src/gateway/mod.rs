@@ -390,11 +390,12 @@ impl Gateway {
 
     /// Follows the master's messages until it says `Drain` or goes away.
     async fn talk_to_master(self: Arc<Self>, channel: UnixStream) {
-        let mut messages = crate::worker::MasterMessages::new(channel, &self.link);
+        let mut messages = crate::worker::MasterMessages::new(channel, self.link.clone());
         while let Some((message, mut fds)) = messages.next().await {
             match message {
                 ToWorker::Drain => {
                     tracing::info!("draining on the master's request");
+                    messages.keep_reading();
                     return;
                 }
                 ToWorker::BusinessLink { slot, pid } => match fds.pop() {

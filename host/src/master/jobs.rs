@@ -79,6 +79,29 @@ impl Progress {
 impl Master {
     /// Queues `op` (or joins an identical queued reload). `reply`, if given, receives progress
     /// lines and, at the end, `Done`. `why` names the asker in the log ("SIGHUP").
+    /// Why an operation cannot run now, if an upgrade of the master is waiting or under way,
+    /// or this master handed over to a new one: what was asked would act on a master that is
+    /// going away (a stop would leave the new one serving; a reopen would miss its workers).
+    pub fn refused_for_upgrade(&self) -> Option<String> {
+        self.upgrade_refusal(&self.jobs.queue.lock().unwrap())
+    }
+
+    fn upgrade_refusal(&self, q: &JobQueue) -> Option<String> {
+        if let Some(new) = self.home.handed_over_to() {
+            return Some(format!(
+                "this master handed over to a new one (pid {new}) and is draining; talk to that \
+                 one (`host` commands find it through the same state directory)"
+            ));
+        }
+        let upgrading =
+            q.running_upgrade || q.waiting.iter().any(|j| matches!(j.op, Op::Upgrade(_)));
+        upgrading.then(|| {
+            "an upgrade of the master is in progress; try again when it has finished \
+             (`host status` shows the master's pid)"
+                .to_string()
+        })
+    }
+
     pub fn submit(&self, op: Op, why: &str, reply: Option<mpsc::UnboundedSender<ControlReply>>) {
         let op = match op {
             Op::Reload(mut names) => {
@@ -95,21 +118,7 @@ impl Master {
         };
         let mut q = self.jobs.queue.lock().unwrap();
         // An upgrade runs alone, and nothing comes after it: the new master takes over.
-        let upgrading = q.waiting.iter().any(|j| matches!(j.op, Op::Upgrade(_)))
-            || q.running_upgrade
-            || self.is_handed_over();
-        if upgrading {
-            let refusal = if self.is_handed_over() {
-                format!(
-                    "this master handed over to a new one (pid {}) and is draining; talk to that \
-                     one (`host` commands find it through the same state directory)",
-                    self.home.handed_over_to().unwrap_or(0)
-                )
-            } else {
-                "an upgrade of the master is in progress; try again when it has finished \
-                 (`host status` shows the master's pid)"
-                    .to_string()
-            };
+        if let Some(refusal) = self.upgrade_refusal(&q) {
             tracing::warn!("{why}: refused: {refusal}");
             if let Some(tx) = &reply {
                 let _ = tx.send(ControlReply::Done {

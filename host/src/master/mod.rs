@@ -152,7 +152,15 @@ impl Master {
     }
 
     /// `host stop` and `POST /api/stop`: the run loop stops the host, then tells `waiter`.
+    /// Refused (an error, so `host stop` does not wait for an exit) while an upgrade of the
+    /// master is waiting or under way, or after this master handed over: it would stop this
+    /// master and leave the new one serving.
     pub fn request_stop(&self, waiter: StopWaiter) {
+        if let Some(refusal) = self.refused_for_upgrade() {
+            tracing::warn!("stop refused: {refusal}");
+            let _ = waiter.send(crate::protocol::ControlReply::Error(refusal));
+            return;
+        }
         let n = *self.worker_count.borrow();
         let _ = waiter.send(crate::protocol::ControlReply::Line(format!(
             "stopping: draining {}",

@@ -80,11 +80,11 @@ pub struct WorkerEntry {
     /// Why the master killed it, for the exit message.
     pub kill_reason: Option<String>,
     pub stats_waiters: Vec<oneshot::Sender<u64>>,
-    /// `host reopen-logs` waiting for the worker's answers ([`FromWorker::Reopened`]), in the
-    /// order the files were sent.
+    /// `host reopen-logs` waiting for the worker's answers ([`FromWorker::Reopened`]), by the
+    /// id each file was sent with.
     ///
     /// [`FromWorker::Reopened`]: crate::protocol::FromWorker::Reopened
-    pub reopen_waiters: Vec<oneshot::Sender<Option<String>>>,
+    pub reopen_waiters: std::collections::HashMap<u64, oneshot::Sender<Option<String>>>,
     /// Fired when the worker reports it stopped accepting (see [`Master::drain_worker`]).
     pub stopped_accepting: Option<oneshot::Sender<()>>,
     /// The last heartbeat (or READY); `None` while starting.
@@ -262,7 +262,7 @@ impl Master {
                 kill: kill.clone(),
                 kill_reason: None,
                 stats_waiters: Vec::new(),
-                reopen_waiters: Vec::new(),
+                reopen_waiters: Default::default(),
                 stopped_accepting: None,
                 last_heartbeat: None,
                 requests: 0,

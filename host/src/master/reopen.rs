@@ -10,7 +10,14 @@
 //!
 //! [`FromWorker::Reopened`]: crate::protocol::FromWorker::Reopened
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::{sync::oneshot, time::Instant};
 
@@ -24,10 +31,31 @@ const PATIENCE: Duration = Duration::from_secs(5);
 /// A worker's answer to come: its pid and what it was asked to reopen.
 type Answer = (u32, &'static str, oneshot::Receiver<Option<String>>);
 
+/// Sends `message(id)` with `file` to the worker `w`, and notes the answer to wait for; none
+/// when its channel is closed (it is exiting: its replacement starts with the new files).
+fn ask(
+    pid: u32,
+    w: &mut super::pool::WorkerEntry,
+    what: &'static str,
+    message: fn(u64) -> ToWorker,
+    file: Arc<std::fs::File>,
+) -> Option<Answer> {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    w.to_worker.send(Outgoing(message(id), Some(file))).ok()?;
+    let (tx, rx) = oneshot::channel();
+    w.reopen_waiters.insert(id, tx);
+    Some((pid, what, rx))
+}
+
 impl Master {
     /// `host reopen-logs` (see the module comment): `Ok` with what was reopened, or `Err` when
     /// a file could not be opened or a worker did not switch.
     pub async fn reopen_logs(&self) -> Result<String, String> {
+        // The files would reach this master's workers, not those of the master taking over.
+        if let Some(refusal) = self.refused_for_upgrade() {
+            return Err(refusal);
+        }
         let (reopened, worker_count, answers) = self.send_reopened_files()?;
         if reopened.is_empty() {
             return Ok(
@@ -76,12 +104,8 @@ impl Master {
             crate::daemon::log_to(path)?;
             let file = Arc::new(crate::daemon::open_log(path)?);
             for (pid, w) in reg.workers.iter_mut() {
-                let (tx, rx) = oneshot::channel();
-                w.reopen_waiters.push(tx);
-                let _ = w
-                    .to_worker
-                    .send(Outgoing(ToWorker::ReopenLogs, Some(file.clone())));
-                answers.push((*pid, "log file", rx));
+                let message = |id| ToWorker::ReopenLogs { id };
+                answers.extend(ask(*pid, w, "log file", message, file.clone()));
             }
             tracing::info!("log file {} reopened", path.display());
             reopened.push(path.display().to_string());
@@ -101,12 +125,8 @@ impl Master {
                     file
                 }
             };
-            let (tx, rx) = oneshot::channel();
-            w.reopen_waiters.push(tx);
-            let _ = w
-                .to_worker
-                .send(Outgoing(ToWorker::ReopenAccessLog, Some(file)));
-            answers.push((*pid, "access log", rx));
+            let message = |id| ToWorker::ReopenAccessLog { id };
+            answers.extend(ask(*pid, w, "access log", message, file));
         }
         Ok((reopened, reg.workers.len(), answers))
     }

@@ -177,9 +177,9 @@ impl Master {
                     let _ = w.stats_waiters.remove(0).send(requests);
                 }
             }
-            FromWorker::Reopened { error } => {
-                if !w.reopen_waiters.is_empty() {
-                    let _ = w.reopen_waiters.remove(0).send(error);
+            FromWorker::Reopened { id, error } => {
+                if let Some(waiter) = w.reopen_waiters.remove(&id) {
+                    let _ = waiter.send(error);
                 }
             }
             FromWorker::Heartbeat {

@@ -36,13 +36,15 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 #[derive(Default)]
 struct Pending {
     bytes: Vec<u8>,
-    /// A new file (`host reopen-logs`), and how many of `bytes` were logged before it came:
-    /// those still go to the old file.
-    reopen: Option<(File, usize)>,
+    /// A new file (`host reopen-logs`), how many of `bytes` were logged before it came (those
+    /// still go to the old file), and its number among the reopens.
+    reopen: Option<(File, usize, u64)>,
     /// The worker is exiting: write everything, then stop.
     finishing: bool,
     finished: bool,
-    /// How many new files the writer has switched to ([`AccessLog::reopen`] waits for it).
+    /// Reopens asked for so far, and the number of the newest the writer has switched to
+    /// ([`AccessLog::reopen`] waits for it).
+    reopens: u64,
     switched: u64,
 }
 
@@ -142,13 +144,15 @@ impl AccessLog {
     pub fn reopen(&self, file: File, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         let mut pending = self.queue.lock();
-        let before = pending.reopen.take().map(|(_, n)| n);
-        // Two reopens before the writer woke: what came between goes to the newest file.
+        let before = pending.reopen.take().map(|(_, n, _)| n);
+        // Two reopens before the writer woke: what came between goes to the newest file (and
+        // the first one's caller is done when the writer switches to it).
         let at = before.unwrap_or(pending.bytes.len());
-        pending.reopen = Some((file, at));
-        let target = pending.switched + 1;
+        pending.reopens += 1;
+        let number = pending.reopens;
+        pending.reopen = Some((file, at, number));
         self.queue.wake.notify_one();
-        while pending.switched < target {
+        while pending.switched < number {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -205,10 +209,10 @@ fn write_all(mut file: File, queue: &Queue) {
             (pending.reopen.take(), pending.finishing)
         };
         match reopen {
-            Some((new, at)) => {
+            Some((new, at, number)) => {
                 write_lines(&mut file, &out[..at.min(out.len())]);
                 file = new;
-                queue.lock().switched += 1;
+                queue.lock().switched = number;
                 queue.done.notify_all();
                 write_lines(&mut file, &out[at.min(out.len())..]);
             }

@@ -318,7 +318,7 @@ async fn talk_to_master(
     link: Arc<Link>,
     stopped_accepting: oneshot::Receiver<()>,
 ) {
-    let mut messages = MasterMessages::new(channel, &link);
+    let mut messages = MasterMessages::new(channel, link.clone());
     let mut stopped_accepting = Some(stopped_accepting);
     loop {
         let next = tokio::select! {
@@ -352,56 +352,73 @@ async fn talk_to_master(
                 );
                 shared.close_idle.send_replace(true);
             }
-            ToWorker::ReopenAccessLog => {
-                let error = match (fds.pop(), shared.access_log.is_some()) {
-                    (Some(file), true) => {
-                        // The writer thread switches files: wait for it off the runtime's
-                        // threads (it may be writing a batch to a slow disk).
-                        let shared = shared.clone();
-                        let switched = tokio::task::spawn_blocking(move || {
-                            let log = shared.access_log.as_ref().expect("checked above");
-                            log.reopen(file.into(), REOPEN_PATIENCE)
-                        })
-                        .await;
-                        match switched {
-                            Ok(true) => {
-                                tracing::info!("access log reopened");
-                                None
-                            }
-                            _ => Some(format!(
-                                "its access log writer did not switch to the new file within \
-                                 {} s (a slow disk?); it will when it gets there",
-                                REOPEN_PATIENCE.as_secs()
-                            )),
-                        }
+            ToWorker::ReopenAccessLog { id } => {
+                // In a task of its own: the other messages (a drain, the store's answers) do
+                // not wait for the writer.
+                let (shared, link, file) = (shared.clone(), link.clone(), fds.pop());
+                tokio::spawn(async move {
+                    let error = reopen_access_log(shared, file).await.err();
+                    if let Some(e) = &error {
+                        tracing::warn!("reopening the access log: {e}");
                     }
-                    _ => Some("it has no access log, or no file came with the message".into()),
-                };
-                if let Some(e) = &error {
-                    tracing::warn!("reopening the access log: {e}");
-                }
-                link.send(&FromWorker::Reopened { error });
+                    link.send(&FromWorker::Reopened { id, error });
+                });
             }
             other => tracing::warn!("an HTTP worker ignores {other:?}"),
         }
     }
 }
 
+/// Hands the access log its new file and waits until its writer thread has switched (off the
+/// runtime's threads: it may be writing a batch to a slow disk).
+async fn reopen_access_log(
+    shared: Arc<http::Shared>,
+    file: Option<std::os::fd::OwnedFd>,
+) -> Result<(), String> {
+    let (Some(file), true) = (file, shared.access_log.is_some()) else {
+        return Err("it has no access log, or no file came with the message".into());
+    };
+    let switched = tokio::task::spawn_blocking(move || {
+        let log = shared.access_log.as_ref().expect("checked above");
+        log.reopen(file.into(), REOPEN_PATIENCE)
+    })
+    .await;
+    match switched {
+        Ok(true) => {
+            tracing::info!("access log reopened");
+            Ok(())
+        }
+        Ok(false) => Err(format!(
+            "its access log writer did not switch to the new file within {} s (a slow \
+             disk?); it will when it gets there",
+            REOPEN_PATIENCE.as_secs()
+        )),
+        Err(e) => Err(format!("the access log's reopen failed: {e}")),
+    }
+}
+
 /// What a worker, gateway or business worker hears from the master, one message at a time;
 /// `None` once the master is gone (each then drains). What every role does the same way
 /// (`ReopenLogs`: log to the file that came with it) is done here.
-pub(crate) struct MasterMessages<'a> {
+pub(crate) struct MasterMessages {
     lines: crate::fdpass::LineReader,
     /// Where `ReopenLogs` is answered.
-    link: &'a Link,
+    link: Arc<Link>,
 }
 
-impl<'a> MasterMessages<'a> {
-    pub fn new(channel: UnixStream, link: &'a Link) -> MasterMessages<'a> {
+impl MasterMessages {
+    pub fn new(channel: UnixStream, link: Arc<Link>) -> MasterMessages {
         MasterMessages {
             lines: crate::fdpass::LineReader::new(channel),
             link,
         }
+    }
+
+    /// After a drain, for a role that no longer acts on the master's messages: goes on
+    /// reading them, so that what every role answers (`ReopenLogs`, the store's replies) is
+    /// answered until the process exits.
+    pub fn keep_reading(mut self) {
+        tokio::spawn(async move { while self.next().await.is_some() {} });
     }
 
     pub async fn next(&mut self) -> Option<(ToWorker, Vec<std::os::fd::OwnedFd>)> {
@@ -417,7 +434,7 @@ impl<'a> MasterMessages<'a> {
             };
             match serde_json::from_str::<ToWorker>(&line) {
                 // Everything this process logs goes to stderr: point it at the reopened file.
-                Ok(ToWorker::ReopenLogs) => {
+                Ok(ToWorker::ReopenLogs { id }) => {
                     let error = match fds.pop() {
                         Some(file) => match nix::unistd::dup2_stderr(&file) {
                             Ok(()) => {
@@ -431,7 +448,7 @@ impl<'a> MasterMessages<'a> {
                     if let Some(e) = &error {
                         tracing::warn!("reopening the log file: {e}");
                     }
-                    self.link.send(&FromWorker::Reopened { error });
+                    self.link.send(&FromWorker::Reopened { id, error });
                 }
                 // Every role's plugin may call the key/value store.
                 Ok(ToWorker::KvReply { id, result }) => kv::answer(id, result),

@@ -555,17 +555,18 @@ async fn talk_to_master(
     channel: UnixStream,
     links: &Arc<Links>,
     events: &std_mpsc::Sender<(u32, ToBusiness)>,
-    link: &Link,
+    link: &Arc<Link>,
     handled: &AtomicU64,
     draining: &AtomicBool,
 ) {
-    let mut messages = super::MasterMessages::new(channel, link);
+    let mut messages = super::MasterMessages::new(channel, link.clone());
     while let Some((message, mut fds)) = messages.next().await {
         match message {
             ToWorker::Drain => {
                 tracing::info!("draining on the master's request");
                 draining.store(true, Ordering::SeqCst);
                 link.send(&FromWorker::StoppedAccepting);
+                messages.keep_reading();
                 return;
             }
             ToWorker::GatewayLink { gateway } => match fds.pop() {
