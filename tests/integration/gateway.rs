@@ -387,3 +387,24 @@ fn wss_with_the_services_certificate() {
         }
     });
 }
+
+/// `host reopen-logs` reaches the gateways and the business workers too, and each answers
+/// once its stderr is the new file.
+#[test]
+fn reopen_logs_is_answered_by_gateways_and_business_workers() {
+    let dir = dir_with_config(&config(1, 1, ""), &[("plugin.so", "chat")]);
+    let log = dir.path().join("host.log");
+    let log_arg = log.to_str().unwrap().to_string();
+    let host = Host::start(dir, &["--config", "host.toml", "--log-file", &log_arg]);
+    std::fs::rename(&log, log.with_extension("log.1")).unwrap();
+    let out = host.cli(&["reopen-logs"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("(the master and its 2 workers)"), "{text}");
+    let new = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        new.matches("log file reopened").count(),
+        2,
+        "the gateway's line and the business worker's, in the new file:\n{new}"
+    );
+}
