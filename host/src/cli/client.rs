@@ -54,7 +54,7 @@ fn converse_with(
             ),
         )
     })?;
-    on_connect(check_master(&stream, pid_file_pid)?);
+    on_connect(check_master(&stream, state, pid_file_pid)?);
     stream
         .write_all(&crate::protocol::encode(request))
         .map_err(|e| (EXIT_FAILED, format!("could not talk to the master: {e}")))?;
@@ -90,7 +90,11 @@ fn converse_with(
 
 /// Checks who answers on the control socket before trusting it: a process of this user (or
 /// root), and the master the pid file names. Returns its pid.
-fn check_master(stream: &UnixStream, pid_file: Option<u32>) -> Result<u32, (u8, String)> {
+fn check_master(
+    stream: &UnixStream,
+    state: &StateDir,
+    mut pid_file: Option<u32>,
+) -> Result<u32, (u8, String)> {
     let me = nix::unistd::geteuid().as_raw();
     let peer = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| {
@@ -108,6 +112,13 @@ fn check_master(stream: &UnixStream, pid_file: Option<u32>) -> Result<u32, (u8, 
                 peer.uid()
             ),
         ));
+    }
+    // A master taking over in an upgrade puts its socket in place a moment before its pid
+    // file (each an atomic rename): a CLI that read the old pid file in between looks again.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while pid_file.is_some_and(|pid| pid != peer.pid() as u32) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        pid_file = state.check_for_client().map_err(|e| (EXIT_FAILED, e))?;
     }
     if let Some(pid) = pid_file.filter(|pid| *pid != peer.pid() as u32) {
         return Err((
