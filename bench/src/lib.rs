@@ -257,13 +257,80 @@ pub fn without_cargo_run_env(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
+/// The release host and hello v1 of commit `rev` of this repository (figure `ab`): its tree
+/// exported with `git archive` into `<target>/bench-ab/<commit>/src` and built there, in a
+/// target dir beside it (a second run finds both fresh). Returns the commit's short hash, the
+/// host binary and the plugin.
+pub fn build_at(rev: &str) -> (String, PathBuf, PathBuf) {
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let commit = git(&["rev-parse", "--verify", &format!("{rev}^{{commit}}")]);
+    let short = git(&["rev-parse", "--short", &commit]);
+    let dir = target_dir().join("bench-ab").join(&commit);
+    let src = dir.join("src");
+    if !src.join("Cargo.toml").is_file() {
+        let _ = fs::remove_dir_all(&src);
+        fs::create_dir_all(&src).unwrap();
+        let mut archive = Command::new("git")
+            .args(["archive", "--format=tar", &commit])
+            .current_dir(root())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let untar = Command::new("tar")
+            .args(["-x", "-C"])
+            .arg(&src)
+            .stdin(archive.stdout.take().unwrap())
+            .status()
+            .unwrap();
+        let archived = archive.wait().unwrap();
+        assert!(
+            archived.success() && untar.success(),
+            "could not export {commit} into {}",
+            src.display()
+        );
+    }
+    let target = dir.join("target");
+    cargo_in(
+        &src,
+        &["build", "--release", "-p", "host", "-p", "hello"],
+        Some(&target),
+        &[("HELLO_VERSION", "v1")],
+    );
+    let (host, plugin) = (
+        target.join("release/host"),
+        target.join("release/libhello.so"),
+    );
+    assert!(
+        host.is_file() && plugin.is_file(),
+        "the build of {commit} made no host or hello"
+    );
+    (short, host, plugin)
+}
+
 /// `cargo ARGS [--target-dir DIR]` with the build-time variables the plugins read
 /// (`HELLO_VERSION`, `CHAT_VERSION`, `FIXTURE_VERSION`, `FIXTURE_FAULT`, `PAD_MIB`,
 /// `PAD_VERSION`) unset unless `env` sets them.
 fn cargo(args: &[&str], target_dir: Option<&Path>, env: &[(&str, &str)]) {
+    cargo_in(&root(), args, target_dir, env)
+}
+
+/// [`cargo`] in the workspace at `dir`.
+fn cargo_in(dir: &Path, args: &[&str], target_dir: Option<&Path>, env: &[(&str, &str)]) {
     let mut cmd = cargo_command();
     cmd.args(args)
-        .current_dir(root())
+        .current_dir(dir)
         .env_remove("HELLO_VERSION")
         .env_remove("CHAT_VERSION")
         .env_remove("FIXTURE_VERSION")

@@ -19,7 +19,7 @@ use std::{
 use bench::{
     build, build_boundary,
     figures::{
-        balance, boundary, ops,
+        ab, balance, boundary, ops,
         ops::{H2_CONNS, H2_STREAMS, HANDSHAKE_CLIENTS},
         reload, steady, upgrade, websocket, Ctx, CONNS, RELOAD_EVERY, WORKERS,
     },
@@ -98,7 +98,8 @@ const FIGURES: &[Figure] = &[
 /// workers and by plugin size, reload under load by connections, memory by idle connections,
 /// edit -> live); figure 16, figure 1 with one worker per server; figure 17, accept balancing
 /// on and off under reloads; figure 18, figure 1 beside a baseline whose connections split
-/// evenly (`SO_REUSEPORT`). Each gets its name here and a
+/// evenly (`SO_REUSEPORT`); `ab`, this tree's host against another commit's (it says "not
+/// run" without `BENCH_AB_REV`). Each gets its name here and a
 /// function in `bench::figures` or `bench::scaling`.
 const FULL_ONLY: &[Figure] = &[
     Figure {
@@ -149,6 +150,11 @@ const FULL_ONLY: &[Figure] = &[
     Figure {
         name: "steady-even",
         run: steady::steady_even,
+        quick: false,
+    },
+    Figure {
+        name: "ab",
+        run: ab::ab,
         quick: false,
     },
 ];

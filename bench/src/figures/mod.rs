@@ -14,8 +14,10 @@
 //! - [`upgrade`]: replacing the master: figure 9;
 //! - [`boundary`]: the plugin boundary's microbenchmark: figure 5;
 //! - [`ops`]: what TLS, the access log and the metrics cost: figures 10, 11 and 12;
-//! - [`websocket`]: the WebSocket gateway: figure 13 (measured by [`crate::gateway`]).
+//! - [`websocket`]: the WebSocket gateway: figure 13 (measured by [`crate::gateway`]);
+//! - [`ab`]: this tree's host against another commit's (by name, with `BENCH_AB_REV`).
 
+pub mod ab;
 pub mod balance;
 pub mod boundary;
 pub mod ops;

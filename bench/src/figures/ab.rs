@@ -1,0 +1,78 @@
+//! Figure `ab` (by name, with `BENCH_AB_REV=REV`): this tree's host against the host of another
+//! commit, each with its own hello v1 and one worker, in interleaved rounds, so that a change
+//! of the request path smaller than the drift between two runs (a few per cent from one day to
+//! the next) shows as a ratio within each round. Figure 16 compares the host with the baseline;
+//! this compares one commit with another.
+
+use crate::{
+    report::{Results, RoundTable},
+    wrk, Master, Service,
+};
+
+use super::{col, interleaved, Ctx, Steady, CONNS};
+
+/// The variable that names the other commit.
+const REV: &str = "BENCH_AB_REV";
+
+pub fn ab(cx: &Ctx, out: &mut Results) {
+    let Ok(rev) = std::env::var(REV) else {
+        out.section(
+            "ab",
+            format!(
+                "## ab. This tree's host against another commit's\n\nNot run: set {REV} to the \
+                 commit to compare with (`{REV}=HEAD~3 bash bench/run.sh ab`).\n\n"
+            ),
+            &[],
+        );
+        return;
+    };
+    let (b, m) = (&cx.b, &cx.mode);
+    let (short, other_host, other_plugin) = crate::build_at(&rev);
+    let this = Master::serving(&b.host, &Service::new(&b.hello_v1, 1), "info");
+    let other = Master::serving(&other_host, &Service::new(&other_plugin, 1), "info");
+    let this_url = format!("http://{}/", this.addr());
+    let other_url = format!("http://{}/", other.addr());
+    let (this_pids, other_pids) = (this.pids(), other.pids());
+    wrk::run(&this_url, CONNS, m.warmup_secs, None);
+    wrk::run(&other_url, CONNS, m.warmup_secs, None);
+    let [t, o] = interleaved(
+        [(&this_url, &this_pids), (&other_url, &other_pids)],
+        m.steady_rounds,
+        m.steady_secs,
+        || {},
+    );
+    let mut table = RoundTable::new(m.steady_rounds);
+    table.compare(
+        "server CPU per request (µs)",
+        ("this tree", &col(&t, Steady::cpu_us)),
+        (&short, &col(&o, Steady::cpu_us)),
+        None,
+    );
+    table.compare(
+        "requests/s",
+        ("this tree", &col(&t, |r| r.report.rps)),
+        (&short, &col(&o, |r| r.report.rps)),
+        None,
+    );
+    table.values(
+        "failed requests: this tree",
+        &col(&t, |r| r.report.failed() as f64),
+    );
+    table.values(
+        &format!("failed requests: {short}"),
+        &col(&o, |r| r.report.failed() as f64),
+    );
+    out.section(
+        "ab",
+        format!(
+            "## ab. This tree's host against {short}'s\n\nEach host with its own tree's hello \
+             v1 and one worker, {} interleaved rounds of {} s per server (who goes first \
+             rotates); this tree / {short} within each round; server CPU is the master's and \
+             its worker's.\n\n{}\n",
+            m.steady_rounds,
+            m.steady_secs,
+            table.render()
+        ),
+        &table.goals,
+    );
+}
