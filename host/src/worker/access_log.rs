@@ -18,7 +18,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use http::Version;
@@ -60,6 +60,20 @@ struct Queue {
 impl Queue {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits on `done` until `ready` says so, `within` at most; false if it never did.
+    fn wait_done(
+        &self,
+        pending: MutexGuard<'_, Pending>,
+        within: Duration,
+        ready: impl Fn(&Pending) -> bool,
+    ) -> bool {
+        let (pending, _) = self
+            .done
+            .wait_timeout_while(pending, within, |p| !ready(p))
+            .unwrap_or_else(|p| p.into_inner());
+        ready(&pending)
     }
 }
 
@@ -142,7 +156,6 @@ impl AccessLog {
     /// what was logged before to the old file and switched, so that the old file gets nothing
     /// more (logrotate may compress it at once); false if that took longer than `within`.
     pub fn reopen(&self, file: File, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
         let mut pending = self.queue.lock();
         let before = pending.reopen.take().map(|(_, n, _)| n);
         // Two reopens before the writer woke: what came between goes to the newest file (and
@@ -152,40 +165,18 @@ impl AccessLog {
         let number = pending.reopens;
         pending.reopen = Some((file, at, number));
         self.queue.wake.notify_one();
-        while pending.switched < number {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            pending = self
-                .queue
-                .done
-                .wait_timeout(pending, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        self.queue
+            .wait_done(pending, within, |p| p.switched >= number)
     }
 
     /// Writes what is left and stops the writer, waiting for it `within` at most (the worker is
     /// about to exit).
     pub fn finish(&self, within: Duration) {
-        let deadline = Instant::now() + within;
         let mut pending = self.queue.lock();
         pending.finishing = true;
         self.queue.wake.notify_one();
-        while !pending.finished {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                tracing::warn!("access log: the last lines were not written in time");
-                return;
-            }
-            pending = self
-                .queue
-                .done
-                .wait_timeout(pending, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        if !self.queue.wait_done(pending, within, |p| p.finished) {
+            tracing::warn!("access log: the last lines were not written in time");
         }
     }
 }
