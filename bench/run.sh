@@ -46,4 +46,4 @@ if [ "${1:-}" = soak ]; then
     exit 0
 fi
 cargo run --release -p bench --bin suite -- "$@"
-echo "bench/run.sh $*: $((SECONDS - start)) s in all, builds included"
+echo "bench/run.sh${*:+ $*}: $((SECONDS - start)) s in all, builds included"

@@ -79,7 +79,8 @@ impl Given {
             bind(addr).map_err(|e| {
                 format!(
                     "could not listen on {addr} for service {service}: {e}. Is another server \
-                     using this address? Change `listen`, or stop the other server."
+                     using this address (a host started earlier, for one)? Listen elsewhere (the \
+                     service's `listen`, or `--listen`), or stop the other server."
                 )
             })?
         };
