@@ -183,31 +183,25 @@ impl Master {
         // lock, so a failure noted in between is never left to a probation nobody watches.
         let probation = new.config.probation;
         let until = Instant::now() + probation;
-        // The same release again, while it is on probation from the reload that brought it:
-        // that probation goes on as it was (its timer, what it rolls back to); restarting the
-        // workers proves nothing new.
-        let ongoing = match svc.state().trial.as_ref() {
-            Some(t) if !on_trial && t.to.same_as(&new) && t.failure.is_none() => match t.phase {
-                TrialPhase::Probation { until } => Some((
-                    until.saturating_duration_since(Instant::now()),
-                    t.from.clone(),
-                )),
-                TrialPhase::Rolling => None,
-            },
-            _ => None,
-        };
         let trial = {
             let mut st = svc.state();
             match st.trial.as_mut() {
-                Some(t) if t.to.same_as(&new) => match &t.failure {
-                    Some(failure) => Err(failure.clone()),
-                    None if on_trial => {
+                Some(t) if t.to.same_as(&new) => match (&t.failure, t.phase) {
+                    (Some(failure), _) => Err(failure.clone()),
+                    (None, _) if on_trial => {
                         t.phase = TrialPhase::Probation { until };
-                        Ok(Some(t.id))
+                        Ok(Probation::New(t.id))
                     }
-                    None => Ok(None),
+                    // The same release again, while it is on probation from the reload that
+                    // brought it: that probation goes on as it was (its timer, what it rolls
+                    // back to); restarting the workers proves nothing new.
+                    (None, TrialPhase::Probation { until: ends }) => Ok(Probation::Ongoing(
+                        ends.saturating_duration_since(Instant::now()),
+                        t.from.clone(),
+                    )),
+                    (None, TrialPhase::Rolling) => Ok(Probation::None),
                 },
-                _ => Ok(None),
+                _ => Ok(Probation::None),
             }
         };
         let trial = match trial {
@@ -223,19 +217,22 @@ impl Master {
             started.elapsed().as_millis(),
             super::workers(workers)
         );
-        if let (Some(id), false) = (trial, probation.is_zero()) {
-            tokio::spawn(self.clone().end_probation(svc.clone(), id, probation));
-            done += &format!(
-                "; on probation for {} (a crash rolls back to {from})",
-                humantime::format_duration(probation)
-            );
-        } else if trial.is_some() {
-            self.pass_probation(svc, &new);
-        } else if let Some((left, back)) = ongoing {
-            done += &format!(
-                "; its probation goes on: {} more (a crash rolls back to {back})",
-                humantime::format_duration(Duration::from_secs(left.as_secs()))
-            );
+        match trial {
+            Probation::New(id) if !probation.is_zero() => {
+                tokio::spawn(self.clone().end_probation(svc.clone(), id, probation));
+                done += &format!(
+                    "; on probation for {} (a crash rolls back to {from})",
+                    humantime::format_duration(probation)
+                );
+            }
+            Probation::New(_) => self.pass_probation(svc, &new),
+            Probation::Ongoing(left, back) => {
+                done += &format!(
+                    "; its probation goes on: {} more (a crash rolls back to {back})",
+                    humantime::format_duration(Duration::from_secs(left.as_secs()))
+                )
+            }
+            Probation::None => {}
         }
         progress.line(done + " (old workers drain in the background)");
         self.record_event(svc, kind, &old, &new, "done", started, None);
@@ -639,4 +636,12 @@ fn slot_line(
         "{name}: worker {slot}: {old} -> {new} (plugin {version}, ready in {} ms)",
         since.elapsed().as_millis()
     )
+}
+
+/// What a rollout's last step leaves: a new probation (its trial's id), the one already under
+/// way for the same release (time left, what it rolls back to), or none.
+enum Probation {
+    New(u64),
+    Ongoing(Duration, Release),
+    None,
 }
