@@ -4,12 +4,9 @@
 //! the next) shows as a ratio within each round. Figure 16 compares the host with the baseline;
 //! this compares one commit with another.
 
-use crate::{
-    report::{Results, RoundTable},
-    wrk, Master, Service,
-};
+use crate::{report::Results, Master, Service};
 
-use super::{col, interleaved, Ctx, Steady, CONNS};
+use super::{pair, Ctx};
 
 /// The variable that names the other commit.
 const REV: &str = "BENCH_AB_REV";
@@ -33,34 +30,11 @@ pub fn ab(cx: &Ctx, out: &mut Results) {
     let this_url = format!("http://{}/", this.addr());
     let other_url = format!("http://{}/", other.addr());
     let (this_pids, other_pids) = (this.pids(), other.pids());
-    wrk::run(&this_url, CONNS, m.warmup_secs, None);
-    wrk::run(&other_url, CONNS, m.warmup_secs, None);
-    let [t, o] = interleaved(
-        [(&this_url, &this_pids), (&other_url, &other_pids)],
-        m.steady_rounds,
-        m.steady_secs,
-        || {},
-    );
-    let mut table = RoundTable::new(m.steady_rounds);
-    table.compare(
-        "server CPU per request (µs)",
-        ("this tree", &col(&t, Steady::cpu_us)),
-        (&short, &col(&o, Steady::cpu_us)),
-        None,
-    );
-    table.compare(
-        "requests/s",
-        ("this tree", &col(&t, |r| r.report.rps)),
-        (&short, &col(&o, |r| r.report.rps)),
-        None,
-    );
-    table.values(
-        "failed requests: this tree",
-        &col(&t, |r| r.report.failed() as f64),
-    );
-    table.values(
-        &format!("failed requests: {short}"),
-        &col(&o, |r| r.report.failed() as f64),
+    let table = pair(
+        cx,
+        ("this tree", &this_url, &this_pids),
+        (&short, &other_url, &other_pids),
+        [None, None],
     );
     out.section(
         "ab",

@@ -35,8 +35,14 @@ use std::{
 };
 
 use crate::{
-    cargo_command, prefork::Prefork, procs, root, scaling::figures as scaling, tls::Certs, wrk,
-    Build, Mode,
+    cargo_command,
+    prefork::Prefork,
+    procs,
+    report::{Goal, RoundTable},
+    root,
+    scaling::figures as scaling,
+    tls::Certs,
+    wrk, Build, Mode,
 };
 
 /// Worker processes for the host, the baseline and nginx alike.
@@ -162,6 +168,47 @@ fn interleaved<const N: usize>(
         }
     }
     runs
+}
+
+/// Two servers (a label, a URL, the pids whose CPU counts) in figure 16's shape: an unmeasured
+/// warm-up run each, the interleaved rounds, then CPU per request and requests/s, first / second
+/// within each round (with `goals` for the two), and each side's failed requests.
+fn pair(
+    cx: &Ctx,
+    first: (&str, &str, &[u32]),
+    second: (&str, &str, &[u32]),
+    goals: [Option<Goal>; 2],
+) -> RoundTable {
+    let m = &cx.mode;
+    wrk::run(first.1, CONNS, m.warmup_secs, None);
+    wrk::run(second.1, CONNS, m.warmup_secs, None);
+    let [a, b] = interleaved(
+        [(first.1, first.2), (second.1, second.2)],
+        m.steady_rounds,
+        m.steady_secs,
+        || {},
+    );
+    let mut t = RoundTable::new(m.steady_rounds);
+    let [cpu_goal, rps_goal] = goals;
+    t.compare(
+        "server CPU per request (µs)",
+        (first.0, &col(&a, Steady::cpu_us)),
+        (second.0, &col(&b, Steady::cpu_us)),
+        cpu_goal,
+    );
+    t.compare(
+        "requests/s",
+        (first.0, &col(&a, |r| r.report.rps)),
+        (second.0, &col(&b, |r| r.report.rps)),
+        rps_goal,
+    );
+    for (label, runs) in [(first.0, &a), (second.0, &b)] {
+        t.values(
+            &format!("failed requests: {label}"),
+            &col(runs, |r| r.report.failed() as f64),
+        );
+    }
+    t
 }
 
 fn col<T>(runs: &[T], f: impl Fn(&T) -> f64) -> Vec<f64> {

@@ -11,7 +11,7 @@ use crate::{
     wrk, Master, Service,
 };
 
-use super::{baseline, col, interleaved, Ctx, Steady, CONNS, WORKERS};
+use super::{baseline, col, interleaved, pair, Ctx, Steady, CONNS, WORKERS};
 
 /// Figure 1 (throughput, latency, CPU per request) and figure 4 (memory).
 pub fn steady(cx: &Ctx, out: &mut Results) {
@@ -283,35 +283,11 @@ pub fn steady_one_worker(cx: &Ctx, out: &mut Results) {
     let host_url = format!("http://{}/", host.addr());
     let base_url = format!("http://{}/", baseline.addr);
     let (host_pids, base_pids) = (host.pids(), procs::tree(baseline.child.id()));
-    wrk::run(&host_url, CONNS, m.warmup_secs, None);
-    wrk::run(&base_url, CONNS, m.warmup_secs, None);
-    let [h, s] = interleaved(
-        [(&host_url, &host_pids), (&base_url, &base_pids)],
-        m.steady_rounds,
-        m.steady_secs,
-        || {},
-    );
-    let mut t = RoundTable::new(m.steady_rounds);
-    let cpu_us = Steady::cpu_us;
-    t.compare(
-        "server CPU per request (µs)",
-        ("host", &col(&h, cpu_us)),
-        ("baseline", &col(&s, cpu_us)),
-        Some(Goal::AtMost(1.05)),
-    );
-    t.compare(
-        "requests/s",
-        ("host", &col(&h, |r| r.report.rps)),
-        ("baseline", &col(&s, |r| r.report.rps)),
-        Some(Goal::AtLeast(0.95)),
-    );
-    t.values(
-        "failed requests: host",
-        &col(&h, |r| r.report.failed() as f64),
-    );
-    t.values(
-        "failed requests: baseline",
-        &col(&s, |r| r.report.failed() as f64),
+    let t = pair(
+        cx,
+        ("host", &host_url, &host_pids),
+        ("baseline", &base_url, &base_pids),
+        [Some(Goal::AtMost(1.05)), Some(Goal::AtLeast(0.95))],
     );
     out.section(
         "16. steady, one worker",
