@@ -282,3 +282,20 @@ fn a_burst_of_reload_requests_is_merged_into_one_follow_up() {
     assert_eq!(reloads, 2, "one reload, then one merged follow-up");
     assert!(get(&host.addr("web"), "/").body.contains("versioned v2"));
 }
+
+/// A restart after a rejected reload starts the version that was live, not the plugin file
+/// that failed: that file would fail the start itself.
+#[test]
+fn a_restart_after_a_rejected_reload_starts_the_version_that_was_live() {
+    let host = start("versioned", 1, "");
+    let v1 = live_version(&host);
+    host.replace_plugin("bad-start");
+    let out = host.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(host.cli(&["stop"]).status.success());
+
+    let host = Host::start(host.into_dir(), &["--config", "host.toml"]);
+    assert_eq!(live_version(&host), v1);
+    host.wait_for_log("which was set aside (");
+    assert!(get(&host.addr("web"), "/").body.contains("versioned v1"));
+}

@@ -200,3 +200,28 @@ fn a_reload_stop_reopen_or_second_upgrade_during_an_upgrade_is_refused() {
     assert_eq!(first.status.code(), Some(1));
     host.reload_ok();
 }
+
+/// An upgrade keeps a rollback: the new master starts the version that was live, not the plugin
+/// file the operator rolled back from, and says so; `host reload` asks for the file again.
+#[test]
+fn an_upgrade_after_a_rollback_keeps_the_version_rolled_back_to() {
+    let host = start("versioned");
+    let addr = host.addr("web");
+    host.replace_plugin("versioned-v2");
+    host.reload_ok();
+    assert!(get(&addr, "/").body.contains("versioned v2"));
+    let out = host.cli(&["rollback"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let status = output_text(&host.cli(&["status"]));
+    assert!(status.contains(", rolled back by an operator)"), "{status}");
+
+    let out = host.cli(&["upgrade"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    for _ in 0..4 {
+        let body = get(&addr, "/").body;
+        assert!(body.contains("versioned v1"), "{body}\n{}", host.logs());
+    }
+    host.wait_for_log("which was set aside (rolled back by an operator at ");
+    host.reload_ok();
+    assert!(get(&addr, "/").body.contains("versioned v2"));
+}

@@ -78,8 +78,11 @@ fn render_status(r: &StatusReport) -> String {
                         v.version,
                         ago(now.saturating_sub(v.first_loaded) * 1000)
                     );
-                    if v.failed.is_some() {
-                        text += ", failed";
+                    if let Some(why) = &v.failed {
+                        text += match why.starts_with(crate::shadow::BY_OPERATOR) {
+                            true => ", rolled back by an operator",
+                            false => ", failed",
+                        };
                     } else if v.healthy {
                         text += ", healthy";
                     }

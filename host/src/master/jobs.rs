@@ -215,6 +215,7 @@ impl Master {
             Err(e) => return (false, e),
         };
         let _turn = svc.lock.lock().await;
+        let rolled_from = svc.release();
         let target = {
             let st = svc.state();
             match to {
@@ -258,7 +259,21 @@ impl Master {
                 .await
                 .problem()
             {
-                None => vec![],
+                None => {
+                    // Set aside, so that a restart or an upgrade of the master, which start
+                    // from the plugin file, keep this rollback (`service::starting_version`).
+                    let from = rolled_from.version;
+                    svc.state().failed.insert(
+                        from.hash.clone(),
+                        format!(
+                            "{} at {}",
+                            crate::shadow::BY_OPERATOR,
+                            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                        ),
+                    );
+                    self.save_history();
+                    vec![]
+                }
                 Some(problem) => {
                     progress.line(problem);
                     vec![svc.name().to_string()]

@@ -15,8 +15,11 @@ use tokio::{
 };
 
 use super::{
-    home, jobs::Jobs, listeners, service::Service, systemd, upgrade, Master, Op, Sidecar,
-    StopWaiter,
+    home,
+    jobs::Jobs,
+    listeners,
+    service::{self, Service},
+    systemd, upgrade, Master, Op, Sidecar, StopWaiter,
 };
 use crate::admin::{self, Admin};
 use crate::daemon;
@@ -214,6 +217,10 @@ async fn run(
         };
         if !known(&version.hash) {
             stored_now.push(version.clone());
+        }
+        let (version, notice) = service::starting_version(&svc.name, &saved, version);
+        if let Some(notice) = notice {
+            tracing::warn!("{notice}");
         }
         lived_before.push(saved.live.clone());
         services.push(Arc::new(Service::new(svc, listeners, version, saved)));

@@ -114,6 +114,35 @@ pub struct Service {
 
 static TRIAL_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// The version a service starts with (a start, a restart, an upgrade of the master): the plugin
+/// file as it is, unless its version was set aside (rolled back, by hand or by the host, or
+/// rejected) while another version of the same file was live when the history was last saved.
+/// Then that live version goes on, and the second value says why: a restart or an upgrade must
+/// not undo a rollback behind the operator's back, nor bring back a build that already failed.
+/// A rebuilt file (another version) goes live as before, and `host reload` tries the set-aside
+/// one again.
+pub fn starting_version(
+    name: &str,
+    saved: &SavedService,
+    on_disk: PluginVersion,
+) -> (PluginVersion, Option<String>) {
+    let Some(reason) = saved.failed.get(&on_disk.hash) else {
+        return (on_disk, None);
+    };
+    match &saved.live {
+        Some(live) if live.hash != on_disk.hash && live.source == on_disk.source => {
+            let notice = format!(
+                "service {name}: {} holds plugin {on_disk}, which was set aside ({reason}); \
+                 starting {live} instead, the version that was live when the host last ran. \
+                 Run `host reload {name}` to try {on_disk} again, or build another version.",
+                on_disk.source.display()
+            );
+            (live.clone(), Some(notice))
+        }
+        _ => (on_disk, None),
+    }
+}
+
 impl Service {
     /// A service serving `version`, with what the saved history remembers of it.
     pub fn new(
