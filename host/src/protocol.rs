@@ -47,6 +47,9 @@ pub enum UpgradeMessage {
     TakeOver,
     /// New -> old: done; the control socket and pid file are the new master's.
     TookOver,
+    /// Old -> new: the old master was told to stop (SIGTERM, SIGINT) before the takeover, so
+    /// the host stops: do not take over; drain the workers and exit.
+    Abandon,
 }
 
 /// An answer from the master.

@@ -225,3 +225,44 @@ fn an_upgrade_after_a_rollback_keeps_the_version_rolled_back_to() {
     host.reload_ok();
     assert!(get(&addr, "/").body.contains("versioned v2"));
 }
+
+/// SIGTERM to the master during an upgrade stops the host: the new master does not take over
+/// (it would have served on after the operator stopped the host); it drains its workers and
+/// exits, and the old master exits once it has.
+#[test]
+fn sigterm_during_an_upgrade_stops_both_masters() {
+    let mut host = start("versioned");
+    // The new master's canary serves alone for 3 s: the upgrade is under way meanwhile.
+    let slow = config("").replace("canary_probation = \"200ms\"", "canary_probation = \"3s\"");
+    fs::write(host.dir.path().join("host.toml"), slow).unwrap();
+    let state_dir = host.state_dir();
+    let upgrade = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new(&artifacts().host);
+        cmd.arg("upgrade").arg("--state-dir").arg(state_dir);
+        crate::harness::run(cmd)
+    });
+    // The new master's canary is ready: its first progress line names the new master's pid.
+    host.wait_for_log(": web: worker 0: ");
+    let logs = host.logs();
+    let new_pid: u32 = logs
+        .split("new master ")
+        .find_map(|rest| rest.split(": web: worker 0: ").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no progress line names the new master:\n{logs}"));
+    let new_workers = children(new_pid);
+    assert!(!new_workers.is_empty(), "{}", host.logs());
+    host.signal(nix::sys::signal::Signal::SIGTERM);
+
+    let out = upgrade.join().unwrap();
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("upgrade abandoned"), "{text}");
+    assert!(host.wait_exit(), "{}", host.logs());
+    for pid in new_workers.iter().chain([&new_pid]) {
+        assert!(!alive(*pid), "{pid} outlived the stop\n{}", host.logs());
+    }
+    assert!(
+        host.logs().contains("this master does not take over"),
+        "{}",
+        host.logs()
+    );
+}

@@ -75,6 +75,9 @@ pub struct Master {
     dev_mode: bool,
     /// Fires once this master handed over to a new one (`master::upgrade`).
     handed_over: tokio::sync::Notify,
+    /// The new master of an upgrade under way, until it took over or is gone: a stop waits for
+    /// it (`upgrade::abandon` stops it too), and a second signal kills it.
+    successor: watch::Sender<Option<u32>>,
     /// The log file stdout and stderr point to, if any (`host reopen-logs`).
     log_file: Option<std::path::PathBuf>,
     /// Counters fed by the workers' heartbeats and by rollouts (`/metrics`, the admin page).
@@ -236,6 +239,7 @@ impl Master {
         }
         let mut count = self.worker_count.subscribe();
         let _ = count.wait_for(|n| *n == 0).await;
+        let _ = self.successor.subscribe().wait_for(Option::is_none).await;
     }
 
     /// Kills every worker now. Any still running had not finished its drain: whatever it was
@@ -252,6 +256,10 @@ impl Master {
         );
         for pid in pids {
             self.kill_worker(pid, why);
+        }
+        if let Some(pid) = *self.successor.borrow() {
+            tracing::warn!("{why}: killing the new master of the upgrade (pid {pid}) too");
+            upgrade::kill_master_tree(pid);
         }
     }
 

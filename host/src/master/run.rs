@@ -258,6 +258,7 @@ async fn run(
         upgrade_timeout: config.upgrade_timeout,
         dev_mode: sidecar.is_some(),
         handed_over: Default::default(),
+        successor: watch::Sender::new(None),
         log_file,
         metrics: Default::default(),
         admin,
@@ -297,7 +298,8 @@ async fn run(
     }
     if let Some(mut h) = watchers.handover.take() {
         if let Err(e) = master.take_over(&mut h).await {
-            master.stop(false).await;
+            // Its workers are ready, and may be serving on the shared sockets: they drain.
+            master.stop(true).await;
             watchers.handover = Some(h);
             fail_start!(e);
         }
@@ -457,12 +459,21 @@ impl Master {
         let channel = handover.try_clone_channel()?;
         let told = tokio::task::spawn_blocking(move || channel.wait_for_takeover())
             .await
-            .unwrap_or(false);
-        if !told {
-            tracing::warn!(
+            .unwrap_or(upgrade::Told::Gone);
+        match told {
+            upgrade::Told::TakeOver => {}
+            // A crash of the old master must not take the service down with it.
+            upgrade::Told::Gone => tracing::warn!(
                 "the old master (pid {}) went away before the takeover; taking over anyway",
                 handover.old_pid
-            );
+            ),
+            upgrade::Told::Abandon => {
+                return Err(format!(
+                    "the old master (pid {}) was told to stop during the upgrade, so the host \
+                     stops: this master does not take over",
+                    handover.old_pid
+                ))
+            }
         }
         self.publish_home()?;
         systemd::main_pid();

@@ -148,18 +148,28 @@ impl Handover {
 /// Waits on the channel to the old master.
 pub struct Waiter(StdUnixStream);
 
+/// What the old master said once the new one was ready.
+pub enum Told {
+    TakeOver,
+    /// It was told to stop: the host stops, this master too.
+    Abandon,
+    /// It went away without a word (it crashed, or was killed).
+    Gone,
+}
+
 impl Waiter {
-    /// Waits until the old master says `TakeOver` (or goes away: then there is nobody to wait
-    /// for). Blocking: called on a blocking thread.
-    pub fn wait_for_takeover(self) -> bool {
+    /// Waits until the old master says `TakeOver` or `Abandon`, or goes away. Blocking: called
+    /// on a blocking thread.
+    pub fn wait_for_takeover(self) -> Told {
         for line in BufReader::new(self.0).lines() {
             match line.map(|l| serde_json::from_str::<UpgradeMessage>(&l)) {
-                Ok(Ok(UpgradeMessage::TakeOver)) => return true,
+                Ok(Ok(UpgradeMessage::TakeOver)) => return Told::TakeOver,
+                Ok(Ok(UpgradeMessage::Abandon)) => return Told::Abandon,
                 Ok(_) => continue,
-                Err(_) => return false,
+                Err(_) => return Told::Gone,
             }
         }
-        false
+        Told::Gone
     }
 }
 
@@ -185,6 +195,9 @@ impl Master {
                 false,
                 "`host dev` does not upgrade itself: stop it and run it again".into(),
             );
+        }
+        if *self.stopping.borrow() {
+            return (false, "the host is stopping; no upgrade".into());
         }
         let exe = exe.unwrap_or_else(|| self.origin.exe.clone());
         if let Err(e) = check_executable(&exe) {
@@ -214,11 +227,19 @@ impl Master {
             }
         };
         let new_pid = child.id().unwrap_or(0);
+        let _successor = Successor::named(&self.successor, new_pid);
+        let mut stopping = self.stopping.subscribe();
         let (read, mut write) = channel.into_split();
         let mut lines = tokio::io::BufReader::new(read).lines();
         let deadline = tokio::time::Instant::now() + timeout;
         let failure = loop {
             tokio::select! {
+                // SIGTERM or SIGINT: the host stops, the new master too (not a takeover that
+                // would leave it serving after the operator stopped the host).
+                true = async { stopping.wait_for(|s| *s).await.is_ok() } => {
+                    let _ = write.write_all(&encode(&UpgradeMessage::Abandon)).await;
+                    return self.abandon(child, new_pid, deadline).await;
+                }
                 line = lines.next_line() => match line {
                     Ok(Some(line)) => match serde_json::from_str::<UpgradeMessage>(&line) {
                         Ok(UpgradeMessage::Progress(text)) => progress.line(format!("new master {new_pid}: {text}")),
@@ -298,6 +319,13 @@ impl Master {
         // The child is not waited for: it outlives this process.
         drop(child);
         self.hand_over(new_pid);
+        if *self.stopping.borrow() {
+            // Told to stop while the new master was taking over: it stops too, with a drain.
+            tracing::warn!(
+                "told to stop during the takeover: stopping the new master {new_pid} too"
+            );
+            let _ = kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM);
+        }
         (
             true,
             format!(
@@ -307,6 +335,43 @@ impl Master {
                 std::process::id(),
                 self.origin.build_id,
                 build_id(&exe).unwrap_or_else(|| "unknown".into())
+            ),
+        )
+    }
+
+    /// The old master was told to stop before the takeover, and told the new one so: waits
+    /// until the new master has drained its workers (they may be serving on the shared sockets)
+    /// and exited, as long as its start (`deadline`) and a drain can take; then kills it.
+    async fn abandon(
+        &self,
+        mut child: tokio::process::Child,
+        new_pid: u32,
+        deadline: tokio::time::Instant,
+    ) -> (bool, String) {
+        tracing::warn!(
+            "told to stop during an upgrade: the new master (pid {new_pid}) does not take over; \
+             it drains its workers and exits"
+        );
+        let drain = self
+            .services()
+            .iter()
+            .map(|s| s.config().drain_timeout)
+            .max()
+            .unwrap_or_default();
+        let bound = deadline + drain + Duration::from_secs(5);
+        let end = match tokio::time::timeout_at(bound, child.wait()).await {
+            Ok(status) => format!("it {}", describe_exit(status)),
+            Err(_) => {
+                kill_master_tree(new_pid);
+                let _ = child.wait().await;
+                "it had not exited in time, and was killed with its workers".into()
+            }
+        };
+        (
+            false,
+            format!(
+                "upgrade abandoned: this master was told to stop (SIGTERM or SIGINT) before the \
+                 new master (pid {new_pid}) took over, so the host stops; {end}"
             ),
         )
     }
@@ -395,7 +460,7 @@ fn check_executable(exe: &Path) -> Result<(), String> {
 
 /// Stops a new master that failed, with every worker it started: the master is stopped first
 /// (so it starts no more), each child's process group is killed, then the master.
-fn kill_master_tree(pid: u32) {
+pub(super) fn kill_master_tree(pid: u32) {
     if pid == 0 {
         return;
     }
@@ -406,6 +471,22 @@ fn kill_master_tree(pid: u32) {
         let _ = kill(Pid::from_raw(child as i32), Signal::SIGKILL);
     }
     let _ = kill(master, Signal::SIGKILL);
+}
+
+/// Names the new master of an upgrade in `Master::successor` while it lives as one.
+struct Successor<'a>(&'a tokio::sync::watch::Sender<Option<u32>>);
+
+impl<'a> Successor<'a> {
+    fn named(successor: &'a tokio::sync::watch::Sender<Option<u32>>, pid: u32) -> Self {
+        successor.send_replace(Some(pid));
+        Successor(successor)
+    }
+}
+
+impl Drop for Successor<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(None);
+    }
 }
 
 /// The pids whose parent is `pid`, from /proc.
