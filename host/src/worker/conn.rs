@@ -341,10 +341,11 @@ pub(super) struct ConnState {
 
 impl ConnState {
     fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::SeqCst) > 0 {
+        // Acquire: pairs with the release of `InFlight`'s drop, which stored the time first.
+        if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let since = self.last_active.load(Ordering::SeqCst);
+        let since = self.last_active.load(Ordering::Relaxed);
         Some(Duration::from_nanos(coarse_ns().saturating_sub(since)))
     }
 
