@@ -121,6 +121,14 @@ fn upgrade_fails(host: &Host, args: &[&str], expect: &str) {
             .iter()
             .all(|p| before.contains(p) || !alive(*p))
     });
+    // New connections too: the failed master shared the listening sockets, and must not have
+    // closed them to new clients on its way out.
+    for _ in 0..3 {
+        let to = addr.parse().unwrap();
+        std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("a new connection after the failed upgrade: {e}"));
+        assert_eq!(get(&addr, "/").status, 200);
+    }
 }
 
 #[test]

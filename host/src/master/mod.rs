@@ -78,6 +78,9 @@ pub struct Master {
     /// The new master of an upgrade under way, until it took over or is gone: a stop waits for
     /// it (`upgrade::abandon` stops it too), and a second signal kills it.
     successor: watch::Sender<Option<u32>>,
+    /// A new master of an upgrade until it took over: its listening sockets are the old
+    /// master's, which serves on them; a stop must not close them to new connections.
+    borrows_listeners: std::sync::atomic::AtomicBool,
     /// The log file stdout and stderr point to, if any (`host reopen-logs`).
     log_file: Option<std::path::PathBuf>,
     /// Counters fed by the workers' heartbeats and by rollouts (`/metrics`, the admin page).
@@ -222,9 +225,12 @@ impl Master {
     /// closes its own copies.
     async fn stop(self: &Arc<Self>, graceful: bool) {
         self.stopping.send_replace(true);
+        let borrowed = self
+            .borrows_listeners
+            .load(std::sync::atomic::Ordering::SeqCst);
         for svc in self.services() {
-            if self.is_handed_over() {
-                // The sockets live on in the new master: only this master's copies close.
+            if self.is_handed_over() || borrowed {
+                // The sockets live on in the other master: only this master's copies close.
                 svc.listeners().clear();
             } else {
                 svc.close_listeners();

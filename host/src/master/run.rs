@@ -259,6 +259,7 @@ async fn run(
         dev_mode: sidecar.is_some(),
         handed_over: Default::default(),
         successor: watch::Sender::new(None),
+        borrows_listeners: std::sync::atomic::AtomicBool::new(upgrading),
         log_file,
         metrics: Default::default(),
         admin,
@@ -369,6 +370,9 @@ async fn run(
             _ = int.recv() => master.kill_all("second SIGINT"),
         }
     }
+    // A takeover that was already under way when the stop came ends during it (the new master
+    // is then told to stop too): the socket, the pid file and the history are the new master's.
+    let handed_over = master.is_handed_over();
     if !handed_over {
         master.save_history();
     }
@@ -476,6 +480,7 @@ impl Master {
             }
         }
         self.publish_home()?;
+        self.borrows_listeners.store(false, Ordering::SeqCst);
         systemd::main_pid();
         handover.tell(&UpgradeMessage::TookOver);
         tracing::info!(

@@ -289,7 +289,11 @@ impl Master {
                 ),
             );
         }
-        // Ready: hand over.
+        // Ready: hand over, unless this master was told to stop meanwhile.
+        if *self.stopping.borrow() {
+            let _ = write.write_all(&encode(&UpgradeMessage::Abandon)).await;
+            return self.abandon(child, new_pid, deadline).await;
+        }
         let _ = write.write_all(&encode(&UpgradeMessage::TakeOver)).await;
         let took_over = tokio::time::timeout(TAKEOVER_WAIT, async {
             while let Ok(Some(line)) = lines.next_line().await {
