@@ -118,6 +118,9 @@ pub struct VersionInfo {
     pub healthy: bool,
     /// It was rejected or rolled back, and why.
     pub failed: Option<String>,
+    /// An operator rolled back from it, and when.
+    #[serde(default)]
+    pub set_aside: Option<String>,
 }
 
 /// One slot of a service: what happened to the workers that held it.

@@ -430,14 +430,14 @@ pub struct SavedService {
     /// Hashes of the versions that served through a whole probation.
     #[serde(default)]
     pub healthy: Vec<String>,
-    /// Hashes of versions that were rejected or rolled back, with the reason. A version an
-    /// operator rolled back from is here too: its reason starts with [`BY_OPERATOR`].
+    /// Hashes of versions that were rejected or rolled back, with the reason.
     #[serde(default)]
     pub failed: HashMap<String, String>,
+    /// Hashes of versions an operator rolled back from (`host rollback`, the admin API), with
+    /// when. Not failures: the crash-loop fallback and the watcher still take them.
+    #[serde(default)]
+    pub set_aside: HashMap<String, String>,
 }
-
-/// How the reason of a version set aside by `host rollback` (or the admin API's) begins.
-pub const BY_OPERATOR: &str = "rolled back by an operator";
 
 #[derive(Deserialize)]
 #[serde(untagged)]

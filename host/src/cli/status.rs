@@ -78,11 +78,10 @@ fn render_status(r: &StatusReport) -> String {
                         v.version,
                         ago(now.saturating_sub(v.first_loaded) * 1000)
                     );
-                    if let Some(why) = &v.failed {
-                        text += match why.starts_with(crate::shadow::BY_OPERATOR) {
-                            true => ", rolled back by an operator",
-                            false => ", failed",
-                        };
+                    if v.failed.is_some() {
+                        text += ", failed";
+                    } else if v.set_aside.is_some() {
+                        text += ", rolled back by an operator";
                     } else if v.healthy {
                         text += ", healthy";
                     }

@@ -263,11 +263,10 @@ impl Master {
                     // Set aside, so that a restart or an upgrade of the master, which start
                     // from the plugin file, keep this rollback (`service::starting_version`).
                     let from = rolled_from.version;
-                    svc.state().failed.insert(
+                    svc.state().set_aside.insert(
                         from.hash.clone(),
                         format!(
-                            "{} at {}",
-                            crate::shadow::BY_OPERATOR,
+                            "rolled back by an operator at {}",
                             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                         ),
                     );

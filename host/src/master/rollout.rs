@@ -111,7 +111,11 @@ impl Master {
             }
         };
         svc.go_live(&new);
-        svc.state().failed.remove(&new.version.hash);
+        {
+            let mut st = svc.state();
+            st.failed.remove(&new.version.hash);
+            st.set_aside.remove(&new.version.hash);
+        }
         self.save_history();
         if workers == 1 {
             svc.close_listeners_not_in(&new.config);

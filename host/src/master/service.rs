@@ -74,6 +74,8 @@ pub struct ServiceState {
     /// Hashes of versions that were rejected or rolled back, with the reason; the watcher does
     /// not reload them again.
     pub failed: HashMap<String, String>,
+    /// Hashes of versions an operator rolled back from, with when (see [`starting_version`]).
+    pub set_aside: HashMap<String, String>,
     pub trial: Option<Trial>,
     /// Crashes of workers of the live version, newest last, for crash-loop detection.
     pub crashes: VecDeque<Instant>,
@@ -126,7 +128,11 @@ pub fn starting_version(
     saved: &SavedService,
     on_disk: PluginVersion,
 ) -> (PluginVersion, Option<String>) {
-    let Some(reason) = saved.failed.get(&on_disk.hash) else {
+    let Some(reason) = saved
+        .failed
+        .get(&on_disk.hash)
+        .or_else(|| saved.set_aside.get(&on_disk.hash))
+    else {
         return (on_disk, None);
     };
     match &saved.live {
@@ -167,6 +173,7 @@ impl Service {
             previous: saved.previous,
             healthy: saved.healthy.into_iter().collect(),
             failed: saved.failed,
+            set_aside: saved.set_aside,
             trial: None,
             crashes: VecDeque::new(),
             recent_crashes: VecDeque::new(),
@@ -348,6 +355,7 @@ impl Service {
             previous: st.previous.clone(),
             healthy: st.healthy.iter().cloned().collect(),
             failed: st.failed.clone(),
+            set_aside: st.set_aside.clone(),
         }
     }
 

@@ -81,7 +81,7 @@ impl Master {
                     })
                     .collect();
                 let st = svc.state();
-                let info = |v: &PluginVersion| version_info(v, &st.healthy, &st.failed);
+                let info = |v: &PluginVersion| version_info(v, &st);
                 let probation_left_ms = st.trial.as_ref().and_then(|t| match t.phase {
                     super::service::TrialPhase::Probation { until } => until
                         .checked_duration_since(Instant::now())
@@ -126,11 +126,7 @@ impl Master {
     }
 }
 
-fn version_info(
-    v: &PluginVersion,
-    healthy: &std::collections::HashSet<String>,
-    failed: &std::collections::HashMap<String, String>,
-) -> VersionInfo {
+fn version_info(v: &PluginVersion, st: &super::service::ServiceState) -> VersionInfo {
     VersionInfo {
         version: v.short().to_string(),
         size: v.size,
@@ -140,8 +136,9 @@ fn version_info(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         source: v.source.clone(),
-        healthy: healthy.contains(&v.hash),
-        failed: failed.get(&v.hash).cloned(),
+        healthy: st.healthy.contains(&v.hash),
+        failed: st.failed.get(&v.hash).cloned(),
+        set_aside: st.set_aside.get(&v.hash).cloned(),
     }
 }
 
@@ -153,7 +150,7 @@ impl Master {
                 .iter()
                 .map(|svc| {
                     let st = svc.state();
-                    let info = |v: &PluginVersion| version_info(v, &st.healthy, &st.failed);
+                    let info = |v: &PluginVersion| version_info(v, &st);
                     ServiceHistory {
                         name: svc.name().to_string(),
                         live: info(&st.live),

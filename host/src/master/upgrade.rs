@@ -214,6 +214,11 @@ impl Master {
             build_id(&exe).unwrap_or_else(|| "unknown".into()),
             humantime::format_duration(timeout)
         ));
+        // The new master reads the history from the disk: what this one saved last (a
+        // rollback a moment ago, say) must be there, not still on its writer thread.
+        self.save_history();
+        let store = self.clone();
+        let _ = tokio::task::spawn_blocking(move || store.store.flush_history()).await;
         let (mut child, channel) = match self.spawn_successor(&exe) {
             Ok(spawned) => spawned,
             Err(e) => {

@@ -501,11 +501,10 @@
         el("td", { class: "mono wrap" }, live ? live.source : "–"),
         el("td", {})));
       for (const v of svc.previous) {
-        // A version an operator rolled back from is set aside, not failed (shadow::BY_OPERATOR).
-        const byOperator = v.failed && v.failed.startsWith("rolled back by an operator");
         const status = v.failed
-          ? [el("span", { class: byOperator ? "muted" : "outcome-failed" }, byOperator ? "set aside" : "failed"),
-             el("span", { class: "detail", title: v.failed }, firstLine(v.failed))]
+          ? [el("span", { class: "outcome-failed" }, "failed"), el("span", { class: "detail", title: v.failed }, firstLine(v.failed))]
+          : v.set_aside
+          ? [el("span", { class: "muted" }, "set aside"), el("span", { class: "detail", title: v.set_aside }, v.set_aside)]
           : v.healthy ? el("span", { class: "good" }, "healthy") : el("span", { class: "muted" }, "never proven healthy");
         rows.push(el("tr", { data: { version: v.version } },
           el("td", {}, el("code", {}, v.version)),
