@@ -224,7 +224,10 @@ fn an_upgrade_after_a_rollback_keeps_the_version_rolled_back_to() {
     assert!(status.contains(", rolled back by an operator)"), "{status}");
     // Set aside, not failed: a crash loop of v1 could still fall back to it.
     let v2 = host.status()["services"][0]["previous"][0].clone();
-    assert!(v2["set_aside"].is_string() && v2["failed"].is_null(), "{v2}");
+    assert!(
+        v2["set_aside"].is_string() && v2["failed"].is_null(),
+        "{v2}"
+    );
 
     let out = host.cli(&["upgrade"]);
     assert!(out.status.success(), "{}", output_text(&out));

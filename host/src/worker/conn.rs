@@ -181,6 +181,9 @@ async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
     let look = Arc::new(Look::default());
     let _limits = AbortOnDrop(tokio::spawn(limits(state.clone(), look.clone())).abort_handle());
     let mut finishing = false;
+    // The waker the limits' task holds, if it still holds one: registering it again on every
+    // poll (every request) was two locked instructions for nothing.
+    let mut registered: Option<std::task::Waker> = None;
     let ended = std::future::poll_fn(|cx| loop {
         if let Poll::Ready(res) = conn.as_mut().poll(cx) {
             return Poll::Ready(Some(res));
@@ -189,11 +192,17 @@ async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
             return Poll::Pending;
         }
         // Registered before the flag is read: a call to look after the read wakes this.
-        look.waker.register(cx.waker());
+        if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+            look.waker.register(cx.waker());
+            registered = Some(cx.waker().clone());
+        }
         if !look.asked.load(Ordering::Acquire) {
             return Poll::Pending;
         }
         look.asked.store(false, Ordering::Relaxed);
+        // `Look::ask` sets the flag, then takes the waker to wake this: it has taken it, or is
+        // about to. (Every ask sets the flag first, so a taken waker is always seen here.)
+        registered = None;
         let shared = &state.shared;
         match verdict(state, shared.is_draining(), *shared.close_idle.borrow()) {
             Verdict::Finish => {
