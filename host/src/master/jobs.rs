@@ -195,6 +195,20 @@ impl Master {
                     summary: summary.clone(),
                 });
             }
+            if matches!(job.op, Op::Upgrade(_)) {
+                // A stop waits for the upgrade's end (`Master::stop`); when the stop ended it,
+                // the asker gets "upgrade abandoned" before this master exits (each receiver
+                // goes once its outcome is written; 2 s at most).
+                if *self.stopping.borrow() {
+                    let written = async {
+                        for tx in &job.waiters {
+                            tx.closed().await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), written).await;
+                }
+                self.successor.send_replace(None);
+            }
             let mut q = self.jobs.queue.lock().unwrap();
             q.running = false;
             q.running_upgrade = false;

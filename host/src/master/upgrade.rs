@@ -232,7 +232,8 @@ impl Master {
             }
         };
         let new_pid = child.id().unwrap_or(0);
-        let _successor = Successor::named(&self.successor, new_pid);
+        // Until the job has told its outcome (`run_jobs`): a stop waits for that.
+        self.successor.send_replace(Some(new_pid));
         let mut stopping = self.stopping.subscribe();
         let (read, mut write) = channel.into_split();
         let mut lines = tokio::io::BufReader::new(read).lines();
@@ -480,22 +481,6 @@ pub(super) fn kill_master_tree(pid: u32) {
         let _ = kill(Pid::from_raw(child as i32), Signal::SIGKILL);
     }
     let _ = kill(master, Signal::SIGKILL);
-}
-
-/// Names the new master of an upgrade in `Master::successor` while it lives as one.
-struct Successor<'a>(&'a tokio::sync::watch::Sender<Option<u32>>);
-
-impl<'a> Successor<'a> {
-    fn named(successor: &'a tokio::sync::watch::Sender<Option<u32>>, pid: u32) -> Self {
-        successor.send_replace(Some(pid));
-        Successor(successor)
-    }
-}
-
-impl Drop for Successor<'_> {
-    fn drop(&mut self) {
-        self.0.send_replace(None);
-    }
 }
 
 /// The pids whose parent is `pid`, from /proc.
