@@ -281,11 +281,17 @@ async fn run(
     tokio::spawn(master.clone().check_liveness());
 
     let started = match watchers.handover.as_mut() {
-        Some(h) => master.start_with_canaries(h).await,
+        Some(h) => match h.listen() {
+            Ok(()) => master.start_with_canaries(h).await,
+            Err(e) => Err(e),
+        },
         None => master.start_all().await,
     };
     if let Err(e) = started {
-        master.stop(false).await;
+        // In an upgrade the workers may be serving on the shared sockets already: they drain
+        // (the old master waits for that when it stopped the upgrade, and kills what is left
+        // at once when the upgrade failed).
+        master.stop(upgrading).await;
         // A start that failed leaves no copy behind that nothing else uses.
         for version in stored_now {
             master.store.remove(&version);
@@ -423,6 +429,9 @@ impl Master {
             let release = svc.release();
             let name = svc.name().to_string();
             for slot in 0..release.config.workers {
+                if handover.abandoned() {
+                    return Err(abandoned(handover.old_pid));
+                }
                 let t = Instant::now();
                 let pid = self
                     .start_worker(&svc, slot, &release)
@@ -435,7 +444,10 @@ impl Master {
                 )));
                 let probation = release.config.canary_probation;
                 if slot == 0 && !probation.is_zero() {
-                    tokio::time::sleep(probation).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(probation) => {}
+                        _ = handover.until_abandoned() => return Err(abandoned(handover.old_pid)),
+                    }
                     if self.holders(&svc).first().is_none_or(|h| h.is_none()) {
                         let why = self
                             .registry
@@ -460,24 +472,14 @@ impl Master {
     /// and the pid file.
     async fn take_over(self: &Arc<Self>, handover: &mut upgrade::Handover) -> Result<(), String> {
         handover.tell(&UpgradeMessage::Ready);
-        let channel = handover.try_clone_channel()?;
-        let told = tokio::task::spawn_blocking(move || channel.wait_for_takeover())
-            .await
-            .unwrap_or(upgrade::Told::Gone);
-        match told {
+        match handover.told().await {
             upgrade::Told::TakeOver => {}
             // A crash of the old master must not take the service down with it.
             upgrade::Told::Gone => tracing::warn!(
                 "the old master (pid {}) went away before the takeover; taking over anyway",
                 handover.old_pid
             ),
-            upgrade::Told::Abandon => {
-                return Err(format!(
-                    "the old master (pid {}) was told to stop during the upgrade, so the host \
-                     stops: this master does not take over",
-                    handover.old_pid
-                ))
-            }
+            upgrade::Told::Abandon => return Err(abandoned(handover.old_pid)),
         }
         self.publish_home()?;
         self.borrows_listeners.store(false, Ordering::SeqCst);
@@ -489,4 +491,12 @@ impl Master {
         );
         Ok(())
     }
+}
+
+/// Why a new master stops when the old one was told to stop during the upgrade.
+fn abandoned(old_pid: u32) -> String {
+    format!(
+        "the old master (pid {old_pid}) was told to stop during the upgrade, so the host stops: \
+         this master does not take over"
+    )
 }

@@ -103,6 +103,8 @@ pub struct Handover {
     pub lock: File,
     pub old_pid: u32,
     channel: StdUnixStream,
+    /// What the old master said, once [`Handover::listen`] runs.
+    told: Option<tokio::sync::watch::Receiver<Option<Told>>>,
 }
 
 impl Handover {
@@ -128,6 +130,7 @@ impl Handover {
             lock: File::from(lock),
             old_pid: env.old_pid,
             channel: StdUnixStream::from(channel),
+            told: None,
         }))
     }
 
@@ -136,19 +139,61 @@ impl Handover {
         let _ = self.channel.write_all(&encode(message));
     }
 
-    /// A second handle on the channel, to wait on from another thread.
-    pub fn try_clone_channel(&self) -> Result<Waiter, String> {
-        self.channel
+    /// Starts listening to the old master, on a thread of its own (the channel is a blocking
+    /// socket): from then on [`Handover::abandoned`] and [`Handover::told`] say what it said.
+    /// Listening from the start of this master's own start, not only once it is ready, lets a
+    /// stop of the old master end this start at its next step, not after all of it.
+    pub fn listen(&mut self) -> Result<(), String> {
+        let channel = self
+            .channel
             .try_clone()
             .map(Waiter)
-            .map_err(|e| format!("could not use the channel to the old master: {e}"))
+            .map_err(|e| format!("could not use the channel to the old master: {e}"))?;
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        std::thread::Builder::new()
+            .name("upgrade-channel".into())
+            .spawn(move || {
+                let _ = tx.send(Some(channel.wait_for_takeover()));
+            })
+            .map_err(|e| format!("could not listen to the old master: {e}"))?;
+        self.told = Some(rx);
+        Ok(())
+    }
+
+    /// The old master has told this one to stop (see [`Handover::listen`]).
+    pub fn abandoned(&self) -> bool {
+        self.told
+            .as_ref()
+            .is_some_and(|rx| *rx.borrow() == Some(Told::Abandon))
+    }
+
+    /// Returns once the old master has told this one to stop; never without [`Handover::listen`].
+    pub async fn until_abandoned(&mut self) {
+        match self.told.as_mut() {
+            Some(rx) => {
+                let _ = rx.wait_for(|t| *t == Some(Told::Abandon)).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// What the old master said: `TakeOver`, `Abandon`, or nothing (gone).
+    pub async fn told(&mut self) -> Told {
+        let Some(rx) = self.told.as_mut() else {
+            return Told::Gone;
+        };
+        match rx.wait_for(Option::is_some).await {
+            Ok(told) => told.unwrap_or(Told::Gone),
+            Err(_) => Told::Gone,
+        }
     }
 }
 
 /// Waits on the channel to the old master.
-pub struct Waiter(StdUnixStream);
+struct Waiter(StdUnixStream);
 
 /// What the old master said once the new one was ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Told {
     TakeOver,
     /// It was told to stop: the host stops, this master too.
@@ -160,7 +205,7 @@ pub enum Told {
 impl Waiter {
     /// Waits until the old master says `TakeOver` or `Abandon`, or goes away. Blocking: called
     /// on a blocking thread.
-    pub fn wait_for_takeover(self) -> Told {
+    fn wait_for_takeover(self) -> Told {
         for line in BufReader::new(self.0).lines() {
             match line.map(|l| serde_json::from_str::<UpgradeMessage>(&l)) {
                 Ok(Ok(UpgradeMessage::TakeOver)) => return Told::TakeOver,
