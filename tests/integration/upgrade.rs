@@ -280,3 +280,34 @@ fn sigterm_during_an_upgrade_stops_both_masters() {
         host.logs()
     );
 }
+
+/// A crash of the old master during an upgrade does not take the service down: the new master,
+/// in the middle of its canary probation, goes on and takes over anyway.
+#[test]
+fn the_new_master_takes_over_when_the_old_one_dies_during_the_upgrade() {
+    let host = start("versioned");
+    let addr = host.addr("web");
+    let slow = config("").replace("canary_probation = \"200ms\"", "canary_probation = \"3s\"");
+    fs::write(host.dir.path().join("host.toml"), slow).unwrap();
+    let state_dir = host.state_dir();
+    let upgrade = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new(&artifacts().host);
+        cmd.arg("upgrade").arg("--state-dir").arg(state_dir);
+        crate::harness::run(cmd)
+    });
+    host.wait_for_log(": web: worker 0: ");
+    let logs = host.logs();
+    let new_pid: u32 = logs
+        .split("new master ")
+        .find_map(|rest| rest.split(": web: worker 0: ").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no progress line names the new master:\n{logs}"));
+    host.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = upgrade.join().unwrap();
+
+    host.wait_for_log("went away before the takeover; taking over anyway");
+    host.wait_for_log("this master now serves");
+    let pid_file = fs::read_to_string(host.state_dir().join("host.pid")).unwrap();
+    assert_eq!(pid_file.trim(), new_pid.to_string());
+    assert!(alive(new_pid));
+    assert_eq!(get(&addr, "/").status, 200);
+}

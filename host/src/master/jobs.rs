@@ -168,6 +168,9 @@ impl Master {
                 continue;
             };
             tracing::debug!("running {:?} ({})", job.op, job.why);
+            // Names no successor once the job is over, even if it panicked (a stop waits for
+            // that: `Master::stop`).
+            let _successor = matches!(job.op, Op::Upgrade(_)).then(|| NoSuccessorAfter(&self));
             let progress = Progress(job.waiters.clone());
             let (ok, summary) = match &job.op {
                 Op::Reload(names) => {
@@ -207,8 +210,8 @@ impl Master {
                     };
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), written).await;
                 }
-                self.successor.send_replace(None);
             }
+            drop(_successor);
             let mut q = self.jobs.queue.lock().unwrap();
             q.running = false;
             q.running_upgrade = false;
@@ -357,5 +360,14 @@ pub(super) fn summary(what: &str, started: Instant, failed: &[String]) -> (bool,
                 failed.join(", ")
             ),
         )
+    }
+}
+
+/// Clears `Master::successor` when dropped.
+struct NoSuccessorAfter<'a>(&'a Master);
+
+impl Drop for NoSuccessorAfter<'_> {
+    fn drop(&mut self) {
+        self.0.successor.send_replace(None);
     }
 }

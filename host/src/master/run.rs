@@ -288,10 +288,14 @@ async fn run(
         None => master.start_all().await,
     };
     if let Err(e) = started {
-        // In an upgrade the workers may be serving on the shared sockets already: they drain
-        // (the old master waits for that when it stopped the upgrade, and kills what is left
-        // at once when the upgrade failed).
-        master.stop(upgrading).await;
+        // Told to stop by the old master: the workers may be serving on the shared sockets
+        // already, so they drain (the old master waits for that). Any other failure: the old
+        // master is told at once (`fail_start!`), and kills what is left.
+        let abandoned = watchers.handover.as_ref().is_some_and(|h| h.abandoned());
+        if !abandoned {
+            watchers.failed(&e);
+        }
+        master.stop(abandoned).await;
         // A start that failed leaves no copy behind that nothing else uses.
         for version in stored_now {
             master.store.remove(&version);
@@ -305,8 +309,13 @@ async fn run(
     }
     if let Some(mut h) = watchers.handover.take() {
         if let Err(e) = master.take_over(&mut h).await {
-            // Its workers are ready, and may be serving on the shared sockets: they drain.
-            master.stop(true).await;
+            // Told to stop by the old master: its workers may be serving on the shared sockets,
+            // so they drain. Otherwise the old master, told first, kills them.
+            let abandoned = h.abandoned();
+            if !abandoned {
+                h.tell(&UpgradeMessage::Failed(e.clone()));
+            }
+            master.stop(abandoned).await;
             watchers.handover = Some(h);
             fail_start!(e);
         }

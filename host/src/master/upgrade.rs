@@ -55,6 +55,10 @@ use crate::{
 const HANDOVER_ENV: &str = "HOST_UPGRADE";
 /// The first fd the handover uses in the new master (0-2 are stdio).
 const FIRST_HANDOVER_FD: i32 = 3;
+/// The successor's pid once it was reaped, until its upgrade's reply is written: a second
+/// signal must not kill a pid that may be another process's by then (`kill_master_tree`
+/// leaves 0 alone).
+const REAPED: u32 = 0;
 /// How long the new master may take to confirm the takeover once told.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
@@ -170,8 +174,12 @@ impl Handover {
     /// Returns once the old master has told this one to stop; never without [`Handover::listen`].
     pub async fn until_abandoned(&mut self) {
         match self.told.as_mut() {
+            // The channel closed without an Abandon (the old master crashed): never. Its
+            // workers die with it, and this master must go on to take over.
             Some(rx) => {
-                let _ = rx.wait_for(|t| *t == Some(Told::Abandon)).await;
+                if rx.wait_for(|t| *t == Some(Told::Abandon)).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
             }
             None => std::future::pending().await,
         }
@@ -330,6 +338,7 @@ impl Master {
         if let Some(reason) = failure {
             kill_master_tree(new_pid);
             let _ = child.wait().await;
+            self.successor.send_replace(Some(REAPED));
             return (
                 false,
                 format!(
@@ -362,6 +371,7 @@ impl Master {
         if !took_over {
             kill_master_tree(new_pid);
             let _ = child.wait().await;
+            self.successor.send_replace(Some(REAPED));
             return (
                 false,
                 format!(
@@ -422,6 +432,7 @@ impl Master {
                 "it had not exited in time, and was killed with its workers".into()
             }
         };
+        self.successor.send_replace(Some(REAPED));
         (
             false,
             format!(

@@ -172,9 +172,9 @@ where
 ///
 /// Why a second task ([`limits`]): polling the limits' timer and watches beside the connection
 /// (a `select!`) cost each wake-up of the connection, about one per request, a poll of all four
-/// (about 150 ns a request: docs/benchmarks.md). Here a wake-up polls the connection, registers
-/// the waker (two atomic operations when it is the same one) and reads one atomic; the limits' task wakes only when
-/// its timer or a watch fires. It only says when to look: the verdict is taken again here, in step with hyper's reads and calls, so that a
+/// (about 150 ns a request: docs/benchmarks.md). Here a wake-up polls the connection and reads
+/// one atomic (and registers the waker when the limits' task took the last one); the limits'
+/// task wakes only when its timer or a watch fires. It only says when to look: the verdict is taken again here, in step with hyper's reads and calls, so that a
 /// request that arrived since the limits' task looked is never cut by a stale one.
 async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
     tokio::pin!(conn);
@@ -192,7 +192,10 @@ async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
             return Poll::Pending;
         }
         // Registered before the flag is read: a call to look after the read wakes this.
-        if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+        if look.taken.load(Ordering::Acquire)
+            || registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker()))
+        {
+            look.taken.store(false, Ordering::Relaxed);
             look.waker.register(cx.waker());
             registered = Some(cx.waker().clone());
         }
@@ -200,9 +203,6 @@ async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
             return Poll::Pending;
         }
         look.asked.store(false, Ordering::Relaxed);
-        // `Look::ask` sets the flag, then takes the waker to wake this: it has taken it, or is
-        // about to. (Every ask sets the flag first, so a taken waker is always seen here.)
-        registered = None;
         let shared = &state.shared;
         match verdict(state, shared.is_draining(), *shared.close_idle.borrow()) {
             Verdict::Finish => {
@@ -216,8 +216,9 @@ async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
                 debug("no request head within header_timeout");
                 return Poll::Ready(None);
             }
-            // Stale: a request came meanwhile. The limits' task looks again.
-            Verdict::Wait(_) => return Poll::Pending,
+            // Stale: a request came meanwhile. The limits' task looks again; the loop first
+            // registers the waker again if the ask took it, or that look would wake nothing.
+            Verdict::Wait(_) => continue,
         }
     })
     .await;
@@ -233,6 +234,10 @@ struct Look {
     /// The limits' task asks the connection's to take the verdict.
     asked: AtomicBool,
     waker: AtomicWaker,
+    /// The limits' task took the registered waker (to wake it): the connection's task must
+    /// register again. Set after the take and before the wake, so the poll the wake causes
+    /// sees it.
+    taken: AtomicBool,
     /// The connection finishes: the limits' task has nothing left to do.
     finishing: AtomicBool,
 }
@@ -240,7 +245,10 @@ struct Look {
 impl Look {
     fn ask(&self) {
         self.asked.store(true, Ordering::Release);
-        self.waker.wake();
+        if let Some(waker) = self.waker.take() {
+            self.taken.store(true, Ordering::Release);
+            waker.wake();
+        }
     }
 }
 
