@@ -66,11 +66,13 @@ impl Given {
 
     /// The socket for `service` listening on `addr`: a handed or activated one, or a new bind.
     pub fn open(&mut self, service: &str, addr: SocketAddr) -> Result<Listener, String> {
+        let mut handed = false;
         let socket = if let Some(i) = self
             .handed
             .iter()
             .position(|(s, a, _)| s == service && *a == addr)
         {
+            handed = true;
             self.handed.swap_remove(i).2
         } else if let Some(i) = self.activated.iter().position(|(a, _)| *a == addr) {
             tracing::info!(service, "using the socket systemd passed for {addr}");
@@ -89,6 +91,7 @@ impl Given {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| addr.to_string());
         Ok(Listener {
+            handed,
             configured: addr,
             bound,
             socket,

@@ -229,9 +229,18 @@ impl Master {
             .borrows_listeners
             .load(std::sync::atomic::Ordering::SeqCst);
         for svc in self.services() {
-            if self.is_handed_over() || borrowed {
-                // The sockets live on in the other master: only this master's copies close.
+            if self.is_handed_over() {
+                // The sockets live on in the new master: only this master's copies close.
                 svc.listeners().clear();
+            } else if borrowed {
+                // Before the takeover, an inherited socket is the old master's, which serves on
+                // it: only this master's copy closes. One it bound itself (a new `listen`)
+                // closes as at any stop.
+                let mut listeners = svc.listeners();
+                for l in listeners.iter().filter(|l| !l.handed) {
+                    listeners::stop_new_connections(&l.socket);
+                }
+                listeners.clear();
             } else {
                 svc.close_listeners();
             }

@@ -90,6 +90,8 @@ pub struct Listener {
     /// The address it is bound to (with the real port).
     pub bound: String,
     pub socket: TcpListener,
+    /// Inherited from the old master in an upgrade: until the takeover, its socket too.
+    pub handed: bool,
 }
 
 /// One configured service and what the master holds for it.
