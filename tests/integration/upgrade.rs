@@ -2,7 +2,9 @@
 //! long request finishes in the old one, under keep-alive load, with no failed request; and
 //! every way an upgrade can fail leaves the old master serving, untouched.
 
-use std::{fs, io::Write, os::unix::fs::PermissionsExt, path::PathBuf, time::Duration};
+use std::{
+    fs, io::Write, os::unix::fs::PermissionsExt, path::PathBuf, process::Output, time::Duration,
+};
 
 use crate::{
     harness::{alive, artifacts, children, dir_with_config, output_text, wait_until, Host},
@@ -94,6 +96,32 @@ fn an_upgrade_takes_over_while_a_long_request_finishes_and_nothing_fails() {
     host.reload_ok();
 }
 
+/// Runs `host upgrade ARGS` against `host` on a thread of its own, while the test goes on.
+fn upgrade_in_background(host: &Host, args: &[&str]) -> std::thread::JoinHandle<Output> {
+    let mut cmd = std::process::Command::new(&artifacts().host);
+    cmd.arg("upgrade")
+        .args(args)
+        .arg("--state-dir")
+        .arg(host.state_dir());
+    std::thread::spawn(move || crate::harness::run(cmd))
+}
+
+/// Starts an upgrade whose new master's canary serves alone for 3 s, and returns it once that
+/// canary is ready, with the new master's pid (its first progress line names it): the upgrade
+/// is under way for a while yet.
+fn slow_upgrade_under_way(host: &Host) -> (std::thread::JoinHandle<Output>, u32) {
+    let slow = config("").replace("canary_probation = \"200ms\"", "canary_probation = \"3s\"");
+    fs::write(host.dir.path().join("host.toml"), slow).unwrap();
+    let upgrade = upgrade_in_background(host, &[]);
+    host.wait_for_log(": web: worker 0: ");
+    let logs = host.logs();
+    let new_pid = logs
+        .split("new master ")
+        .find_map(|rest| rest.split(": web: worker 0: ").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no progress line names the new master:\n{logs}"));
+    (upgrade, new_pid)
+}
+
 /// An upgrade that must fail: the old master keeps serving with the same pid and workers, no
 /// request fails, and nothing the new master started is left.
 fn upgrade_fails(host: &Host, args: &[&str], expect: &str) {
@@ -178,15 +206,7 @@ fn an_upgrade_with_a_bad_config_or_plugin_changes_nothing() {
 fn a_reload_stop_reopen_or_second_upgrade_during_an_upgrade_is_refused() {
     let host = start("versioned");
     let sleeps = script(host.dir.path(), "sleeps", "exec sleep 1000");
-    let state_dir = host.state_dir();
-    let first = std::thread::spawn(move || {
-        let mut cmd = std::process::Command::new(&artifacts().host);
-        cmd.args(["upgrade", "--exe"])
-            .arg(&sleeps)
-            .arg("--state-dir")
-            .arg(state_dir);
-        crate::harness::run(cmd)
-    });
+    let first = upgrade_in_background(&host, &["--exe", sleeps.to_str().unwrap()]);
     host.wait_for_log("upgrade: starting a new master");
     // A stop would stop this master and leave the new one serving; a reopen would miss the new
     // one's workers.
@@ -246,22 +266,7 @@ fn an_upgrade_after_a_rollback_keeps_the_version_rolled_back_to() {
 #[test]
 fn sigterm_during_an_upgrade_stops_both_masters() {
     let mut host = start("versioned");
-    // The new master's canary serves alone for 3 s: the upgrade is under way meanwhile.
-    let slow = config("").replace("canary_probation = \"200ms\"", "canary_probation = \"3s\"");
-    fs::write(host.dir.path().join("host.toml"), slow).unwrap();
-    let state_dir = host.state_dir();
-    let upgrade = std::thread::spawn(move || {
-        let mut cmd = std::process::Command::new(&artifacts().host);
-        cmd.arg("upgrade").arg("--state-dir").arg(state_dir);
-        crate::harness::run(cmd)
-    });
-    // The new master's canary is ready: its first progress line names the new master's pid.
-    host.wait_for_log(": web: worker 0: ");
-    let logs = host.logs();
-    let new_pid: u32 = logs
-        .split("new master ")
-        .find_map(|rest| rest.split(": web: worker 0: ").next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no progress line names the new master:\n{logs}"));
+    let (upgrade, new_pid) = slow_upgrade_under_way(&host);
     let new_workers = children(new_pid);
     assert!(!new_workers.is_empty(), "{}", host.logs());
     host.signal(nix::sys::signal::Signal::SIGTERM);
@@ -287,20 +292,7 @@ fn sigterm_during_an_upgrade_stops_both_masters() {
 fn the_new_master_takes_over_when_the_old_one_dies_during_the_upgrade() {
     let host = start("versioned");
     let addr = host.addr("web");
-    let slow = config("").replace("canary_probation = \"200ms\"", "canary_probation = \"3s\"");
-    fs::write(host.dir.path().join("host.toml"), slow).unwrap();
-    let state_dir = host.state_dir();
-    let upgrade = std::thread::spawn(move || {
-        let mut cmd = std::process::Command::new(&artifacts().host);
-        cmd.arg("upgrade").arg("--state-dir").arg(state_dir);
-        crate::harness::run(cmd)
-    });
-    host.wait_for_log(": web: worker 0: ");
-    let logs = host.logs();
-    let new_pid: u32 = logs
-        .split("new master ")
-        .find_map(|rest| rest.split(": web: worker 0: ").next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no progress line names the new master:\n{logs}"));
+    let (upgrade, new_pid) = slow_upgrade_under_way(&host);
     host.signal(nix::sys::signal::Signal::SIGKILL);
     let _ = upgrade.join().unwrap();
 

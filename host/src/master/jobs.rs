@@ -170,7 +170,7 @@ impl Master {
             tracing::debug!("running {:?} ({})", job.op, job.why);
             // Names no successor once the job is over, even if it panicked (a stop waits for
             // that: `Master::stop`).
-            let _successor = matches!(job.op, Op::Upgrade(_)).then(|| NoSuccessorAfter(&self));
+            let successor = matches!(job.op, Op::Upgrade(_)).then(|| NoSuccessorAfter(&self));
             let progress = Progress(job.waiters.clone());
             let (ok, summary) = match &job.op {
                 Op::Reload(names) => {
@@ -198,20 +198,18 @@ impl Master {
                     summary: summary.clone(),
                 });
             }
-            if matches!(job.op, Op::Upgrade(_)) {
-                // A stop waits for the upgrade's end (`Master::stop`); when the stop ended it,
-                // the asker gets "upgrade abandoned" before this master exits (each receiver
-                // goes once its outcome is written; 2 s at most).
-                if *self.stopping.borrow() {
-                    let written = async {
-                        for tx in &job.waiters {
-                            tx.closed().await;
-                        }
-                    };
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), written).await;
-                }
+            // A stop waits for the upgrade's end (`Master::stop`); when the stop ended it, the
+            // asker gets "upgrade abandoned" before this master exits (each receiver goes once
+            // its outcome is written; 2 s at most).
+            if successor.is_some() && *self.stopping.borrow() {
+                let written = async {
+                    for tx in &job.waiters {
+                        tx.closed().await;
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), written).await;
             }
-            drop(_successor);
+            drop(successor);
             let mut q = self.jobs.queue.lock().unwrap();
             q.running = false;
             q.running_upgrade = false;

@@ -288,14 +288,7 @@ async fn run(
         None => master.start_all().await,
     };
     if let Err(e) = started {
-        // Told to stop by the old master: the workers may be serving on the shared sockets
-        // already, so they drain (the old master waits for that). Any other failure: the old
-        // master is told at once (`fail_start!`), and kills what is left.
-        let abandoned = watchers.handover.as_ref().is_some_and(|h| h.abandoned());
-        if !abandoned {
-            watchers.failed(&e);
-        }
-        master.stop(abandoned).await;
+        master.stop_failed_start(watchers.handover.as_ref()).await;
         // A start that failed leaves no copy behind that nothing else uses.
         for version in stored_now {
             master.store.remove(&version);
@@ -309,13 +302,7 @@ async fn run(
     }
     if let Some(mut h) = watchers.handover.take() {
         if let Err(e) = master.take_over(&mut h).await {
-            // Told to stop by the old master: its workers may be serving on the shared sockets,
-            // so they drain. Otherwise the old master, told first, kills them.
-            let abandoned = h.abandoned();
-            if !abandoned {
-                h.tell(&UpgradeMessage::Failed(e.clone()));
-            }
-            master.stop(abandoned).await;
+            master.stop_failed_start(Some(&h)).await;
             watchers.handover = Some(h);
             fail_start!(e);
         }
@@ -475,6 +462,14 @@ impl Master {
             }
         }
         Ok(())
+    }
+
+    /// Stops what a failed start started, before `fail_start!` tells why: at once; or, when the
+    /// old master of an upgrade told this one to stop, with a drain, since the workers may have
+    /// served on the shared sockets (the old master waits for that).
+    async fn stop_failed_start(self: &Arc<Self>, handover: Option<&upgrade::Handover>) {
+        self.stop(handover.is_some_and(upgrade::Handover::abandoned))
+            .await;
     }
 
     /// Tells the old master this one is ready, waits for its go, and takes the control socket

@@ -296,8 +296,7 @@ impl Master {
                 // SIGTERM or SIGINT: the host stops, the new master too (not a takeover that
                 // would leave it serving after the operator stopped the host).
                 true = async { stopping.wait_for(|s| *s).await.is_ok() } => {
-                    let _ = write.write_all(&encode(&UpgradeMessage::Abandon)).await;
-                    return self.abandon(child, new_pid, deadline).await;
+                    return self.abandon(child, &mut write, new_pid, deadline).await;
                 }
                 line = lines.next_line() => match line {
                     Ok(Some(line)) => match serde_json::from_str::<UpgradeMessage>(&line) {
@@ -351,8 +350,7 @@ impl Master {
         }
         // Ready: hand over, unless this master was told to stop meanwhile.
         if *self.stopping.borrow() {
-            let _ = write.write_all(&encode(&UpgradeMessage::Abandon)).await;
-            return self.abandon(child, new_pid, deadline).await;
+            return self.abandon(child, &mut write, new_pid, deadline).await;
         }
         let _ = write.write_all(&encode(&UpgradeMessage::TakeOver)).await;
         let took_over = tokio::time::timeout(TAKEOVER_WAIT, async {
@@ -404,15 +402,17 @@ impl Master {
         )
     }
 
-    /// The old master was told to stop before the takeover, and told the new one so: waits
-    /// until the new master has drained its workers (they may be serving on the shared sockets)
-    /// and exited, as long as its start (`deadline`) and a drain can take; then kills it.
+    /// The old master was told to stop before the takeover: tells the new one so, and waits
+    /// until it has drained its workers (they may be serving on the shared sockets) and
+    /// exited, as long as its start (`deadline`) and a drain can take; then kills it.
     async fn abandon(
         &self,
         mut child: tokio::process::Child,
+        channel: &mut tokio::net::unix::OwnedWriteHalf,
         new_pid: u32,
         deadline: tokio::time::Instant,
     ) -> (bool, String) {
+        let _ = channel.write_all(&encode(&UpgradeMessage::Abandon)).await;
         tracing::warn!(
             "told to stop during an upgrade: the new master (pid {new_pid}) does not take over; \
              it drains its workers and exits"
