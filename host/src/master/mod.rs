@@ -228,22 +228,12 @@ impl Master {
         let borrowed = self
             .borrows_listeners
             .load(std::sync::atomic::Ordering::SeqCst);
+        let handed_over = self.is_handed_over();
         for svc in self.services() {
-            if self.is_handed_over() {
-                // The sockets live on in the new master: only this master's copies close.
-                svc.listeners().clear();
-            } else if borrowed {
-                // Before the takeover, an inherited socket is the old master's, which serves on
-                // it: only this master's copy closes. One it bound itself (a new `listen`)
-                // closes as at any stop.
-                let mut listeners = svc.listeners();
-                for l in listeners.iter().filter(|l| !l.handed) {
-                    listeners::stop_new_connections(&l.socket);
-                }
-                listeners.clear();
-            } else {
-                svc.close_listeners();
-            }
+            // A socket that lives on in another master only loses this master's copy: every one
+            // after a handover (the new master's now), and before a takeover the inherited ones
+            // (the old master's, which serves on them).
+            svc.close_listeners_sparing(|l| handed_over || (borrowed && l.handed));
         }
         if graceful {
             for pid in self.live_pids() {

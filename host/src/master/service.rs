@@ -342,8 +342,14 @@ impl Service {
     /// Closes the master's copies of the listeners (see the field), after telling the sockets
     /// to take no new connections (`listeners::stop_new_connections`).
     pub fn close_listeners(&self) {
+        self.close_listeners_sparing(|_| false);
+    }
+
+    /// Like [`Service::close_listeners`], but a listener `shared` says another master serves
+    /// on is only dropped: new connections must still reach that master.
+    pub fn close_listeners_sparing(&self, shared: impl Fn(&Listener) -> bool) {
         let mut listeners = self.listeners.lock().unwrap();
-        for l in listeners.iter() {
+        for l in listeners.iter().filter(|l| !shared(l)) {
             super::listeners::stop_new_connections(&l.socket);
         }
         listeners.clear();

@@ -174,8 +174,9 @@ where
 /// (a `select!`) cost each wake-up of the connection, about one per request, a poll of all four
 /// (about 150 ns a request: docs/benchmarks.md). Here a wake-up polls the connection and reads
 /// one atomic (and registers the waker when the limits' task took the last one); the limits'
-/// task wakes only when its timer or a watch fires. It only says when to look: the verdict is taken again here, in step with hyper's reads and calls, so that a
-/// request that arrived since the limits' task looked is never cut by a stale one.
+/// task wakes only when its timer or a watch fires. It only says when to look: the verdict is
+/// taken again here, in step with hyper's reads and calls, so that a request that arrived since
+/// the limits' task looked is never cut by a stale one.
 async fn drive<C: Graceful>(conn: C, state: &Arc<ConnState>) {
     tokio::pin!(conn);
     let look = Arc::new(Look::default());
