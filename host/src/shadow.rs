@@ -6,10 +6,11 @@
 //! renamed, so a reader sees all of it or nothing) and workers load that copy. The same content
 //! always gets the same name, which is also the plugin's version as `host status` shows it.
 //!
-//! `history.json` beside the copies remembers, per service, the live version, the versions that
-//! were live before (oldest first), which of them proved healthy and which failed, and the last
-//! reloads and rollbacks: `host rollback` still has somewhere to go after a master restart, and
-//! a version that crash-loops after a restart can return to the last healthy one.
+//! `history.json` beside the copies remembers, per service (of every config run on this state
+//! directory, not only the running one), the live version, the versions that were live before
+//! (oldest first), which of them proved healthy and which failed, and the last reloads and
+//! rollbacks: `host rollback` still has somewhere to go after a master restart, and a version
+//! that crash-loops after a restart can return to the last healthy one.
 
 use std::{
     collections::{HashMap, HashSet},

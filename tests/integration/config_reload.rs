@@ -133,6 +133,30 @@ fn services_come_and_go() {
     assert_eq!(status["services"].as_array().unwrap().len(), 1);
 }
 
+/// A service removed from the config and added back comes back with its history: the versions
+/// it kept for a rollback are still there.
+#[test]
+fn a_service_added_back_keeps_its_history() {
+    let second = free_addr();
+    let one = service("web", &["127.0.0.1:0"], 1, "");
+    let both = one.clone() + &service("api", &[&second], 1, "");
+    let host = start(&both);
+    let v1 = host.service("api")["version"].as_str().unwrap().to_string();
+    host.replace_plugin("versioned-v2");
+    host.reload_ok();
+    assert!(get(&second, "/").body.contains("versioned v2"));
+
+    rewrite(&host, &one);
+    host.reload_ok();
+    rewrite(&host, &both);
+    let out = host.reload_ok();
+    assert!(out.contains("api: new service on"), "{out}");
+    assert_eq!(host.service("api")["previous"][0]["version"], v1.as_str());
+    let out = host.cli(&["rollback", "api"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(get(&second, "/").body.contains("versioned v1"));
+}
+
 #[test]
 fn listen_addresses_move_without_a_reset() {
     let (a, b) = (free_addr(), free_addr());

@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::{
-    harness::{dir_with_config, output_text, wait_until, Host},
+    harness::{artifacts, copy_new_inode, dir_with_config, output_text, wait_until, Host},
     http::get,
     load::Load,
 };
@@ -297,5 +297,37 @@ fn a_restart_after_a_rejected_reload_starts_the_version_that_was_live() {
     let host = Host::start(host.into_dir(), &["--config", "host.toml"]);
     assert_eq!(live_version(&host), v1);
     host.wait_for_log("which was set aside (");
+    assert!(get(&host.addr("web"), "/").body.contains("versioned v1"));
+}
+
+/// A master run on another config in the same state directory keeps the history of the
+/// services it does not run, and their copies: back on the first config, `host rollback`
+/// still goes back.
+#[test]
+fn a_master_on_another_config_keeps_the_history_of_services_it_does_not_run() {
+    let host = start("versioned", 1, "");
+    let v1 = live_version(&host);
+    host.replace_plugin("versioned-v2");
+    host.reload_ok();
+    assert!(host.cli(&["stop"]).status.success());
+
+    let dir = host.into_dir();
+    copy_new_inode(
+        &artifacts().plugin("versioned"),
+        &dir.path().join("other.so"),
+    );
+    std::fs::write(
+        dir.path().join("other.toml"),
+        "[[service]]\nname = \"other\"\nlisten = [\"127.0.0.1:0\"]\nplugin = \"other.so\"\n",
+    )
+    .unwrap();
+    let other = Host::start(dir, &["--config", "other.toml"]);
+    assert!(other.cli(&["stop"]).status.success());
+
+    let host = Host::start(other.into_dir(), &["--config", "host.toml"]);
+    assert!(get(&host.addr("web"), "/").body.contains("versioned v2"));
+    assert_eq!(web(&host)["previous"][0]["version"], v1.as_str());
+    let out = host.cli(&["rollback"]);
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(get(&host.addr("web"), "/").body.contains("versioned v1"));
 }

@@ -154,14 +154,28 @@ impl Master {
             Ok(v) => v,
             Err(e) => return Some(format!("{name}: not added: {e}")),
         };
+        // A service this state directory ran before comes back with its history.
         let saved = self
-            .store
-            .load_history()
-            .services
+            .dormant
+            .lock()
+            .unwrap()
             .remove(&name)
             .unwrap_or_default();
+        let (version, notice) = super::service::starting_version(&name, &saved, version);
+        if let Some(notice) = notice {
+            progress.line(notice);
+        }
         let workers = config.workers;
-        let svc = Arc::new(Service::new(config, bound, version, saved));
+        let svc = Arc::new(Service::new(config, bound, version, saved.clone()));
+        // Not added after all: out of the service list, its sockets closed, its history kept.
+        let give_up = |svc: &Arc<Service>| {
+            self.services
+                .write()
+                .unwrap()
+                .retain(|s| !Arc::ptr_eq(s, svc));
+            svc.close_listeners();
+            self.dormant.lock().unwrap().insert(name.clone(), saved);
+        };
         let _turn = svc.lock.lock().await;
         progress.line(format!(
             "{name}: new service on {}, starting {} on plugin {}",
@@ -171,11 +185,7 @@ impl Master {
         ));
         self.services.write().unwrap().push(svc.clone());
         if let Err(e) = self.start_gateways(&svc).await {
-            self.services
-                .write()
-                .unwrap()
-                .retain(|s| !Arc::ptr_eq(s, &svc));
-            svc.close_listeners();
+            give_up(&svc);
             return Some(format!("{name}: not added: {e}"));
         }
         let release = svc.release();
@@ -190,11 +200,7 @@ impl Master {
                     ));
                 }
                 Err(e) if slot == 0 => {
-                    self.services
-                        .write()
-                        .unwrap()
-                        .retain(|s| !Arc::ptr_eq(s, &svc));
-                    svc.close_listeners();
+                    give_up(&svc);
                     for (_, gateway) in self.gateways_of(&svc) {
                         self.drain_worker(gateway);
                     }
@@ -222,6 +228,11 @@ impl Master {
             .write()
             .unwrap()
             .retain(|s| !Arc::ptr_eq(s, svc));
+        // Kept: a config that adds it back can still roll back.
+        self.dormant
+            .lock()
+            .unwrap()
+            .insert(svc.name().to_string(), svc.saved());
         let pids: Vec<u32> = self
             .registry
             .lock()

@@ -29,7 +29,7 @@ mod upgrade;
 mod watcher;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, RwLock},
     time::Instant,
 };
@@ -47,7 +47,7 @@ pub use self::{
 use crate::{
     config::Source,
     protocol::RolloutEvent,
-    shadow::{History, PluginVersion, ShadowStore},
+    shadow::{History, PluginVersion, SavedService, ShadowStore},
 };
 
 /// Everything the master's tasks share.
@@ -62,6 +62,11 @@ pub struct Master {
     jobs: Jobs,
     /// Reloads and rollbacks, oldest first (saved with the version history).
     events: Mutex<Vec<RolloutEvent>>,
+    /// The saved history of services this master's config does not have (another config run
+    /// in the same state directory, or a service a config reload removed): saved again with
+    /// every save, and their copies kept, so a config that names them again can still roll
+    /// back.
+    dormant: Mutex<HashMap<String, SavedService>>,
     /// The state directory, its lock and the control socket (`master::home`).
     home: home::Home,
     /// A stop cut requests short (a second signal killed workers that still had connections).
@@ -283,12 +288,14 @@ impl Master {
 
     /// Writes every service's versions and the rollout events to the store's history file.
     fn save_history(&self) {
-        let history = History {
-            services: self
-                .services()
+        let mut services = self.dormant.lock().unwrap().clone();
+        services.extend(
+            self.services()
                 .iter()
-                .map(|s| (s.name().to_string(), s.saved()))
-                .collect(),
+                .map(|s| (s.name().to_string(), s.saved())),
+        );
+        let history = History {
+            services,
             events: self.events.lock().unwrap().clone(),
         };
         self.store.save_history(&history);
@@ -306,6 +313,9 @@ impl Master {
                 used.push(trial.from.version.clone());
                 used.push(trial.to.version.clone());
             }
+        }
+        for saved in self.dormant.lock().unwrap().values() {
+            used.extend(saved.live.iter().chain(&saved.previous).cloned());
         }
         used.extend(
             self.registry

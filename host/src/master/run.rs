@@ -251,6 +251,8 @@ async fn run(
         stopping: watch::Sender::new(false),
         jobs: Jobs::default(),
         events: Mutex::new(history.events),
+        // What is left: the services of other configs.
+        dormant: Mutex::new(history.services),
         home: home::Home::new(state, lock, stop_tx),
         cut_short: Default::default(),
         source,
