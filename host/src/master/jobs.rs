@@ -278,8 +278,8 @@ impl Master {
                     // Set aside, so that a restart or an upgrade of the master, which start
                     // from the plugin file, keep this rollback (`service::starting_version`).
                     let from = rolled_from.version;
-                    svc.state().set_aside.insert(
-                        from.hash.clone(),
+                    svc.state().mark_set_aside(
+                        &from.hash,
                         format!(
                             "rolled back by an operator at {}",
                             humantime::format_rfc3339_seconds(std::time::SystemTime::now())

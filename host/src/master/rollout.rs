@@ -97,7 +97,7 @@ impl Master {
                 // The earlier trial (a release still on probation) goes on.
                 st.trial = earlier_trial;
                 if on_trial && !config_changed {
-                    st.failed.insert(new.version.hash.clone(), reason.clone());
+                    st.mark_failed(&new.version.hash, reason.clone());
                 }
                 drop(st);
                 self.save_history();
@@ -298,10 +298,7 @@ impl Master {
             matches!(trial.phase, TrialPhase::Probation { .. }),
         );
         if from.version.hash != failed.version.hash {
-            st.failed.insert(
-                failed.version.hash.clone(),
-                format!("rolled back: {failure}"),
-            );
+            st.mark_failed(&failed.version.hash, format!("rolled back: {failure}"));
         }
         drop(st);
         svc.go_live(&from);
@@ -346,10 +343,7 @@ impl Master {
                 let reason = format!(
                     "crash loop: {crashes} crashes within {window} (crash_loop_crashes), the last: {what}"
                 );
-                st.failed.insert(
-                    release.version.hash.clone(),
-                    format!("rolled back: {reason}"),
-                );
+                st.mark_failed(&release.version.hash, format!("rolled back: {reason}"));
                 drop(st);
                 let target = Release {
                     version,

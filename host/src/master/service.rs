@@ -382,7 +382,39 @@ impl Service {
     }
 }
 
+/// How many versions a service keeps marked failed, or set aside, before it forgets the marks of
+/// versions that left its history: a mark matters while the plugin file may still hold that
+/// version, not for every build rejected over months.
+const MARKS_KEPT: usize = 32;
+
 impl ServiceState {
+    /// Marks a version rejected or rolled back, with why: the watcher does not reload it, and a
+    /// restart does not start it (see [`starting_version`]).
+    pub fn mark_failed(&mut self, hash: &str, reason: String) {
+        self.failed.insert(hash.to_string(), reason);
+        self.forget_old_marks(hash);
+    }
+
+    /// Marks a version an operator rolled back from, with when.
+    pub fn mark_set_aside(&mut self, hash: &str, when: String) {
+        self.set_aside.insert(hash.to_string(), when);
+        self.forget_old_marks(hash);
+    }
+
+    /// Past [`MARKS_KEPT`], drops the marks of versions that are neither live nor kept, but
+    /// `newest`'s.
+    fn forget_old_marks(&mut self, newest: &str) {
+        let (live, previous) = (&self.live, &self.previous);
+        let keep = |hash: &String| {
+            hash == newest || hash == &live.hash || previous.iter().any(|v| &v.hash == hash)
+        };
+        for marks in [&mut self.failed, &mut self.set_aside] {
+            if marks.len() > MARKS_KEPT {
+                marks.retain(|hash, _| keep(hash));
+            }
+        }
+    }
+
     /// Makes `version` the live one; the one it replaces heads the history.
     pub fn went_live(&mut self, version: PluginVersion, keep_versions: usize) {
         if self.live.hash == version.hash {
@@ -459,5 +491,47 @@ impl ServiceState {
             .iter()
             .filter(|t| t.elapsed() <= Duration::from_secs(60))
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(hash: &str) -> PluginVersion {
+        PluginVersion {
+            hash: format!("{hash:0>64}"),
+            source: "plugin.so".into(),
+            path: "copy.so".into(),
+            size: 1,
+            stored_at: std::time::SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// The marks stay bounded however many builds fail, and never lose those of the versions
+    /// the history keeps, nor the newest.
+    #[test]
+    fn failed_marks_are_bounded_and_keep_those_of_the_history() {
+        let mut st = ServiceState {
+            live: version("1"),
+            previous: vec![version("2")],
+            healthy: HashSet::new(),
+            failed: HashMap::new(),
+            set_aside: HashMap::new(),
+            trial: None,
+            crashes: VecDeque::new(),
+            recent_crashes: VecDeque::new(),
+        };
+        st.mark_failed(&version("2").hash, "kept".into());
+        st.mark_set_aside(&version("2").hash, "kept".into());
+        for i in 100..1100 {
+            let hash = version(&i.to_string()).hash;
+            st.mark_failed(&hash, "rejected".into());
+            st.mark_set_aside(&hash, "now".into());
+            assert!(st.failed.contains_key(&hash) && st.set_aside.contains_key(&hash));
+            assert!(st.failed.len() <= MARKS_KEPT && st.set_aside.len() <= MARKS_KEPT);
+        }
+        assert_eq!(st.failed[&version("2").hash], "kept");
+        assert_eq!(st.set_aside[&version("2").hash], "kept");
     }
 }
