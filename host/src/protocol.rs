@@ -99,6 +99,10 @@ pub struct ServiceStatus {
     pub probation_fallback: Option<String>,
     /// Crashes of this service's workers in the last minute.
     pub crashes_last_minute: usize,
+    /// Set when the master started the live version instead of the plugin file, which held a
+    /// version that was set aside: what it said, until the next reload or rollback.
+    #[serde(default)]
+    pub held_back: Option<String>,
     /// Versions that were live before, newest first (what `host rollback` can return to).
     pub previous: Vec<VersionInfo>,
     pub slots: Vec<SlotStatus>,

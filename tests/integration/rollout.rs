@@ -298,6 +298,14 @@ fn a_restart_after_a_rejected_reload_starts_the_version_that_was_live() {
     assert_eq!(live_version(&host), v1);
     host.wait_for_log("which was set aside (");
     assert!(get(&host.addr("web"), "/").body.contains("versioned v1"));
+    // Status says so too, not only the log.
+    let held_back = web(&host)["held_back"].as_str().unwrap().to_string();
+    assert!(
+        held_back.contains(&format!("starting {v1} instead")),
+        "{held_back}"
+    );
+    let text = output_text(&host.cli(&["status"]));
+    assert!(text.contains("  held back: service web: "), "{text}");
 }
 
 /// A master run on another config in the same state directory keeps the history of the

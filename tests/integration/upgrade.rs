@@ -256,8 +256,10 @@ fn an_upgrade_after_a_rollback_keeps_the_version_rolled_back_to() {
         assert!(body.contains("versioned v1"), "{body}\n{}", host.logs());
     }
     host.wait_for_log("which was set aside (rolled back by an operator at ");
+    assert!(host.status()["services"][0]["held_back"].is_string());
     host.reload_ok();
     assert!(get(&addr, "/").body.contains("versioned v2"));
+    assert!(host.status()["services"][0]["held_back"].is_null());
 }
 
 /// SIGTERM to the master during an upgrade stops the host: the new master does not take over

@@ -68,6 +68,9 @@ fn render_status(r: &StatusReport) -> String {
         if s.crashes_last_minute > 0 {
             out += &format!("  crashes in the last minute: {}\n", s.crashes_last_minute);
         }
+        if let Some(held_back) = &s.held_back {
+            out += &format!("  held back: {held_back}\n");
+        }
         if !s.previous.is_empty() {
             let previous: Vec<_> = s
                 .previous

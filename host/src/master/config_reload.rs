@@ -162,11 +162,12 @@ impl Master {
             .remove(&name)
             .unwrap_or_default();
         let (version, notice) = super::service::starting_version(&name, &saved, version);
-        if let Some(notice) = notice {
-            progress.line(notice);
+        if let Some(notice) = &notice {
+            progress.line(notice.clone());
         }
         let workers = config.workers;
         let svc = Arc::new(Service::new(config, bound, version, saved.clone()));
+        svc.state().held_back = notice;
         // Not added after all: out of the service list, its sockets closed, its history kept.
         let give_up = |svc: &Arc<Service>| {
             self.services

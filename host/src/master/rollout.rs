@@ -115,6 +115,7 @@ impl Master {
             let mut st = svc.state();
             st.failed.remove(&new.version.hash);
             st.set_aside.remove(&new.version.hash);
+            st.held_back = None;
         }
         self.save_history();
         if workers == 1 {

@@ -219,11 +219,13 @@ async fn run(
             stored_now.push(version.clone());
         }
         let (version, notice) = service::starting_version(&svc.name, &saved, version);
-        if let Some(notice) = notice {
+        if let Some(notice) = &notice {
             tracing::warn!("{notice}");
         }
         lived_before.push(saved.live.clone());
-        services.push(Arc::new(Service::new(svc, listeners, version, saved)));
+        let svc = Service::new(svc, listeners, version, saved);
+        svc.state().held_back = notice;
+        services.push(Arc::new(svc));
     }
     let admin = match config.admin {
         None => None,

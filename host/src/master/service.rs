@@ -81,6 +81,9 @@ pub struct ServiceState {
     pub crashes: VecDeque<Instant>,
     /// Every crash of a slot holder in the last minute, whatever its version (for status).
     pub recent_crashes: VecDeque<Instant>,
+    /// Why the master started the live version instead of the plugin file, which held a
+    /// set-aside version ([`starting_version`]); shown by status until the next rollout.
+    pub held_back: Option<String>,
 }
 
 /// One listening socket of a service, held by the master and inherited by its workers.
@@ -179,6 +182,7 @@ impl Service {
             trial: None,
             crashes: VecDeque::new(),
             recent_crashes: VecDeque::new(),
+            held_back: None,
         };
         // The version that was live when the master last stopped heads the history, so that
         // `host rollback` after a restart goes back to it.
@@ -521,6 +525,7 @@ mod tests {
             trial: None,
             crashes: VecDeque::new(),
             recent_crashes: VecDeque::new(),
+            held_back: None,
         };
         st.mark_failed(&version("2").hash, "kept".into());
         st.mark_set_aside(&version("2").hash, "kept".into());

@@ -101,6 +101,7 @@ impl Master {
                         .as_ref()
                         .map(|t| t.from.version.short().to_string()),
                     crashes_last_minute: st.crashes_last_minute(),
+                    held_back: st.held_back.clone(),
                     previous: st.previous.iter().rev().map(info).collect(),
                     slots,
                     workers,

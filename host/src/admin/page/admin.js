@@ -403,6 +403,9 @@
       alerts.push(el("span", { class: "bad" },
         `${svc.crashes_last_minute} worker crash${svc.crashes_last_minute === 1 ? "" : "es"} in the last minute`));
     }
+    if (svc.held_back) {
+      alerts.push(el("span", { class: "warn" }, `held back: ${svc.held_back}`));
+    }
     if (!svc.reloadable) {
       alerts.push(el("span", { class: "muted" }, "reloadable = false: restart or upgrade the host to change it"));
     }
