@@ -39,6 +39,9 @@ pub enum ControlRequest {
 pub enum UpgradeMessage {
     /// New -> old: a line for the user.
     Progress(String),
+    /// New -> old, first: the longest `drain_timeout` of the new master's config, which an
+    /// abandoned upgrade waits for (the old master's own config may have a shorter one).
+    DrainTimeout(std::time::Duration),
     /// New -> old: every service has all its workers ready and its canary probation passed.
     Ready,
     /// New -> old: the new master cannot serve; it exits after this.

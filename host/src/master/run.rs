@@ -75,6 +75,10 @@ pub fn main(config: Config, source: Source, state: StateDir, options: Options) -
             return fail(&e);
         }
     };
+    if let Some(h) = watchers.handover.as_mut() {
+        let drain = config.services.iter().map(|s| s.drain_timeout).max();
+        h.tell(&UpgradeMessage::DrainTimeout(drain.unwrap_or_default()));
+    }
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

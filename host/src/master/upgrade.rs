@@ -291,16 +291,19 @@ impl Master {
         let (read, mut write) = channel.into_split();
         let mut lines = tokio::io::BufReader::new(read).lines();
         let deadline = tokio::time::Instant::now() + timeout;
+        // What the new master's config gives its workers to drain (it says so first).
+        let mut its_drain = None;
         let failure = loop {
             tokio::select! {
                 // SIGTERM or SIGINT: the host stops, the new master too (not a takeover that
                 // would leave it serving after the operator stopped the host).
                 true = async { stopping.wait_for(|s| *s).await.is_ok() } => {
-                    return self.abandon(child, &mut write, new_pid, deadline).await;
+                    return self.abandon(child, &mut write, new_pid, deadline, its_drain).await;
                 }
                 line = lines.next_line() => match line {
                     Ok(Some(line)) => match serde_json::from_str::<UpgradeMessage>(&line) {
                         Ok(UpgradeMessage::Progress(text)) => progress.line(format!("new master {new_pid}: {text}")),
+                        Ok(UpgradeMessage::DrainTimeout(drain)) => its_drain = Some(drain),
                         Ok(UpgradeMessage::Ready) => break None,
                         Ok(UpgradeMessage::Failed(reason)) => break Some(reason),
                         _ => {}
@@ -350,7 +353,9 @@ impl Master {
         }
         // Ready: hand over, unless this master was told to stop meanwhile.
         if *self.stopping.borrow() {
-            return self.abandon(child, &mut write, new_pid, deadline).await;
+            return self
+                .abandon(child, &mut write, new_pid, deadline, its_drain)
+                .await;
         }
         let _ = write.write_all(&encode(&UpgradeMessage::TakeOver)).await;
         let took_over = tokio::time::timeout(TAKEOVER_WAIT, async {
@@ -404,25 +409,28 @@ impl Master {
 
     /// The old master was told to stop before the takeover: tells the new one so, and waits
     /// until it has drained its workers (they may be serving on the shared sockets) and
-    /// exited, as long as its start (`deadline`) and a drain can take; then kills it.
+    /// exited, as long as its start (`deadline`) and a drain (`its_drain`, the longest
+    /// `drain_timeout` of its config, as it said; else this master's) can take; then kills it.
     async fn abandon(
         &self,
         mut child: tokio::process::Child,
         channel: &mut tokio::net::unix::OwnedWriteHalf,
         new_pid: u32,
         deadline: tokio::time::Instant,
+        its_drain: Option<Duration>,
     ) -> (bool, String) {
         let _ = channel.write_all(&encode(&UpgradeMessage::Abandon)).await;
         tracing::warn!(
             "told to stop during an upgrade: the new master (pid {new_pid}) does not take over; \
              it drains its workers and exits"
         );
-        let drain = self
-            .services()
-            .iter()
-            .map(|s| s.config().drain_timeout)
-            .max()
-            .unwrap_or_default();
+        let drain = its_drain.unwrap_or_else(|| {
+            self.services()
+                .iter()
+                .map(|s| s.config().drain_timeout)
+                .max()
+                .unwrap_or_default()
+        });
         let bound = deadline + drain + Duration::from_secs(5);
         let end = match tokio::time::timeout_at(bound, child.wait()).await {
             Ok(status) => format!("it {}", describe_exit(status)),
