@@ -433,12 +433,16 @@ pub struct SavedService {
     pub healthy: Vec<String>,
     /// Hashes of versions that were rejected or rolled back, with the reason.
     #[serde(default)]
-    pub failed: HashMap<String, String>,
+    pub failed: Marks,
     /// Hashes of versions an operator rolled back from (`host rollback`, the admin API), with
     /// when. Not failures: the crash-loop fallback and the watcher still take them.
     #[serde(default)]
-    pub set_aside: HashMap<String, String>,
+    pub set_aside: Marks,
 }
+
+/// Versions marked failed or set aside: hash -> why (or when), oldest first (the order is kept
+/// in the file too), so that the oldest marks are the first a service forgets.
+pub type Marks = indexmap::IndexMap<String, String>;
 
 #[derive(Deserialize)]
 #[serde(untagged)]

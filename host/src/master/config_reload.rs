@@ -154,28 +154,23 @@ impl Master {
             Ok(v) => v,
             Err(e) => return Some(format!("{name}: not added: {e}")),
         };
-        // A service this state directory ran before comes back with its history.
-        let saved = self
-            .dormant
-            .lock()
-            .unwrap()
-            .remove(&name)
-            .unwrap_or_default();
-        let (version, notice) = super::service::starting_version(&name, &saved, version);
-        if let Some(notice) = &notice {
-            progress.line(notice.clone());
-        }
+        // A service this state directory ran before comes back with its history (which stays
+        // among the dormant ones until the service is added: a failed add loses nothing).
+        let saved = self.dormant.lock().unwrap().get(&name).cloned();
+        let saved = saved.unwrap_or_default();
+        let lived_before = saved.live.clone();
         let workers = config.workers;
-        let svc = Arc::new(Service::new(config, bound, version, saved.clone()));
-        svc.state().held_back = notice;
-        // Not added after all: out of the service list, its sockets closed, its history kept.
+        let svc = Arc::new(Service::new(config, bound, version, saved));
+        if let Some(held_back) = &svc.state().held_back {
+            progress.line(format!("{name}: {held_back}"));
+        }
+        // Not added after all: out of the service list, its sockets closed.
         let give_up = |svc: &Arc<Service>| {
             self.services
                 .write()
                 .unwrap()
                 .retain(|s| !Arc::ptr_eq(s, svc));
             svc.close_listeners();
-            self.dormant.lock().unwrap().insert(name.clone(), saved);
         };
         let _turn = svc.lock.lock().await;
         progress.line(format!(
@@ -215,6 +210,9 @@ impl Master {
                 }
             }
         }
+        self.dormant.lock().unwrap().remove(&name);
+        // As at a start: a version new since the service last ran is on probation.
+        self.probation_at_start(&svc, lived_before);
         if svc.config().watch {
             self.watch(&svc);
         }

@@ -288,6 +288,11 @@ impl Master {
 
     /// Writes every service's versions and the rollout events to the store's history file.
     fn save_history(&self) {
+        // After a handover the history is the new master's (a probation of this one that ends
+        // while it drains must not write over it).
+        if self.is_handed_over() {
+            return;
+        }
         let mut services = self.dormant.lock().unwrap().clone();
         services.extend(
             self.services()
@@ -328,8 +333,12 @@ impl Master {
         used
     }
 
-    /// Removes shadow copies that nothing uses any more.
+    /// Removes shadow copies that nothing uses any more. Not after a handover: the store is the
+    /// new master's, with copies this one does not know.
     fn prune_store(&self) {
+        if self.is_handed_over() {
+            return;
+        }
         let keep: HashSet<String> = self.versions_in_use().into_iter().map(|v| v.hash).collect();
         self.store.prune(&keep);
     }

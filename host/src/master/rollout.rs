@@ -113,9 +113,8 @@ impl Master {
         svc.go_live(&new);
         {
             let mut st = svc.state();
-            st.failed.remove(&new.version.hash);
-            st.set_aside.remove(&new.version.hash);
-            st.held_back = None;
+            st.failed.shift_remove(&new.version.hash);
+            st.set_aside.shift_remove(&new.version.hash);
         }
         self.save_history();
         if workers == 1 {

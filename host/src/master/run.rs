@@ -4,6 +4,7 @@
 //! control socket until a stop, and drain.
 
 use std::{
+    collections::HashSet,
     process::ExitCode,
     sync::{atomic::Ordering, Arc, Mutex, RwLock},
     time::Instant,
@@ -15,11 +16,8 @@ use tokio::{
 };
 
 use super::{
-    home,
-    jobs::Jobs,
-    listeners,
-    service::{self, Service},
-    systemd, upgrade, Master, Op, Sidecar, StopWaiter,
+    home, jobs::Jobs, listeners, service::Service, systemd, upgrade, Master, Op, Sidecar,
+    StopWaiter,
 };
 use crate::admin::{self, Admin};
 use crate::daemon;
@@ -199,6 +197,14 @@ async fn run(
         Ok(given) => given,
         Err(e) => fail_start!(e),
     };
+    // Every version the history keeps, of any service (of this config or another): a failed
+    // start removes only the copies it stored that none of them uses.
+    let known: HashSet<String> = history
+        .services
+        .values()
+        .flat_map(|s| s.live.iter().chain(&s.previous))
+        .map(|v| v.hash.clone())
+        .collect();
     for svc in config.services {
         let mut listeners = Vec::new();
         for addr in &svc.listen {
@@ -211,24 +217,15 @@ async fn run(
             Ok(v) => v,
             Err(e) => fail_start!(format!("service {}: {e}", svc.name)),
         };
-        let saved = history.services.remove(&svc.name).unwrap_or_default();
-        let known = |hash: &str| {
-            saved
-                .live
-                .iter()
-                .chain(&saved.previous)
-                .any(|v| v.hash == hash)
-        };
-        if !known(&version.hash) {
+        if !known.contains(&version.hash) {
             stored_now.push(version.clone());
         }
-        let (version, notice) = service::starting_version(&svc.name, &saved, version);
-        if let Some(notice) = &notice {
-            tracing::warn!("{notice}");
-        }
+        let saved = history.services.remove(&svc.name).unwrap_or_default();
         lived_before.push(saved.live.clone());
         let svc = Service::new(svc, listeners, version, saved);
-        svc.state().held_back = notice;
+        if let Some(held_back) = &svc.state().held_back {
+            tracing::warn!("service {}: {held_back}", svc.name());
+        }
         services.push(Arc::new(svc));
     }
     let admin = match config.admin {

@@ -7,7 +7,7 @@
 //! rollback, a recycled worker), so that only one such change runs at a time per service.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     net::{SocketAddr, TcpListener},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -18,7 +18,10 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{config::ServiceConfig, shadow::PluginVersion, shadow::SavedService};
+use crate::{
+    config::ServiceConfig,
+    shadow::{Marks, PluginVersion, SavedService},
+};
 
 /// What a service's workers run: a plugin version with a configuration. A reload rolls out a
 /// new release (a rebuilt plugin, a changed config, or both); a rollback returns to an old one.
@@ -73,9 +76,9 @@ pub struct ServiceState {
     pub healthy: HashSet<String>,
     /// Hashes of versions that were rejected or rolled back, with the reason; the watcher does
     /// not reload them again.
-    pub failed: HashMap<String, String>,
+    pub failed: Marks,
     /// Hashes of versions an operator rolled back from, with when (see [`starting_version`]).
-    pub set_aside: HashMap<String, String>,
+    pub set_aside: Marks,
     pub trial: Option<Trial>,
     /// Crashes of workers of the live version, newest last, for crash-loop detection.
     pub crashes: VecDeque<Instant>,
@@ -128,7 +131,7 @@ static TRIAL_IDS: AtomicU64 = AtomicU64::new(1);
 /// not undo a rollback behind the operator's back, nor bring back a build that already failed.
 /// A rebuilt file (another version) goes live as before, and `host reload` tries the set-aside
 /// one again.
-pub fn starting_version(
+fn starting_version(
     name: &str,
     saved: &SavedService,
     on_disk: PluginVersion,
@@ -143,9 +146,9 @@ pub fn starting_version(
     match &saved.live {
         Some(live) if live.hash != on_disk.hash && live.source == on_disk.source => {
             let notice = format!(
-                "service {name}: {} holds plugin {on_disk}, which was set aside ({reason}); \
-                 starting {live} instead, the version that was live when the host last ran. \
-                 Run `host reload {name}` to try {on_disk} again, or build another version.",
+                "{} holds plugin {on_disk}, which was set aside ({reason}); starting {live} \
+                 instead, the version that was live when this service last ran. Run `host \
+                 reload {name}` to try {on_disk} again, or build another version.",
                 on_disk.source.display()
             );
             (live.clone(), Some(notice))
@@ -155,16 +158,18 @@ pub fn starting_version(
 }
 
 impl Service {
-    /// A service serving `version`, with what the saved history remembers of it.
+    /// A service starting on the plugin file's version `on_disk` (or on the version that was
+    /// live, when the history set `on_disk` aside: [`starting_version`], and `held_back` says
+    /// why), with what the saved history remembers of it.
     pub fn new(
         config: ServiceConfig,
         listeners: Vec<Listener>,
-        version: PluginVersion,
+        on_disk: PluginVersion,
         saved: SavedService,
     ) -> Service {
+        let (mut version, held_back) = starting_version(&config.name, &saved, on_disk);
         // A version the history knows keeps the time it was first loaded: the store copied it
         // again at this start, which is not when it first went live.
-        let mut version = version;
         if let Some(known) = saved
             .live
             .iter()
@@ -182,7 +187,7 @@ impl Service {
             trial: None,
             crashes: VecDeque::new(),
             recent_crashes: VecDeque::new(),
-            held_back: None,
+            held_back,
         };
         // The version that was live when the master last stopped heads the history, so that
         // `host rollback` after a restart goes back to it.
@@ -264,8 +269,11 @@ impl Service {
 
     /// Makes `release` the one new workers start (its version heads the history).
     pub fn go_live(&self, release: &Release) {
-        self.state()
-            .went_live(release.version.clone(), release.config.keep_versions);
+        let mut st = self.state();
+        st.went_live(release.version.clone(), release.config.keep_versions);
+        // What the start held back is no longer the question: another version was chosen.
+        st.held_back = None;
+        drop(st);
         self.set_config(release.config.clone());
     }
 
@@ -386,37 +394,35 @@ impl Service {
     }
 }
 
-/// How many versions a service keeps marked failed, or set aside, before it forgets the marks of
-/// versions that left its history: a mark matters while the plugin file may still hold that
-/// version, not for every build rejected over months.
+/// How many versions a service keeps marked failed, or set aside, before it forgets the oldest
+/// marks of versions not in its history: a mark matters while the plugin file may still hold
+/// that version, not for every build rejected over months.
 const MARKS_KEPT: usize = 32;
+
+/// Marks `hash` as the newest of `marks`; past [`MARKS_KEPT`], forgets the oldest marks of
+/// versions that are neither live nor kept.
+fn mark(marks: &mut Marks, hash: &str, why: String, live: &PluginVersion, kept: &[PluginVersion]) {
+    marks.shift_remove(hash);
+    marks.insert(hash.to_string(), why);
+    let in_history = |h: &str| h == live.hash || kept.iter().any(|v| v.hash == h);
+    while marks.len() > MARKS_KEPT {
+        match marks.keys().position(|h| h != hash && !in_history(h)) {
+            Some(oldest) => drop(marks.shift_remove_index(oldest)),
+            None => break,
+        }
+    }
+}
 
 impl ServiceState {
     /// Marks a version rejected or rolled back, with why: the watcher does not reload it, and a
     /// restart does not start it (see [`starting_version`]).
     pub fn mark_failed(&mut self, hash: &str, reason: String) {
-        self.failed.insert(hash.to_string(), reason);
-        self.forget_old_marks(hash);
+        mark(&mut self.failed, hash, reason, &self.live, &self.previous);
     }
 
     /// Marks a version an operator rolled back from, with when.
     pub fn mark_set_aside(&mut self, hash: &str, when: String) {
-        self.set_aside.insert(hash.to_string(), when);
-        self.forget_old_marks(hash);
-    }
-
-    /// Past [`MARKS_KEPT`], drops the marks of versions that are neither live nor kept, but
-    /// `newest`'s.
-    fn forget_old_marks(&mut self, newest: &str) {
-        let (live, previous) = (&self.live, &self.previous);
-        let keep = |hash: &String| {
-            hash == newest || hash == &live.hash || previous.iter().any(|v| &v.hash == hash)
-        };
-        for marks in [&mut self.failed, &mut self.set_aside] {
-            if marks.len() > MARKS_KEPT {
-                marks.retain(|hash, _| keep(hash));
-            }
-        }
+        mark(&mut self.set_aside, hash, when, &self.live, &self.previous);
     }
 
     /// Makes `version` the live one; the one it replaces heads the history.
@@ -437,6 +443,10 @@ impl ServiceState {
         self.previous.push(old);
         let excess = (self.previous.len() + 1).saturating_sub(keep_versions);
         self.previous.drain(..excess);
+        // Health matters for the versions a service can go back to, not for every build.
+        let (live, previous) = (&self.live, &self.previous);
+        self.healthy
+            .retain(|h| *h == live.hash || previous.iter().any(|v| v.hash == *h));
         self.crashes.clear();
     }
 
@@ -512,16 +522,16 @@ mod tests {
         }
     }
 
-    /// The marks stay bounded however many builds fail, and never lose those of the versions
-    /// the history keeps, nor the newest.
+    /// The marks stay bounded however many builds fail; the oldest go first, never those of the
+    /// versions the history keeps, nor the newest.
     #[test]
     fn failed_marks_are_bounded_and_keep_those_of_the_history() {
         let mut st = ServiceState {
             live: version("1"),
             previous: vec![version("2")],
             healthy: HashSet::new(),
-            failed: HashMap::new(),
-            set_aside: HashMap::new(),
+            failed: Marks::new(),
+            set_aside: Marks::new(),
             trial: None,
             crashes: VecDeque::new(),
             recent_crashes: VecDeque::new(),
@@ -532,10 +542,15 @@ mod tests {
         for i in 100..1100 {
             let hash = version(&i.to_string()).hash;
             st.mark_failed(&hash, "rejected".into());
-            st.mark_set_aside(&hash, "now".into());
-            assert!(st.failed.contains_key(&hash) && st.set_aside.contains_key(&hash));
-            assert!(st.failed.len() <= MARKS_KEPT && st.set_aside.len() <= MARKS_KEPT);
+            assert!(st.failed.contains_key(&hash));
+            assert!(st.failed.len() <= MARKS_KEPT);
+            // The marks of the builds just before it are still there.
+            if i >= 130 {
+                assert!(st.failed.contains_key(&version(&(i - 30).to_string()).hash));
+            }
         }
+        // One map's marks do not push out the other's.
+        assert_eq!(st.set_aside.len(), 1);
         assert_eq!(st.failed[&version("2").hash], "kept");
         assert_eq!(st.set_aside[&version("2").hash], "kept");
     }

@@ -100,17 +100,22 @@ impl RequestId {
         std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
     }
 
+    /// The id for the response's `X-Request-Id`. Marked sensitive, which keeps HTTP/2's header
+    /// compression from indexing it: a value new on every request gains nothing from the
+    /// table, and an entry there would hold the buffer the value was cut from.
     pub fn header_value(&self) -> Option<HeaderValue> {
-        match &self.given {
-            Some(given) => Some(given.clone()),
-            None => cut_value(self.as_str()),
-        }
+        let mut value = match &self.given {
+            Some(given) => given.clone(),
+            None => cut_value(self.as_str())?,
+        };
+        value.set_sensitive(true);
+        Some(value)
     }
 }
 
 /// A header value of `id`, cut from a block this thread shares among the ids it makes: a value
 /// of its own (`HeaderValue::from_str`) was an allocation and a free per request. A block is
-/// freed once the last response that holds a value of it is gone.
+/// freed once the last response that holds a value of it has been written.
 fn cut_value(id: &str) -> Option<HeaderValue> {
     const BLOCK: usize = 4096;
     thread_local! {
