@@ -10,12 +10,13 @@ Test mode (the default), each step checked, with no console error (SEVERE) in th
      sessionStorage, and the workers the test expects (--expect-pids) are shown (and, with
      --expect-traffic, the chart's current requests per second);
   2. click the service's Reload button, accept the confirm(), see the progress lines and the
-     outcome stream in, then see new ready pids in place of the old ones;
+     outcome stream in, then see new ready pids in place of the old ones; with --rollback, the
+     same with its Roll back button, after which the version left is shown as "set aside";
   3. reload the page: the token is still in sessionStorage, the workers show again;
   4. "Forget token", a wrong token in the form (refused, the form asks again; the one 401 in
      the browser log is expected), then the right one: the workers show again;
   5. a screenshot to --screenshot.
-The last line on stdout is JSON: {"shown": [...], "after_reload": [...]}.
+The last line on stdout is JSON: {"shown": [...], "after_reload": [...], "after_rollback": [...]}.
 
 Docs mode (--docs): sign in, wait until the chart holds --min-points samples (run some load
 meanwhile), reload --service from the page, wait a little more traffic, take the screenshot.
@@ -186,9 +187,11 @@ def sign_in_by_fragment(page, token, expect, traffic=False):
     return shown
 
 
-def reload_from_page(page, before):
-    button = page.driver.find_element(By.CSS_SELECTOR, f"{page.card()} button.reload")
-    page.wait("the Reload button is enabled", lambda _: button.is_enabled())
+def operate_from_page(page, before, kind):
+    """Clicks the service's `kind` button ("reload" or "rollback"), accepts the confirm(),
+    checks the progress and outcome shown, and waits for new ready workers; returns them."""
+    button = page.driver.find_element(By.CSS_SELECTOR, f"{page.card()} button.{kind}")
+    page.wait(f"the {kind} button is enabled", lambda _: button.is_enabled())
     button.click()
     alert = page.wait("the confirm dialog opens", EC.alert_is_present())
     if page.service not in alert.text:
@@ -196,23 +199,37 @@ def reload_from_page(page, before):
     alert.accept()
     state = page.driver.find_element(By.ID, "op-state")
     page.wait(
-        "the reload's outcome is shown",
+        f"the {kind}'s outcome is shown",
         lambda _: "running" not in state.text and state.text.strip() != "",
     )
     op_log = page.driver.find_element(By.ID, "op-log").text
     if not state.text.startswith("done"):
-        raise Failed(f"the reload failed: {state.text}\n{op_log}")
-    if "reload done" not in op_log or page.service + ": worker" not in op_log:
+        raise Failed(f"the {kind} failed: {state.text}\n{op_log}")
+    if f"{kind} done" not in op_log or page.service + ": worker" not in op_log:
         raise Failed(f"the progress lines are not shown:\n{op_log}")
     after = page.wait_for_pids(
         f"new ready workers replace {before}",
         lambda pids: len(pids) == len(before) and not set(pids) & set(before),
     )
-    events = page.driver.find_element(By.CSS_SELECTOR, f"{page.card()} table.events").text
-    if "reload" not in events or "done" not in events:
-        raise Failed(f"the reload is not in the last reloads:\n{events}")
-    page.check_console("reload from the page")
-    log(f"reloaded from the page; workers now: {after}")
+    events = page.driver.find_element(By.CSS_SELECTOR, f"{page.card()} table.events")
+    page.wait(
+        f"the {kind} is in the last reloads and rollbacks",
+        lambda _: kind in events.text and "done" in events.text,
+    )
+    page.check_console(f"{kind} from the page")
+    log(f"{kind} from the page; workers now: {after}")
+    return after
+
+
+def reload_from_page(page, before):
+    return operate_from_page(page, before, "reload")
+
+
+def rollback_from_page(page, before):
+    """Rolls back from the page; the version left is then shown as set aside."""
+    after = operate_from_page(page, before, "rollback")
+    versions = page.driver.find_element(By.CSS_SELECTOR, f"{page.card()} table.versions")
+    page.wait("the version rolled back from is shown as set aside", lambda _: "set aside" in versions.text)
     return after
 
 
@@ -285,6 +302,7 @@ def main():
     parser.add_argument("--service", required=True, help="the service to reload")
     parser.add_argument("--expect-pids", default="", help="comma-separated ready worker pids")
     parser.add_argument("--expect-traffic", action="store_true", help="the chart must show some")
+    parser.add_argument("--rollback", action="store_true", help="roll back after the reload")
     parser.add_argument("--screenshot", required=True)
     parser.add_argument("--docs", action="store_true", help="take the screenshot for docs/")
     parser.add_argument("--min-points", type=int, default=90)
@@ -306,9 +324,12 @@ def main():
         else:
             shown = sign_in_by_fragment(page, token, expect, args.expect_traffic)
             after = reload_from_page(page, shown)
+            result = {"shown": shown, "after_reload": after}
+            if args.rollback:
+                after = rollback_from_page(page, after)
+                result["after_rollback"] = after
             survive_page_reload(page, after)
             sign_in_by_form(page, token, after)
-            result = {"shown": shown, "after_reload": after}
         driver.save_screenshot(args.screenshot)
         page.check_console("end")
         print(json.dumps(result), flush=True)

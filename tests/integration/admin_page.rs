@@ -2,7 +2,8 @@
 //! through Selenium and the system chromedriver. The page signs in with the token from the URL
 //! fragment and from its form, loads with no console error under the page's CSP, shows the
 //! workers the API reports, and a reload clicked on the page (its confirm() accepted) replaces
-//! them: the page then shows the pids `/api/status` reports.
+//! them, then a rollback clicked on the page replaces them again and shows the version it left
+//! as set aside: the page then shows the pids `/api/status` reports.
 //!
 //! The script runs in its own process group (chromedriver and Chromium too): the group is
 //! killed when the test ends, however it ends, and the test checks that nothing of it is left.
@@ -45,7 +46,7 @@ const INSTALL: &str = "install Chromium, its WebDriver and Selenium with `apt-ge
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(90);
 
 #[test]
-fn the_admin_page_shows_the_workers_and_reloads_from_a_click() {
+fn the_admin_page_shows_the_workers_and_reloads_and_rolls_back_from_clicks() {
     browser_prerequisites();
     let dir = Host::dir_with_plugin("hello");
     let token = random_token();
@@ -79,6 +80,9 @@ fn the_admin_page_shows_the_workers_and_reloads_from_a_click() {
     )));
     load.0.as_ref().unwrap().wait_for_more(10);
 
+    // A rebuild for the page's reload to go live, and for its rollback to leave.
+    host.replace_plugin("counter");
+
     let screenshot = std::env::var_os("ADMIN_PAGE_SCREENSHOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| host.dir.path().join("admin-page.png"));
@@ -91,6 +95,7 @@ fn the_admin_page_shows_the_workers_and_reloads_from_a_click() {
             "--expect-pids",
             &join(&before),
             "--expect-traffic",
+            "--rollback",
             "--screenshot",
             screenshot.to_str().unwrap(),
         ],
@@ -100,24 +105,35 @@ fn the_admin_page_shows_the_workers_and_reloads_from_a_click() {
 
     let shown = pids_of(&result["shown"]);
     let after_reload = pids_of(&result["after_reload"]);
+    let after_rollback = pids_of(&result["after_rollback"]);
     assert_eq!(shown, before, "the page showed other workers than the API");
     assert!(
         after_reload.iter().all(|p| !before.contains(p)),
         "the page shows an old worker after the reload: {after_reload:?} (before: {before:?})"
     );
-    let now = ready_pids(&api_get(&admin, &token, "/api/status"));
-    assert_eq!(
-        after_reload, now,
-        "the page's workers after the reload differ from /api/status"
+    assert!(
+        after_rollback.iter().all(|p| !after_reload.contains(p)),
+        "the page shows an old worker after the rollback: {after_rollback:?}"
     );
+    let status = api_get(&admin, &token, "/api/status");
+    assert_eq!(
+        after_rollback,
+        ready_pids(&status),
+        "the page's workers after the rollback differ from /api/status"
+    );
+    // The page said "set aside" of what the API says.
+    let left = &status["services"][0]["previous"][0];
+    assert!(left["set_aside"].is_string(), "{status}");
     let history = api_get(&admin, &token, "/api/history");
     let events = history["events"].as_array().unwrap();
-    assert!(
-        events
-            .iter()
-            .any(|e| e["kind"] == "reload" && e["outcome"] == "done"),
-        "no reload in the history: {history}"
-    );
+    for kind in ["reload", "rollback"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["kind"] == kind && e["outcome"] == "done"),
+            "no {kind} in the history: {history}"
+        );
+    }
     let png = fs::read(&screenshot).expect("the script saved no screenshot");
     assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
 }
