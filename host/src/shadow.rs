@@ -438,6 +438,10 @@ pub struct SavedService {
     /// when. Not failures: the crash-loop fallback and the watcher still take them.
     #[serde(default)]
     pub set_aside: Marks,
+    /// When a master last ran the service (saved it): of the services a config does not have,
+    /// the longest gone are the first forgotten (`Master::dormant`).
+    #[serde(default)]
+    pub last_ran: Option<SystemTime>,
 }
 
 /// Versions marked failed or set aside: hash -> why (or when), oldest first (the order is kept

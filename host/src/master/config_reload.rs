@@ -228,10 +228,7 @@ impl Master {
             .unwrap()
             .retain(|s| !Arc::ptr_eq(s, svc));
         // Kept: a config that adds it back can still roll back.
-        self.dormant
-            .lock()
-            .unwrap()
-            .insert(svc.name().to_string(), svc.saved());
+        self.keep_dormant(svc.name(), svc.saved());
         let pids: Vec<u32> = self
             .registry
             .lock()

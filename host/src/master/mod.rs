@@ -333,6 +333,13 @@ impl Master {
         used
     }
 
+    /// Keeps the history of a service this master no longer runs (see `dormant`).
+    fn keep_dormant(&self, name: &str, saved: SavedService) {
+        let mut dormant = self.dormant.lock().unwrap();
+        dormant.insert(name.to_string(), saved);
+        forget_long_gone(&mut dormant);
+    }
+
     /// Removes shadow copies that nothing uses any more. Not after a handover: the store is the
     /// new master's, with copies this one does not know.
     fn prune_store(&self) {
@@ -344,10 +351,61 @@ impl Master {
     }
 }
 
+/// How many services of other configs (or removed from this one) the history keeps.
+const DORMANT_KEPT: usize = 16;
+
+/// Past [`DORMANT_KEPT`], forgets the services that last ran longest ago (their copies go at the
+/// next pruning): a state directory that saw many configs does not keep every one's plugins.
+fn forget_long_gone(dormant: &mut HashMap<String, SavedService>) {
+    while dormant.len() > DORMANT_KEPT {
+        let Some(oldest) = dormant
+            .iter()
+            .min_by_key(|(_, saved)| saved.last_ran)
+            .map(|(name, _)| name.clone())
+        else {
+            break;
+        };
+        tracing::info!(
+            "forgetting the version history of service {oldest}, which no config has run for \
+             the longest (the history keeps {DORMANT_KEPT} services that are not running)"
+        );
+        dormant.remove(&oldest);
+    }
+}
+
 /// "1 worker", "2 workers": the count for the master's progress and log lines.
 pub(crate) fn workers(n: usize) -> String {
     match n {
         1 => "1 worker".to_string(),
         n => format!("{n} workers"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    /// The services that last ran longest ago go first; one never saved with a time (an older
+    /// history file) counts as the oldest.
+    #[test]
+    fn dormant_services_past_the_bound_go_longest_gone_first() {
+        let at = |secs| SavedService {
+            last_ran: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)),
+            ..SavedService::default()
+        };
+        let mut dormant: HashMap<String, SavedService> = (0..DORMANT_KEPT as u64 + 3)
+            .map(|i| (format!("s{i}"), at(1000 + i)))
+            .collect();
+        dormant.insert("untimed".into(), SavedService::default());
+        forget_long_gone(&mut dormant);
+        assert_eq!(dormant.len(), DORMANT_KEPT);
+        for gone in ["untimed", "s0", "s1", "s2"] {
+            assert!(!dormant.contains_key(gone), "{gone}");
+        }
+        assert!(
+            dormant.contains_key("s3") && dormant.contains_key(&format!("s{}", DORMANT_KEPT + 2))
+        );
     }
 }

@@ -255,7 +255,11 @@ async fn run(
         jobs: Jobs::default(),
         events: Mutex::new(history.events),
         // What is left: the services of other configs.
-        dormant: Mutex::new(history.services),
+        dormant: Mutex::new({
+            let mut dormant = history.services;
+            super::forget_long_gone(&mut dormant);
+            dormant
+        }),
         home: home::Home::new(state, lock, stop_tx),
         cut_short: Default::default(),
         source,

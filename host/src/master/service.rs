@@ -376,6 +376,7 @@ impl Service {
             healthy: st.healthy.iter().cloned().collect(),
             failed: st.failed.clone(),
             set_aside: st.set_aside.clone(),
+            last_ran: Some(std::time::SystemTime::now()),
         }
     }
 
