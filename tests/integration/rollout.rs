@@ -340,3 +340,29 @@ fn a_master_on_another_config_keeps_the_history_of_services_it_does_not_run() {
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(get(&host.addr("web"), "/").body.contains("versioned v1"));
 }
+
+/// A version that proved healthy stays so through a trial that fails, even when the history
+/// keeps no earlier version (`keep_versions = 1`): the trial falls back to it, and it comes
+/// back healthy, a crash loop's way back again.
+#[test]
+fn the_version_a_failed_trial_falls_back_to_stays_healthy() {
+    let host = start(
+        "versioned",
+        1,
+        "keep_versions = 1\nprobation = \"1s\"\ncanary_probation = \"3s\"",
+    );
+    let addr = host.addr("web");
+    let v1 = live_version(&host);
+    wait_until("v1 passed its probation", || {
+        web(&host)["version_healthy"] == true
+    });
+    let load = Load::start(&addr, 2, Duration::ZERO);
+    load.wait_for_more(50);
+    host.replace_plugin("fault-abort");
+    let out = host.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(output_text(&out).contains(&format!("rolled back to {v1}")));
+    drop(load.stop());
+    assert_eq!(live_version(&host), v1);
+    assert_eq!(web(&host)["version_healthy"], true, "{}", web(&host));
+}

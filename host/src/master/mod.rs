@@ -86,6 +86,9 @@ pub struct Master {
     /// A new master of an upgrade until it took over: its listening sockets are the old
     /// master's, which serves on them; a stop must not close them to new connections.
     borrows_listeners: std::sync::atomic::AtomicBool,
+    /// Set when this master tells its successor to take over: the history file is the new
+    /// master's from then on (cleared again if the takeover fails).
+    history_handed: std::sync::atomic::AtomicBool,
     /// The log file stdout and stderr point to, if any (`host reopen-logs`).
     log_file: Option<std::path::PathBuf>,
     /// Counters fed by the workers' heartbeats and by rollouts (`/metrics`, the admin page).
@@ -288,9 +291,12 @@ impl Master {
 
     /// Writes every service's versions and the rollout events to the store's history file.
     fn save_history(&self) {
-        // After a handover the history is the new master's (a probation of this one that ends
-        // while it drains must not write over it).
-        if self.is_handed_over() {
+        // From the takeover on, the history is the new master's (a probation of this one that
+        // ends while it drains must not write over it; `upgrade` flushed what came before).
+        if self
+            .history_handed
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return;
         }
         let mut services = self.dormant.lock().unwrap().clone();
@@ -340,10 +346,10 @@ impl Master {
         forget_long_gone(&mut dormant);
     }
 
-    /// Removes shadow copies that nothing uses any more. Not after a handover: the store is the
-    /// new master's, with copies this one does not know.
+    /// Removes shadow copies that nothing uses any more. Not while a new master of an upgrade
+    /// starts, nor after it took over: it stores copies this one does not know.
     fn prune_store(&self) {
-        if self.is_handed_over() {
+        if self.is_handed_over() || self.successor.borrow().is_some() {
             return;
         }
         let keep: HashSet<String> = self.versions_in_use().into_iter().map(|v| v.hash).collect();
@@ -358,9 +364,17 @@ const DORMANT_KEPT: usize = 16;
 /// next pruning): a state directory that saw many configs does not keep every one's plugins.
 fn forget_long_gone(dormant: &mut HashMap<String, SavedService>) {
     while dormant.len() > DORMANT_KEPT {
+        // A history saved before `last_ran` existed: when its newest version was stored.
+        let ran = |saved: &SavedService| {
+            saved.last_ran.or_else(|| {
+                (saved.live.iter().chain(&saved.previous))
+                    .map(|v| v.stored_at)
+                    .max()
+            })
+        };
         let Some(oldest) = dormant
             .iter()
-            .min_by_key(|(_, saved)| saved.last_ran)
+            .min_by_key(|(name, saved)| (ran(saved), name.as_str()))
             .map(|(name, _)| name.clone())
         else {
             break;

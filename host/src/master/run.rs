@@ -269,6 +269,7 @@ async fn run(
         handed_over: Default::default(),
         successor: watch::Sender::new(None),
         borrows_listeners: std::sync::atomic::AtomicBool::new(upgrading),
+        history_handed: Default::default(),
         log_file,
         metrics: Default::default(),
         admin,

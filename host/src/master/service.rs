@@ -444,10 +444,14 @@ impl ServiceState {
         self.previous.push(old);
         let excess = (self.previous.len() + 1).saturating_sub(keep_versions);
         self.previous.drain(..excess);
-        // Health matters for the versions a service can go back to, not for every build.
-        let (live, previous) = (&self.live, &self.previous);
-        self.healthy
-            .retain(|h| *h == live.hash || previous.iter().any(|v| v.hash == *h));
+        // Health matters for the versions a service can go back to (kept, or what a trial
+        // under way falls back to, even past `keep_versions`), not for every build.
+        let (live, previous, trial) = (&self.live, &self.previous, &self.trial);
+        self.healthy.retain(|h| {
+            *h == live.hash
+                || previous.iter().any(|v| v.hash == *h)
+                || trial.as_ref().is_some_and(|t| t.from.version.hash == *h)
+        });
         self.crashes.clear();
     }
 

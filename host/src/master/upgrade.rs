@@ -298,6 +298,14 @@ impl Master {
                 // SIGTERM or SIGINT: the host stops, the new master too (not a takeover that
                 // would leave it serving after the operator stopped the host).
                 true = async { stopping.wait_for(|s| *s).await.is_ok() } => {
+                    // Its DrainTimeout may be read already, not yet parsed.
+                    while let Ok(Ok(Some(line))) =
+                        tokio::time::timeout(Duration::ZERO, lines.next_line()).await
+                    {
+                        if let Ok(UpgradeMessage::DrainTimeout(drain)) = serde_json::from_str(&line) {
+                            its_drain = Some(drain);
+                        }
+                    }
                     return self.abandon(child, &mut write, new_pid, deadline, its_drain).await;
                 }
                 line = lines.next_line() => match line {
@@ -357,6 +365,12 @@ impl Master {
                 .abandon(child, &mut write, new_pid, deadline, its_drain)
                 .await;
         }
+        // The history is the new master's from the takeover on: what this one saved before is
+        // on the disk first, and nothing it saves later can land after the new master's save.
+        self.history_handed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let store = self.clone();
+        let _ = tokio::task::spawn_blocking(move || store.store.flush_history()).await;
         let _ = write.write_all(&encode(&UpgradeMessage::TakeOver)).await;
         let took_over = tokio::time::timeout(TAKEOVER_WAIT, async {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -375,6 +389,9 @@ impl Master {
             kill_master_tree(new_pid);
             let _ = child.wait().await;
             self.successor.send_replace(Some(REAPED));
+            self.history_handed
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            self.save_history();
             return (
                 false,
                 format!(
