@@ -216,6 +216,40 @@ fn reload_and_rollback_through_the_api_stream_what_the_cli_prints() {
 }
 
 #[test]
+fn the_history_lists_the_services_the_host_keeps_but_does_not_run() {
+    let api = "\n[[service]]\nname = \"api\"\nlisten = [\"127.0.0.1:0\"]\nplugin = \"plugin.so\"\n\
+               workers = 1\ncanary_probation = \"0s\"\nprobation = \"0s\"\n";
+    let host = start("versioned", "", api);
+    let addr = admin_addr(&host);
+    let live = host.service("api")["version"].as_str().unwrap().to_string();
+    let history = || json(&authorized(&addr).get("/api/history").unwrap());
+    assert_eq!(history()["not_running"], serde_json::json!([]));
+
+    // A config reload that removes `api` keeps its history, and the API lists it.
+    fs::write(host.dir.path().join("host.toml"), config("", "")).unwrap();
+    host.reload_ok();
+    let report = history();
+    let services: Vec<&str> = report["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(services, ["web"]);
+    let gone = &report["not_running"];
+    assert_eq!(gone.as_array().unwrap().len(), 1, "{gone}");
+    assert_eq!(gone[0]["name"], "api");
+    assert_eq!(gone[0]["live"]["version"], live.as_str(), "{gone}");
+    assert!(gone[0]["last_ran"].as_u64().unwrap() > 0, "{gone}");
+
+    // Named again, it runs and leaves the list.
+    fs::write(host.dir.path().join("host.toml"), config("", api)).unwrap();
+    host.reload_ok();
+    assert_eq!(history()["not_running"], serde_json::json!([]));
+    assert_eq!(host.service("api")["version"], live.as_str());
+}
+
+#[test]
 fn readyz_says_503_while_the_host_drains_and_the_stop_streams_to_the_end() {
     let mut host = start("slow", "", "drain_timeout = \"20s\"");
     let addr = admin_addr(&host);

@@ -258,8 +258,7 @@ fn series(master: &Master) -> Series {
         interval_s: super::metrics::SAMPLE_EVERY.as_secs(),
         services,
         events: master
-            .history_report()
-            .events
+            .rollout_events()
             .into_iter()
             .filter(|e| e.at >= since)
             .collect(),

@@ -10,13 +10,18 @@ use super::{pool::EntryRole, Master, WorkerState};
 use crate::{
     admin::metrics::{View, SAMPLE_EVERY},
     protocol::{RolloutEvent, ServiceStatus, SlotStatus, StatusReport, VersionInfo, WorkerStatus},
-    shadow::PluginVersion,
+    shadow::{Marks, PluginVersion, SavedService},
 };
 
-/// `GET /api/history`: every service's versions, and the reloads and rollbacks kept.
+/// `GET /api/history`: every service's versions, the services whose history is kept though
+/// this master does not run them, and the reloads and rollbacks kept.
 #[derive(Serialize)]
 pub struct HistoryReport {
     pub services: Vec<ServiceHistory>,
+    /// Services of another config run on the same state directory, or removed by a config
+    /// reload (`Master::dormant`), the most recently run first: what a config that names them
+    /// again starts from.
+    pub not_running: Vec<DormantHistory>,
     pub events: Vec<RolloutEvent>,
 }
 
@@ -24,6 +29,18 @@ pub struct HistoryReport {
 pub struct ServiceHistory {
     pub name: String,
     pub live: VersionInfo,
+    /// Versions kept for a rollback, newest first.
+    pub previous: Vec<VersionInfo>,
+}
+
+#[derive(Serialize)]
+pub struct DormantHistory {
+    pub name: String,
+    /// Seconds since the Unix epoch when a master last ran it (absent in a history saved
+    /// before that was recorded).
+    pub last_ran: Option<u64>,
+    /// The version that was live when it last ran.
+    pub live: Option<VersionInfo>,
     /// Versions kept for a rollback, newest first.
     pub previous: Vec<VersionInfo>,
 }
@@ -128,18 +145,48 @@ impl Master {
 }
 
 fn version_info(v: &PluginVersion, st: &super::service::ServiceState) -> VersionInfo {
+    version_with_marks(v, st.healthy.contains(&v.hash), &st.failed, &st.set_aside)
+}
+
+/// A version as the reports show it, with what its service's history marks it with.
+fn version_with_marks(
+    v: &PluginVersion,
+    healthy: bool,
+    failed: &Marks,
+    set_aside: &Marks,
+) -> VersionInfo {
     VersionInfo {
         version: v.short().to_string(),
         size: v.size,
-        first_loaded: v
-            .stored_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        first_loaded: epoch_secs(v.stored_at),
         source: v.source.clone(),
-        healthy: st.healthy.contains(&v.hash),
-        failed: st.failed.get(&v.hash).cloned(),
-        set_aside: st.set_aside.get(&v.hash).cloned(),
+        healthy,
+        failed: failed.get(&v.hash).cloned(),
+        set_aside: set_aside.get(&v.hash).cloned(),
+    }
+}
+
+fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A service this master keeps the history of but does not run, as `/api/history` shows it.
+fn dormant_history(name: &str, saved: &SavedService) -> DormantHistory {
+    let info = |v: &PluginVersion| {
+        version_with_marks(
+            v,
+            saved.healthy.contains(&v.hash),
+            &saved.failed,
+            &saved.set_aside,
+        )
+    };
+    DormantHistory {
+        name: name.to_string(),
+        last_ran: saved.last_ran.map(epoch_secs),
+        live: saved.live.as_ref().map(info),
+        previous: saved.previous.iter().rev().map(info).collect(),
     }
 }
 
@@ -159,8 +206,22 @@ impl Master {
                     }
                 })
                 .collect(),
-            events: self.events.lock().unwrap().clone(),
+            not_running: {
+                let dormant = self.dormant.lock().unwrap();
+                let mut list: Vec<DormantHistory> = dormant
+                    .iter()
+                    .map(|(name, saved)| dormant_history(name, saved))
+                    .collect();
+                list.sort_by(|a, b| b.last_ran.cmp(&a.last_ran).then(a.name.cmp(&b.name)));
+                list
+            },
+            events: self.rollout_events(),
         }
+    }
+
+    /// The reloads and rollbacks kept, oldest first.
+    pub fn rollout_events(&self) -> Vec<RolloutEvent> {
+        self.events.lock().unwrap().clone()
     }
 
     /// `GET /readyz`: ready while every service has a worker that serves and the host is not
