@@ -147,7 +147,9 @@ extern "C" fn handle_ref<P: Plugin>(
         Err(e) => return RErr(e),
     };
     let call = || {
-        let req = Request::from_ffi(req, body, limits());
+        // SAFETY: `req` is dropped at the end of this closure, within the host's call, and the
+        // handler is only lent it (`&Request`).
+        let req = unsafe { Request::lent(req, body, limits()) };
         SYNC_REQUEST_ID.with(|id| {
             let mut id = id.borrow_mut();
             id.clear();
