@@ -163,7 +163,10 @@ extern "C" fn handle_ref<P: Plugin>(
         Ok(response) => ROk(response),
         Err(panic) => {
             SYNC_REQUEST_ID.with(|id| id.borrow_mut().clear());
-            RErr(format!("handler panicked: {}", panic_message(&*panic)).into())
+            let message = format!("handler panicked: {}", panic_message(&*panic));
+            // Its payload's drop is plugin code too, and must not unwind into the host.
+            let _ = catch_unwind(AssertUnwindSafe(|| drop(panic)));
+            RErr(message.into())
         }
     }
 }

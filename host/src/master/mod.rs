@@ -31,7 +31,7 @@ mod watcher;
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex, RwLock},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use tokio::{sync::watch, task::JoinSet};
@@ -364,17 +364,9 @@ const DORMANT_KEPT: usize = 16;
 /// next pruning): a state directory that saw many configs does not keep every one's plugins.
 fn forget_long_gone(dormant: &mut HashMap<String, SavedService>) {
     while dormant.len() > DORMANT_KEPT {
-        // A history saved before `last_ran` existed: when its newest version was stored.
-        let ran = |saved: &SavedService| {
-            saved.last_ran.or_else(|| {
-                (saved.live.iter().chain(&saved.previous))
-                    .map(|v| v.stored_at)
-                    .max()
-            })
-        };
         let Some(oldest) = dormant
             .iter()
-            .min_by_key(|(name, saved)| (ran(saved), name.as_str()))
+            .min_by_key(|(name, saved)| (last_ran(saved), name.as_str()))
             .map(|(name, _)| name.clone())
         else {
             break;
@@ -387,6 +379,16 @@ fn forget_long_gone(dormant: &mut HashMap<String, SavedService>) {
     }
 }
 
+/// When a service this master does not run last ran: when a master saved it, or, in a history
+/// saved before that was recorded, when its newest version was stored.
+fn last_ran(saved: &SavedService) -> Option<SystemTime> {
+    saved.last_ran.or_else(|| {
+        (saved.live.iter().chain(&saved.previous))
+            .map(|v| v.stored_at)
+            .max()
+    })
+}
+
 /// "1 worker", "2 workers": the count for the master's progress and log lines.
 pub(crate) fn workers(n: usize) -> String {
     match n {
@@ -397,7 +399,7 @@ pub(crate) fn workers(n: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use super::*;
 

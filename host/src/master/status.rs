@@ -36,8 +36,8 @@ pub struct ServiceHistory {
 #[derive(Serialize)]
 pub struct DormantHistory {
     pub name: String,
-    /// Seconds since the Unix epoch when a master last ran it (absent in a history saved
-    /// before that was recorded).
+    /// Seconds since the Unix epoch when a master last ran it; in a history saved before that
+    /// was recorded, when its newest version was stored (null if it has none).
     pub last_ran: Option<u64>,
     /// The version that was live when it last ran.
     pub live: Option<VersionInfo>,
@@ -184,7 +184,7 @@ fn dormant_history(name: &str, saved: &SavedService) -> DormantHistory {
     };
     DormantHistory {
         name: name.to_string(),
-        last_ran: saved.last_ran.map(epoch_secs),
+        last_ran: super::last_ran(saved).map(epoch_secs),
         live: saved.live.as_ref().map(info),
         previous: saved.previous.iter().rev().map(info).collect(),
     }
@@ -192,9 +192,9 @@ fn dormant_history(name: &str, saved: &SavedService) -> DormantHistory {
 
 impl Master {
     pub fn history_report(&self) -> HistoryReport {
+        let services = self.services();
         HistoryReport {
-            services: self
-                .services()
+            services: services
                 .iter()
                 .map(|svc| {
                     let st = svc.state();
@@ -208,8 +208,11 @@ impl Master {
                 .collect(),
             not_running: {
                 let dormant = self.dormant.lock().unwrap();
+                // A service a config reload is adding is running already, though it leaves
+                // `dormant` only once its workers have started.
                 let mut list: Vec<DormantHistory> = dormant
                     .iter()
+                    .filter(|(name, _)| !services.iter().any(|s| s.name() == name.as_str()))
                     .map(|(name, saved)| dormant_history(name, saved))
                     .collect();
                 list.sort_by(|a, b| b.last_ran.cmp(&a.last_ran).then(a.name.cmp(&b.name)));
