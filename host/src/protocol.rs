@@ -8,9 +8,16 @@
 //! JSON lines keep every message readable with `socat` when something goes wrong, and serde
 //! keeps both ends in one definition.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::SystemTime};
 
 use serde::{Deserialize, Serialize};
+
+/// A time as the messages and reports carry it: whole seconds since the Unix epoch (0 for a
+/// time before it).
+pub fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// A command from the CLI.
 #[derive(Debug, Serialize, Deserialize)]

@@ -76,7 +76,7 @@ impl Request {
 
     /// Copies the host's request; `limits` are the service's (max_body_bytes, max_stream_bytes).
     pub(crate) fn from_ffi(req: &FfiRequestRef<'_>, body: FfiBody, limits: (u64, u64)) -> Request {
-        Request::with_head(Head::Copied(Copied::from_ffi(req)), req, body, limits)
+        Request::from_head(Head::Copied(Copied::from_ffi(req)), req, body, limits)
     }
 
     /// The host's request, its head read in place rather than copied: for a sync handler,
@@ -99,10 +99,11 @@ impl Request {
         // caller keeps the request within `req`'s borrow, as this function's contract says.
         let head =
             unsafe { std::mem::transmute::<FfiRequestRef<'_>, FfiRequestRef<'static>>(*req) };
-        Request::with_head(Head::Lent(head), req, body, limits)
+        Request::from_head(Head::Lent(head), req, body, limits)
     }
 
-    fn with_head(
+    /// The request around `head`, with the rest of the host's request and the body.
+    fn from_head(
         head: Head,
         req: &FfiRequestRef<'_>,
         body: FfiBody,
@@ -305,10 +306,10 @@ impl Head {
         if let Head::Lent(r) = self {
             *self = Head::Copied(Copied::from_ffi(r));
         }
-        match self {
-            Head::Copied(c) => c,
-            Head::Lent(_) => unreachable!("copied just above"),
-        }
+        let Head::Copied(c) = self else {
+            unreachable!("copied just above")
+        };
+        c
     }
 }
 

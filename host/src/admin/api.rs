@@ -252,9 +252,7 @@ fn series(master: &Master) -> Series {
         .min()
         .unwrap_or(u64::MAX);
     Series {
-        now: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        now: crate::protocol::epoch_secs(std::time::SystemTime::now()),
         interval_s: super::metrics::SAMPLE_EVERY.as_secs(),
         services,
         events: master

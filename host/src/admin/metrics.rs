@@ -26,7 +26,7 @@ use prometheus_client::{
 };
 use serde::Serialize;
 
-use crate::protocol::{RequestStats, DURATION_BUCKETS};
+use crate::protocol::{epoch_secs, RequestStats, DURATION_BUCKETS};
 
 /// How many samples the page's chart keeps (five minutes), and how often one is taken.
 const SERIES_LEN: usize = 300;
@@ -333,9 +333,7 @@ impl Metrics {
     /// Takes a sample for the page's chart (called every [`SAMPLE_EVERY`]).
     pub fn sample(&self) {
         let every = SAMPLE_EVERY;
-        let t = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let t = epoch_secs(SystemTime::now());
         let mut series = self.series.lock().unwrap();
         for (requests, buckets, points, recent) in series.values_mut() {
             recent.push_back((*requests, buckets.clone()));

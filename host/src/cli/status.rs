@@ -41,9 +41,7 @@ fn render_status(r: &StatusReport) -> String {
     if let Some(admin) = &r.admin {
         out += &format!("admin on {admin}\n");
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::protocol::epoch_secs(std::time::SystemTime::now());
     for s in &r.services {
         let health = match (&s.probation_left_ms, &s.probation_fallback) {
             (Some(left), Some(back)) => format!(

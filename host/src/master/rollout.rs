@@ -34,7 +34,7 @@ use super::{
     service::{Release, Service, TrialPhase},
     Master,
 };
-use crate::protocol::RolloutEvent;
+use crate::protocol::{epoch_secs, RolloutEvent};
 
 /// How a rollout ended.
 pub enum Outcome {
@@ -593,9 +593,7 @@ impl Master {
         detail: Option<&str>,
     ) {
         let event = RolloutEvent {
-            at: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            at: epoch_secs(SystemTime::now()),
             service: svc.name().to_string(),
             kind: kind.to_string(),
             from: from.version.short().to_string(),

@@ -2,14 +2,17 @@
 //! its slots' recent trouble and its workers; and what the admin listener reads: the version
 //! history, readiness, and the gauges of the metrics.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::{pool::EntryRole, Master, WorkerState};
 use crate::{
     admin::metrics::{View, SAMPLE_EVERY},
-    protocol::{RolloutEvent, ServiceStatus, SlotStatus, StatusReport, VersionInfo, WorkerStatus},
+    protocol::{
+        epoch_secs, RolloutEvent, ServiceStatus, SlotStatus, StatusReport, VersionInfo,
+        WorkerStatus,
+    },
     shadow::{Marks, PluginVersion, SavedService},
 };
 
@@ -164,12 +167,6 @@ fn version_with_marks(
         failed: failed.get(&v.hash).cloned(),
         set_aside: set_aside.get(&v.hash).cloned(),
     }
-}
-
-fn epoch_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// A service this master keeps the history of but does not run, as `/api/history` shows it.
