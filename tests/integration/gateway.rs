@@ -117,6 +117,30 @@ fn chat_rooms_nicknames_and_refused_origins() {
     assert_eq!(resp.status, 426);
 }
 
+/// A client that sends its messages without waiting for answers: each is handled with the
+/// session its earlier ones wrote (the nickname and room of the lines before it), as when it
+/// waits between them.
+#[test]
+fn a_message_sees_the_session_its_clients_earlier_messages_wrote() {
+    let host = start(1, 1, "");
+    let addr = host.addr("chat");
+    runtime().block_on(async {
+        let mut ann = connect(&addr).await;
+        for line in ["/nick ann", "/join lobby", "hello"] {
+            ws_feed(&mut ann, line).await;
+        }
+        ann.flush().await.unwrap();
+        assert_eq!(hear(&mut ann).await, "ann (v1)");
+        assert_eq!(hear(&mut ann).await, "[lobby] * ann joined (v1)");
+        assert_eq!(hear(&mut ann).await, "[lobby] ann: hello (v1)");
+    });
+}
+
+/// Queues a text message without flushing it, so that several go out in one write.
+async fn ws_feed(ws: &mut Ws, text: &str) {
+    ws.feed(Message::text(text)).await.unwrap();
+}
+
 /// 100 clients each send a numbered message every 50 ms while the plugin is reloaded 20 times
 /// between two builds: every client stays connected, every message is answered once, in order,
 /// and after each reload the answers come from the new version.

@@ -206,7 +206,12 @@ impl Router {
         self.flush(st, id);
     }
 
-    /// Sends the client's waiting events to its worker, if it has one and is not moving.
+    /// Sends the client's next waiting event to its worker, if it has one, is not moving, and
+    /// has answered the client's event before. One event of a client is in flight at a time:
+    /// an event carries the client's session as the gateway holds it when the event is sent,
+    /// and the worker's session writes for an event arrive before its `Done`, so the next
+    /// event sees them. Sent as they came, a client's second message would carry the session
+    /// from before its first one's writes (a `/nick` and then a line in the chat example).
     fn flush(&self, st: &mut State, id: u64) {
         let State {
             clients,
@@ -217,13 +222,13 @@ impl Router {
         let Some(client) = clients.get_mut(&id) else {
             return;
         };
-        if client.moving {
+        if client.moving || client.inflight > 0 {
             return;
         }
         let Some(link) = client.link.and_then(|pid| links.get_mut(&pid)) else {
             return;
         };
-        while let Some(event) = client.pending.pop_front() {
+        if let Some(event) = client.pending.pop_front() {
             *seq += 1;
             let size = event.size();
             client.pending_bytes -= size;
@@ -393,8 +398,8 @@ impl Router {
                 if client.moving && client.inflight == 0 {
                     client.moving = false;
                     client.link = holders.get(&client.slot).copied();
-                    self.flush(&mut st, id);
                 }
+                self.flush(&mut st, id);
                 self.finish_gone(&mut st);
                 self.release_idle_links(&mut st);
             }
@@ -558,12 +563,21 @@ mod tests {
         let (socket, _out) = Socket::new();
         let (id, _verdict) = router.connect(info(), socket);
         router.message(id, true, Bytes::from_static(b"1"));
-        let sent = frames(&mut old_rx);
-        assert_eq!(
-            sent.len(),
-            2,
-            "connect and message 1 went to the old worker"
+        // One event of a client in flight at a time: message 1 waits for the connect's Done.
+        let connect = frames(&mut old_rx);
+        assert_eq!(connect.len(), 1, "the connect went to the old worker");
+        assert!(matches!(&connect[0], ToBusiness::Connect { .. }));
+        router.from_business(
+            10,
+            FromBusiness::Done {
+                seq: seq_of(&connect[0]),
+                client: id,
+                refused: None,
+            },
         );
+        let sent = frames(&mut old_rx);
+        assert_eq!(sent.len(), 1, "then message 1 went to the old worker");
+        assert!(matches!(&sent[0], ToBusiness::Message { data, .. } if &data[..] == b"1"));
 
         // A reload: the new worker holds the slot; message 2 waits for the old one's Done.
         router.link_opened(0, 20, new_tx);
