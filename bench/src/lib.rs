@@ -683,9 +683,10 @@ pub const DEFAULT: Mode = Mode {
     steady_rounds: 7,
     steady_secs: 10,
     reload_rounds: 7,
-    // 8 reloads a run. (20 s runs took the default mode to 20 min 15 s with figures 9-12 and
-    // 14: 7 rounds of 4 runs is 28 runs, so 2 s less each keeps it within 20 min.)
-    reload_secs: 18,
+    // 7 reloads a run. (20 s runs took the default mode to 20 min 15 s with figures 9-12 and
+    // 14, and 18 s runs to 20 min 6 s: 7 rounds of 4 runs is 28 runs, so 2 s less each is
+    // about 56 s less.)
+    reload_secs: 16,
     reload_time_reloads: 7,
     reload_time_workers: &[1, 2, 4, 8],
     rebuild_rounds: 21,
@@ -697,15 +698,16 @@ pub const DEFAULT: Mode = Mode {
     boundary_rounds: 7,
     boundary_warmup: Duration::from_secs(1),
     boundary_measure: Duration::from_secs(2),
-    // 5 rounds of 4 s runs (not the 7 of 10 s of figure 1): with figure 10's 30 runs and figure
-    // 11's 15, more would take the default mode past its 20 min.
+    // 5 rounds of 3 s runs (not the 7 of 10 s of figure 1): with figure 10's 30 runs and figure
+    // 11's 15, more would take the default mode past its 20 min (4 s runs, with figure 14's and
+    // figure 2's 18 s, took it to 20 min 6 s).
     tls_rounds: 5,
-    tls_secs: 4,
+    tls_secs: 3,
     access_log_rounds: 5,
-    access_log_secs: 4,
+    access_log_secs: 3,
     // As figure 10's: 7 rounds of 10 s would take the default mode past its 20 min.
     async_rounds: 5,
-    async_secs: 4,
+    async_secs: 3,
     stats_rounds: 7,
     stats_warmup: Duration::from_millis(200),
     stats_measure: Duration::from_millis(500),
