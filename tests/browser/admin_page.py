@@ -18,6 +18,11 @@ Test mode (the default), each step checked, with no console error (SEVERE) in th
   5. a screenshot to --screenshot.
 The last line on stdout is JSON: {"shown": [...], "after_reload": [...], "after_rollback": [...]}.
 
+Not-running mode (--expect-not-running NAME=VERSION, repeated): sign in as in step 1, then
+wait until the "Kept, not running" section lists exactly those services, each with the version
+that was live when it last ran, and that no service card is shown for them; a screenshot. The
+last line is JSON: {"shown": [...], "not_running": [[name, version], ...]}.
+
 Docs mode (--docs): sign in, wait until the chart holds --min-points samples (run some load
 meanwhile), reload --service from the page, wait a little more traffic, take the screenshot.
 
@@ -269,6 +274,35 @@ def sign_in_by_form(page, token, expect):
     log("signed in by the form")
 
 
+def check_not_running(page, expect):
+    """Waits until the page lists exactly `expect` ({name: version}) as kept but not running;
+    returns what it lists, as [name, version] pairs."""
+    listed = []
+
+    def check(_):
+        rows = page.driver.execute_script(
+            """
+            const section = document.getElementById('dormant');
+            if (section.hidden) return null;
+            return Array.from(section.querySelectorAll('tbody tr'),
+              r => [r.dataset.service, r.cells[2].textContent]);
+            """
+        )
+        if rows is None or sorted(map(tuple, rows)) != sorted(expect.items()):
+            return False
+        listed[:] = rows
+        return True
+
+    page.wait(f"the page lists {expect} as kept but not running", check)
+    for name in expect:
+        cards = page.driver.find_elements(By.CSS_SELECTOR, f'section.service[data-service="{name}"]')
+        if cards:
+            raise Failed(f"{name} is listed as not running but has a service card")
+    page.check_console("not running")
+    log(f"kept but not running: {listed}")
+    return listed
+
+
 def series_points(page):
     """The fewest samples any service has in /api/series, fetched by the page's own token."""
     return page.driver.execute_async_script(
@@ -306,6 +340,13 @@ def main():
     parser.add_argument("--screenshot", required=True)
     parser.add_argument("--docs", action="store_true", help="take the screenshot for docs/")
     parser.add_argument("--min-points", type=int, default=90)
+    parser.add_argument(
+        "--expect-not-running",
+        action="append",
+        default=[],
+        metavar="NAME=VERSION",
+        help="check only that the page lists these services as kept but not running",
+    )
     args = parser.parse_args()
     token = os.environ.get("ADMIN_TOKEN", "").strip()
     if not token:
@@ -321,6 +362,10 @@ def main():
         if args.docs:
             docs(page, token, args)
             result = {}
+        elif args.expect_not_running:
+            shown = sign_in_by_fragment(page, token, expect)
+            dormant = dict(pair.split("=", 1) for pair in args.expect_not_running)
+            result = {"shown": shown, "not_running": check_not_running(page, dormant)}
         else:
             shown = sign_in_by_fragment(page, token, expect, args.expect_traffic)
             after = reload_from_page(page, shown)

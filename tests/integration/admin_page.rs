@@ -3,7 +3,8 @@
 //! fragment and from its form, loads with no console error under the page's CSP, shows the
 //! workers the API reports, and a reload clicked on the page (its confirm() accepted) replaces
 //! them, then a rollback clicked on the page replaces them again and shows the version it left
-//! as set aside: the page then shows the pids `/api/status` reports.
+//! as set aside: the page then shows the pids `/api/status` reports. A service a config reload
+//! removed is listed as kept but not running, with the version it ran.
 //!
 //! The script runs in its own process group (chromedriver and Chromium too): the group is
 //! killed when the test ends, however it ends, and the test checks that nothing of it is left.
@@ -33,6 +34,7 @@ use nix::{
 use serde_json::Value;
 
 use crate::{
+    admin,
     harness::{wait_until, Host},
     load::Load,
 };
@@ -136,6 +138,41 @@ fn the_admin_page_shows_the_workers_and_reloads_and_rolls_back_from_clicks() {
     }
     let png = fs::read(&screenshot).expect("the script saved no screenshot");
     assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
+}
+
+#[test]
+fn the_admin_page_lists_the_services_kept_but_not_running() {
+    browser_prerequisites();
+    let api = "\n[[service]]\nname = \"api\"\nlisten = [\"127.0.0.1:0\"]\nplugin = \"plugin.so\"\n\
+               workers = 1\ncanary_probation = \"0s\"\nprobation = \"0s\"\n";
+    let host = admin::start("versioned", "", api);
+    let live = host.service("api")["version"].as_str().unwrap().to_string();
+    // A config reload that removes `api`: the host keeps its history.
+    fs::write(host.dir.path().join("host.toml"), admin::config("", "")).unwrap();
+    host.reload_ok();
+    let addr = admin::admin_addr(&host);
+    let status = api_get(&addr, admin::TOKEN, "/api/status");
+    let web = ready_pids(&status);
+    assert_eq!(status["services"][0]["name"], "web", "{status}");
+
+    let screenshot = host.dir.path().join("admin-page.png");
+    let result = run_browser(
+        &[
+            "--url",
+            &format!("http://{addr}/"),
+            "--service",
+            "web",
+            "--expect-pids",
+            &join(&web),
+            "--expect-not-running",
+            &format!("api={live}"),
+            "--screenshot",
+            screenshot.to_str().unwrap(),
+        ],
+        admin::TOKEN,
+    );
+    assert_eq!(pids_of(&result["shown"]), web);
+    assert_eq!(result["not_running"], serde_json::json!([["api", live]]));
 }
 
 /// Fails (never skips) when something the browser test needs is missing.

@@ -4,7 +4,8 @@
 //   or from the form, and stays in sessionStorage; every API call sends it as a bearer token.
 //   A 401 forgets it and asks again. No cookies.
 // - GET /api/status every 2 s, /api/series every 1 s (the chart), /api/history when status
-//   shows that versions or events changed. Polling pauses while the tab is hidden.
+//   shows that services, versions or events changed (it also lists the services kept but not
+//   running). Polling pauses while the tab is hidden.
 // - Operations are POSTs answering newline-delimited JSON: {"line": ...} as they go, then
 //   {"done": true, "ok": ..., "summary": ...}; the lines are shown as they arrive.
 // - The page runs under a strict Content-Security-Policy: no inline script or style, so the
@@ -347,7 +348,26 @@
         state.cards.delete(name);
       }
     }
+    renderDormant();
     drawCharts();
+  }
+
+  // The services whose history the host keeps but does not run (/api/history's not_running).
+  function renderDormant() {
+    const list = (state.history && state.history.not_running) || [];
+    $("dormant").hidden = list.length === 0;
+    fillRows($("dormant").querySelector("tbody"), JSON.stringify(list), () => list.map((svc) => {
+      const live = svc.live;
+      return el("tr", { data: { service: svc.name } },
+        el("td", {}, el("strong", {}, svc.name)),
+        el("td", {}, svc.last_ran ? clock(svc.last_ran) : "–"),
+        el("td", {}, live ? el("code", {}, live.version) : "none"),
+        el("td", { class: "wrap status" }, live ? versionStatus(live) : null),
+        svc.previous.length
+          ? el("td", { class: "mono wrap" }, svc.previous.map((v) => v.version).join(", "))
+          : el("td", { class: "muted" }, "none"),
+        el("td", { class: "mono wrap" }, live ? live.source : "–"));
+    }));
   }
 
   let cardsMade = 0;
@@ -504,14 +524,9 @@
         el("td", { class: "mono wrap" }, live ? live.source : "–"),
         el("td", {})));
       for (const v of svc.previous) {
-        const status = v.failed
-          ? [el("span", { class: "outcome-failed" }, "failed"), el("span", { class: "detail", title: v.failed }, firstLine(v.failed))]
-          : v.set_aside
-          ? [el("span", { class: "muted" }, "set aside"), el("span", { class: "detail", title: v.set_aside }, v.set_aside)]
-          : v.healthy ? el("span", { class: "good" }, "healthy") : el("span", { class: "muted" }, "never proven healthy");
         rows.push(el("tr", { data: { version: v.version } },
           el("td", {}, el("code", {}, v.version)),
-          el("td", { class: "wrap status" }, status),
+          el("td", { class: "wrap status" }, versionStatus(v)),
           el("td", {}, clock(v.first_loaded)),
           el("td", { class: "num" }, bytes(v.size)),
           el("td", { class: "mono wrap" }, v.source),
@@ -525,6 +540,17 @@
       }
       return rows;
     });
+  }
+
+  // How a kept version stands, from its marks.
+  function versionStatus(v) {
+    if (v.failed) {
+      return [el("span", { class: "outcome-failed" }, "failed"), el("span", { class: "detail", title: v.failed }, firstLine(v.failed))];
+    }
+    if (v.set_aside) {
+      return [el("span", { class: "muted" }, "set aside"), el("span", { class: "detail", title: v.set_aside }, v.set_aside)];
+    }
+    return v.healthy ? el("span", { class: "good" }, "healthy") : el("span", { class: "muted" }, "never proven healthy");
   }
 
   function firstLine(text) {
