@@ -257,11 +257,11 @@ pub fn without_cargo_run_env(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
-/// The release host and hello v1 of commit `rev` of this repository (figure `ab`): its tree
-/// exported with `git archive` into `<target>/bench-ab/<commit>/src` and built there, in a
-/// target dir beside it (a second run finds both fresh). Returns the commit's short hash, the
-/// host binary and the plugin.
-pub fn build_at(rev: &str) -> (String, PathBuf, PathBuf) {
+/// The release host and v1 of plugin `plugin` (`hello` or `hello-async`) of commit `rev` of this
+/// repository (figure `ab`): its tree exported with `git archive` into
+/// `<target>/bench-ab/<commit>/src` and built there, in a target dir beside it (a second run
+/// finds both fresh). Returns the commit's short hash, the host binary and the plugin.
+pub fn build_at(rev: &str, plugin: &str) -> (String, PathBuf, PathBuf) {
     let git = |args: &[&str]| {
         let out = Command::new("git")
             .args(args)
@@ -304,18 +304,17 @@ pub fn build_at(rev: &str) -> (String, PathBuf, PathBuf) {
     let target = dir.join("target");
     cargo_in(
         &src,
-        &["build", "--release", "-p", "host", "-p", "hello"],
+        &["build", "--release", "-p", "host", "-p", plugin],
         Some(&target),
         &[("HELLO_VERSION", "v1")],
     );
-    let (host, plugin) = (
-        target.join("release/host"),
-        target.join("release/libhello.so"),
-    );
+    let library = format!("release/lib{}.so", plugin.replace('-', "_"));
+    let (host, plugin_file) = (target.join("release/host"), target.join(library));
     assert!(
-        host.is_file() && plugin.is_file(),
-        "the build of {commit} made no host or hello"
+        host.is_file() && plugin_file.is_file(),
+        "the build of {commit} made no host or {plugin}"
     );
+    let plugin = plugin_file;
     (short, host, plugin)
 }
 
