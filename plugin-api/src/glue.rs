@@ -171,25 +171,37 @@ extern "C" fn handle_ref<P: Plugin>(
     }
 }
 
-/// An async handler's future, polled and dropped in the plugin runtime's context, with its
-/// panics stopped (neither may unwind into the host). The host drops it to cancel the handler
-/// (handler_timeout, client gone).
-struct InContext<F: Future> {
-    future: Option<Pin<Box<F>>>,
+pin_project_lite::pin_project! {
+    /// An async handler's future, polled and dropped in the plugin runtime's context, with its
+    /// panics stopped (neither may unwind into the host). The host drops it to cancel the
+    /// handler (handler_timeout, client gone). The future is held in place, not boxed: the
+    /// FFI future boxes this, and one allocation a request is enough.
+    struct InContext<F: Future> {
+        #[pin]
+        future: Option<F>,
+    }
+
+    impl<F: Future> PinnedDrop for InContext<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let future = this.project().future;
+            if future.is_some() {
+                let _context = runtime::handle().enter();
+                end(future);
+            }
+        }
+    }
 }
 
 impl<F: Future<Output = FfiResponse>> Future for InContext<F> {
     type Output = RResult<FfiResponse, RString>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let Some(future) = self.future.as_mut() else {
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let mut future = self.project().future;
+        let Some(running) = future.as_mut().as_pin_mut() else {
             return Poll::Ready(RErr("polled after it ended".into()));
         };
-        let polled = {
-            let _context = runtime::handle().enter();
-            catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)))
-        };
-        let output = match polled {
+        let _context = runtime::handle().enter();
+        let output = match catch_unwind(AssertUnwindSafe(|| running.poll(cx))) {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(response)) => ROk(response),
             Err(panic) => {
@@ -199,27 +211,18 @@ impl<F: Future<Output = FfiResponse>> Future for InContext<F> {
                 RErr(message.into())
             }
         };
-        // Ended: drop it now, in context, rather than whenever the host drops this.
-        self.end();
+        // Ended: drop it now, in the context entered for this poll, rather than whenever the
+        // host drops this.
+        end(future);
         Poll::Ready(output)
     }
 }
 
-impl<F: Future> InContext<F> {
-    /// Drops the handler's future in the plugin runtime's context, stopping a panic.
-    fn end(&mut self) {
-        if let Some(future) = self.future.take() {
-            let _context = runtime::handle().enter();
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| drop(future))) {
-                let _ = catch_unwind(AssertUnwindSafe(|| drop(panic)));
-            }
-        }
-    }
-}
-
-impl<F: Future> Drop for InContext<F> {
-    fn drop(&mut self) {
-        self.end();
+/// Drops a handler's future in place (the caller has entered the plugin runtime's context),
+/// stopping a panic. The place holds `None` after, even when the drop panics.
+fn end<F>(mut future: Pin<&mut Option<F>>) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| future.set(None))) {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(panic)));
     }
 }
 
@@ -254,9 +257,7 @@ extern "C" fn handle_async_ref<P: AsyncPlugin>(
     // A handler that blocks in a poll holds the host's thread, as an inline sync handler does:
     // the host times every poll against handler_timeout.
     let handler = InContext {
-        future: Some(Box::pin(
-            REQUEST_ID.scope(id, async move { plugin.handle(req).await.into_ffi() }),
-        )),
+        future: Some(REQUEST_ID.scope(id, async move { plugin.handle(req).await.into_ffi() })),
     };
     handler.into_ffi()
 }
@@ -336,5 +337,91 @@ pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
         s.clone()
     } else {
         "(a panic payload that is not a string)".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        },
+        task::{Wake, Waker},
+    };
+
+    use super::*;
+
+    /// Counts its drops, and panics in each.
+    struct PanicsOnDrop(Arc<AtomicUsize>);
+
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            panic!("a handler's future panicked in its drop");
+        }
+    }
+
+    /// A handler's future that answers at its first poll or never, and panics when dropped.
+    struct Handler {
+        answer: bool,
+        _guard: PanicsOnDrop,
+    }
+
+    impl Future for Handler {
+        type Output = FfiResponse;
+
+        fn poll(self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<FfiResponse> {
+            match self.answer {
+                true => Poll::Ready(crate::Response::text(200, "done").into_ffi()),
+                false => Poll::Pending,
+            }
+        }
+    }
+
+    struct Noop;
+
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    fn in_context(answer: bool, drops: &Arc<AtomicUsize>) -> Pin<Box<InContext<Handler>>> {
+        Box::pin(InContext {
+            future: Some(Handler {
+                answer,
+                _guard: PanicsOnDrop(drops.clone()),
+            }),
+        })
+    }
+
+    #[test]
+    fn a_handler_future_whose_drop_panics_is_dropped_once_when_it_answers() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut handler = in_context(true, &drops);
+        let waker = Waker::from(Arc::new(Noop));
+        let polled = handler
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+        let Poll::Ready(ROk(response)) = polled else {
+            panic!("the handler's answer was lost");
+        };
+        assert_eq!(response.status, 200);
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "dropped when it answered");
+        drop(handler);
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "dropped once");
+    }
+
+    #[test]
+    fn a_handler_future_whose_drop_panics_is_dropped_once_when_cancelled() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut handler = in_context(false, &drops);
+        let waker = Waker::from(Arc::new(Noop));
+        let polled = handler
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
+        drop(handler); // the host cancels it: the panic stays inside
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
     }
 }

@@ -65,6 +65,32 @@ fn threads_of(pid: u32) -> usize {
     fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
+/// A handler that answers in its first poll is answered within hyper's call; one that waits is
+/// polled again later: either way its response carries the id its log lines carry.
+#[test]
+fn an_async_handler_that_waits_answers_with_the_id_its_log_lines_carry() {
+    let host = Host::serving("wait", 1, &[]);
+    let addr = host.addr("plugin");
+    let now = get(&addr, "/wait?ms=0");
+    assert_eq!(now.status, 200, "{}", now.body);
+    assert!(now.headers.contains_key("x-request-id"));
+    // 500 ms or more: the plugin logs the wait, under the request's id.
+    let waited = get(&addr, "/wait?ms=500");
+    assert_eq!(waited.status, 200, "{}", waited.body);
+    let id = waited.headers["x-request-id"].to_str().unwrap().to_string();
+    host.wait_for_log("waiting 500 ms");
+    let line = host
+        .logs()
+        .lines()
+        .find(|l| l.contains("waiting 500 ms"))
+        .map(str::to_string)
+        .unwrap();
+    assert!(
+        line.contains(&format!("request_id=\"{id}\"")),
+        "the response's id is {id}; the handler logged: {line}"
+    );
+}
+
 #[test]
 fn one_worker_serves_a_thousand_concurrent_one_second_waits_at_once_on_few_threads() {
     let host = Host::serving("wait", 1, &[]);

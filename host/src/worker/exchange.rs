@@ -3,11 +3,11 @@
 //! else later, and accounts for it: its status and duration (`worker::stats`), the access log,
 //! `max_requests`, and `Connection: close` once the worker drains.
 //!
-//! The common request (HTTP/1.1, a handler called inline, no body) is answered within hyper's
-//! call of the service, with no future of its own: [`Exchange`] is then the response, which hyper moves
-//! into place. A future for every request was about 660 bytes (the request, what the access
-//! log keeps of it, the response's future), moved on every request; a request answered later
-//! is now one boxed future.
+//! The common request (HTTP/1.1, a handler called inline or an async one that answers in its
+//! first poll, no body) is answered within hyper's call of the service, with no future of its
+//! own: [`Exchange`] is then the response, which hyper moves into place. A future for every
+//! request was about 660 bytes (the request, what the access log keeps of it, the response's
+//! future), moved on every request; a request answered later is now one boxed future.
 
 use std::{
     convert::Infallible,
@@ -23,7 +23,13 @@ use std::{
 use http::{header, HeaderValue, Method, Uri, Version};
 use hyper::body::Incoming;
 
-use super::{access_log, conn::ConnState, http::Response, liveness::ask_for_replacement, respond};
+use super::{
+    access_log,
+    conn::ConnState,
+    http::Response,
+    liveness::ask_for_replacement,
+    respond::{self, Now},
+};
 use crate::protocol::{coarse_ns, monotonic_ns};
 
 /// A request's response: ready, or on its way.
@@ -50,21 +56,27 @@ impl Exchange {
         // and hold up its other streams' frames. Its streams run as tasks of their own when
         // they have a future.
         let now = if state.h2 {
-            None
+            Now::Later
         } else {
             respond::now(&req, &state.shared, &state.client_text)
         };
-        match now {
-            Some(response) => Exchange::Now(Some(finish(state, client, started, logged, response))),
-            None => {
-                let in_flight = in_flight.owned(state);
-                Exchange::Later(Box::pin(async move {
-                    let state = &in_flight.0;
-                    let response = respond::later(req, &state.shared, &state.client_text).await;
-                    finish(state, client, started, logged, response)
-                }))
+        let waiting = match now {
+            Now::Done(response) => {
+                return Exchange::Now(Some(finish(state, client, started, logged, response)))
             }
-        }
+            Now::Waiting(call) => Some(call),
+            Now::Later => None,
+        };
+        let in_flight = in_flight.owned(state);
+        Exchange::Later(Box::pin(async move {
+            let state = &in_flight.0;
+            let (shared, client_text) = (&state.shared, &state.client_text);
+            let response = match waiting {
+                Some(call) => respond::waiting(call, req, shared, client_text).await,
+                None => respond::later(req, shared, client_text).await,
+            };
+            finish(state, client, started, logged, response)
+        }))
     }
 }
 

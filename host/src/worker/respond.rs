@@ -1,8 +1,10 @@
 //! One request's response: the host's own routes, reading the body within its limits, calling
 //! the plugin where it belongs (inline, on the blocking pool, or polling an async handler, under
 //! `handler_timeout`), and turning its answer into a response. The common request, a handler
-//! called inline on a request without a body, is answered at once ([`now`], no future); any
-//! other [`later`]. (`worker::exchange` does the accounting around both.)
+//! called inline, or an async handler that answers in its first poll, on a request without a
+//! body, is answered at once ([`now`], no future of the host's); an async handler that has not
+//! answered by then is waited for ([`waiting`]); any other request is answered [`later`].
+//! (`worker::exchange` does the accounting around all three.)
 //!
 //! Limits, each with its status: a body declared (Content-Length) or found larger than
 //! `max_body_bytes` is a 413, before any of it is read when it is declared (so a client that
@@ -10,10 +12,18 @@
 //! and dropped meanwhile, so that it reads the 413 rather than a reset); a body that stalls longer than
 //! `body_timeout` between two parts is a 408; a handler that overruns `handler_timeout` is a 503.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::atomic::Ordering,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use abi_stable::std_types::RStr;
+use abi_stable::std_types::{RResult, RStr, RString};
+use async_ffi::FfiFuture;
 use bytes::{Bytes, BytesMut};
+use futures_util::task::noop_waker_ref;
 use http::{header, HeaderName, HeaderValue, Method, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
@@ -38,30 +48,65 @@ const INLINE_CALL_WARNING: Duration = Duration::from_millis(100);
 /// connection closes, as a client that keeps sending after a 413 deserves.
 const DISCARD_MAX: u64 = 64 * 1024 * 1024;
 
-/// The response to `req` at once, for the common request: a handler called inline on a request
-/// without a body, or a host route; `None` for any other, which [`later`] answers. Borrows the
-/// request: moving it in and back out cost more than the call (it is 264 bytes).
-pub fn now(req: &hyper::Request<Incoming>, shared: &Shared, client: &str) -> Option<Response> {
+/// How [`now`] left a request.
+pub enum Now {
+    /// Answered.
+    Done(Response),
+    /// An async handler that did not answer in its first poll: [`waiting`] waits for it.
+    Waiting(AsyncCall),
+    /// Not started: [`later`] answers it.
+    Later,
+}
+
+/// An async handler's call under way, and the id its request was given.
+pub struct AsyncCall {
+    call: FfiFuture<RResult<FfiResponse, RString>>,
+    id: RequestId,
+}
+
+/// The response to `req` at once, for the common request without a body: a handler called
+/// inline, an async handler that answers in its first poll, or a host route (see [`Now`]).
+/// Borrows the request: moving it in and back out cost more than the call (it is 264 bytes).
+pub fn now(req: &hyper::Request<Incoming>, shared: &Shared, client: &str) -> Now {
     if shared.spec.host_routes {
         if let Some(path) = req.uri().path().strip_prefix("/__host/") {
-            return Some(builtin(path, req.method(), shared));
+            return Now::Done(builtin(path, req.method(), shared));
         }
     }
-    if shared.plugin.calls() != Calls::Inline || !req.body().is_end_stream() {
-        return None;
+    let calls = shared.plugin.calls();
+    if calls == Calls::Blocking || !req.body().is_end_stream() {
+        return Now::Later;
     }
     let id = RequestId::of(req.headers());
-    let head = Head {
-        method: req.method(),
-        uri: req.uri(),
-        version: req.version(),
-        headers: req.headers(),
-        client,
-        tls: shared.tls.is_some(),
-        id: &id,
-    };
-    let result = call_inline(shared, &head, FfiBody::full(Default::default()));
-    Some(answer(result, &head))
+    let head = Head::of(req, client, shared, &id);
+    let body = FfiBody::full(Default::default());
+    if calls == Calls::Inline {
+        let result = call_inline(shared, &head, body);
+        return Now::Done(answer(result, &head));
+    }
+    let mut call = start_async(shared, &head, body);
+    // Polled once here, where hyper asks for the response and no task context is at hand, so
+    // with a waker that does nothing: most handlers answer in their first poll, and then the
+    // request needs no future of the host's, no timer and no second trip through hyper. One
+    // that is not done is polled again by `waiting` with its task's waker, and a future
+    // registers the waker of its latest poll, so no wake-up is lost.
+    match poll_async(&mut call, &mut Context::from_waker(noop_waker_ref())) {
+        Poll::Ready(result) => Now::Done(answer(result.into_result().map_err(String::from), &head)),
+        Poll::Pending => Now::Waiting(AsyncCall { call, id }),
+    }
+}
+
+/// The response to a request whose async handler [`now`] started, once the handler answers
+/// (within `handler_timeout`).
+pub async fn waiting(
+    call: AsyncCall,
+    req: hyper::Request<Incoming>,
+    shared: &Shared,
+    client: &str,
+) -> Response {
+    let head = Head::of(&req, client, shared, &call.id);
+    let result = wait_async(shared, &head, call.call).await;
+    answer(result, &head)
 }
 
 /// The response to a request [`now`] gave back: once its body is read, or its handler (on the
@@ -135,7 +180,25 @@ struct Head<'a> {
     id: &'a RequestId,
 }
 
-impl Head<'_> {
+impl<'a> Head<'a> {
+    /// The head of a request kept whole.
+    fn of(
+        req: &'a hyper::Request<Incoming>,
+        client: &'a str,
+        shared: &Shared,
+        id: &'a RequestId,
+    ) -> Head<'a> {
+        Head {
+            method: req.method(),
+            uri: req.uri(),
+            version: req.version(),
+            headers: req.headers(),
+            client,
+            tls: shared.tls.is_some(),
+            id,
+        }
+    }
+
     /// Calls `f` with the request's head as the plugin gets it: borrowed, not copied (the
     /// plugin copies what it keeps), the header list on the stack unless it is long.
     ///
@@ -314,31 +377,8 @@ async fn call_plugin(
     let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
     match calls {
         Calls::Async => {
-            // The plugin copies the head before this returns; the future borrows none of it.
-            let mut call = head.with_ffi(|request| plugin.handle_async(request, body));
-            // The plugin polls its handler's future in each of these polls (plugin-api's glue),
-            // on this thread: a poll that blocks is an inline call that never ends, and the
-            // heartbeat reports it as one.
-            let call = std::future::poll_fn(move |cx| {
-                let _call = INLINE_CALLS.begin();
-                std::future::Future::poll(std::pin::Pin::new(&mut call), cx)
-            });
-            match tokio::time::timeout(timeout, call).await {
-                Ok(result) => result.into_result().map_err(String::from),
-                Err(_) => {
-                    in_worker_span(|| {
-                        tracing::warn!(
-                            request_id = id,
-                            "{} {}: the async handler has run longer than handler_timeout ({}); \
-                             it was cancelled and the client got a 503",
-                            method,
-                            path,
-                            humantime::format_duration(timeout)
-                        )
-                    });
-                    Err(TIMED_OUT.to_string())
-                }
-            }
+            let call = start_async(shared, head, body);
+            wait_async(shared, head, call).await
         }
         Calls::Blocking => {
             // The pool's thread outlives the borrows: the head goes to it copied.
@@ -371,6 +411,54 @@ async fn call_plugin(
             }
         }
         Calls::Inline => call_inline(shared, head, body),
+    }
+}
+
+/// Starts an async handler's call. The plugin copies the head before this returns; the future
+/// borrows none of it.
+fn start_async(
+    shared: &Shared,
+    head: &Head<'_>,
+    body: FfiBody,
+) -> FfiFuture<RResult<FfiResponse, RString>> {
+    head.with_ffi(|request| shared.plugin.handle_async(request, body))
+}
+
+/// One poll of an async handler's call. The plugin polls its handler's future in it
+/// (plugin-api's glue), on this thread: a poll that blocks is an inline call that never ends,
+/// and the heartbeat reports it as one.
+fn poll_async(
+    call: &mut FfiFuture<RResult<FfiResponse, RString>>,
+    cx: &mut Context<'_>,
+) -> Poll<RResult<FfiResponse, RString>> {
+    let _call = INLINE_CALLS.begin();
+    Pin::new(call).poll(cx)
+}
+
+/// An async handler's answer, or a 503's error past `handler_timeout` (dropping the call
+/// cancels the handler).
+async fn wait_async(
+    shared: &Shared,
+    head: &Head<'_>,
+    mut call: FfiFuture<RResult<FfiResponse, RString>>,
+) -> Result<FfiResponse, String> {
+    let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
+    let call = std::future::poll_fn(move |cx| poll_async(&mut call, cx));
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.into_result().map_err(String::from),
+        Err(_) => {
+            in_worker_span(|| {
+                tracing::warn!(
+                    request_id = head.id.as_str(),
+                    "{} {}: the async handler has run longer than handler_timeout ({}); it \
+                     was cancelled and the client got a 503",
+                    head.method,
+                    head.uri.path(),
+                    humantime::format_duration(timeout)
+                )
+            });
+            Err(TIMED_OUT.to_string())
+        }
     }
 }
 
