@@ -67,12 +67,11 @@ const CEILING_H1_INLINE_LOG_JSON: f64 = 9.0;
 /// HTTP/1.1 inline with the access log on, combined format.
 const CEILING_H1_INLINE_LOG_COMBINED: f64 = 11.0;
 /// HTTP/1.1 with an async handler, which plugin-api polls on the host's thread (so its
-/// allocations count here too): the inline case's, plus the handler's boxed future, the
-/// request id it logs with, the FFI future, the host's boxed future of the response
-/// (`exchange::Exchange::Later`: the inline case answers without one), and hyper's 2 of its
-/// read buffer (reserved again while the request, which holds part of it, lives on in that
-/// future; the inline case drops the request before hyper reads the next one).
-const CEILING_H1_ASYNC: f64 = 14.0;
+/// allocations count here too): the inline case's, plus the FFI future (the handler's future
+/// is held inside it) and the request id the handler logs with. The handler answers in the
+/// first poll, which the host makes within hyper's call of the service, so the response needs
+/// no boxed future of its own and hyper reuses its read buffer in place, as for the inline case.
+const CEILING_H1_ASYNC: f64 = 10.0;
 
 // ---------------------------------------------------------------------------------------------
 // The counting allocator.
