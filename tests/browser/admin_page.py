@@ -8,7 +8,8 @@ command line.
 Test mode (the default), each step checked, with no console error (SEVERE) in the browser log:
   1. open URL#token=TOKEN: the fragment leaves the address bar, the token is in
      sessionStorage, and the workers the test expects (--expect-pids) are shown (and, with
-     --expect-traffic, the chart's current requests per second);
+     --expect-traffic, the chart's current requests per second), and no "Kept, not running"
+     section (the host keeps no service it does not run);
   2. click the service's Reload button, accept the confirm(), see the progress lines and the
      outcome stream in, then see new ready pids in place of the old ones; with --rollback, the
      same with its Roll back button, after which the version left is shown as "set aside";
@@ -368,6 +369,8 @@ def main():
             result = {"shown": shown, "not_running": check_not_running(page, dormant)}
         else:
             shown = sign_in_by_fragment(page, token, expect, args.expect_traffic)
+            if page.visible("dormant"):
+                raise Failed("'Kept, not running' is shown, but the host keeps no such service")
             after = reload_from_page(page, shown)
             result = {"shown": shown, "after_reload": after}
             if args.rollback:

@@ -38,7 +38,7 @@ use super::{
     request_id::{self, RequestId},
 };
 
-/// What `call_plugin` returns when the handler overran `handler_timeout` (the client gets 503).
+/// What a call returns when the handler overran `handler_timeout` (the client gets 503).
 const TIMED_OUT: &str = "handler timed out";
 
 /// An inline call that takes longer than this is reported: the plugin said it never blocks.
@@ -58,10 +58,12 @@ pub enum Now {
     Later,
 }
 
-/// An async handler's call under way, and the id its request was given.
+/// An async handler's call under way, the id its request was given, and how long its first
+/// poll took (of its `handler_timeout`).
 pub struct AsyncCall {
     call: FfiFuture<RResult<FfiResponse, RString>>,
     id: RequestId,
+    spent: Duration,
 }
 
 /// The response to `req` at once, for the common request without a body: a handler called
@@ -89,10 +91,17 @@ pub fn now(req: &hyper::Request<Incoming>, shared: &Shared, client: &str) -> Now
     // with a waker that does nothing: most handlers answer in their first poll, and then the
     // request needs no future of the host's, no timer and no second trip through hyper. One
     // that is not done is polled again by `waiting` with its task's waker, and a future
-    // registers the waker of its latest poll, so no wake-up is lost.
-    match poll_async(&mut call, &mut Context::from_waker(noop_waker_ref())) {
-        Poll::Ready(result) => Now::Done(answer(result.into_result().map_err(String::from), &head)),
-        Poll::Pending => Now::Waiting(AsyncCall { call, id }),
+    // registers the waker of its latest poll, so no wake-up is lost. That second poll, at
+    // once, is what a handler that waits pays for this (and a clone of the new waker).
+    // Timed as `poll_async` times every poll.
+    let poll = INLINE_CALLS.begin();
+    match Pin::new(&mut call).poll(&mut Context::from_waker(noop_waker_ref())) {
+        Poll::Ready(result) => Now::Done(answer(outcome(result), &head)),
+        Poll::Pending => Now::Waiting(AsyncCall {
+            call,
+            id,
+            spent: poll.took(),
+        }),
     }
 }
 
@@ -105,7 +114,7 @@ pub async fn waiting(
     client: &str,
 ) -> Response {
     let head = Head::of(&req, client, shared, &call.id);
-    let result = wait_async(shared, &head, call.call).await;
+    let result = wait_async(shared, &head, call.call, call.spent).await;
     answer(result, &head)
 }
 
@@ -125,15 +134,7 @@ pub async fn later(req: hyper::Request<Incoming>, shared: &Shared, client: &str)
         Ok(body) => body,
         Err(response) => return response,
     };
-    let head = Head {
-        method: &parts.method,
-        uri: &parts.uri,
-        version: parts.version,
-        headers: &parts.headers,
-        client,
-        tls: shared.tls.is_some(),
-        id: &id,
-    };
+    let head = Head::of_parts(&parts, client, shared, &id);
     let result = call_plugin(shared, calls, &head, body).await;
     answer(result, &head)
 }
@@ -193,6 +194,24 @@ impl<'a> Head<'a> {
             uri: req.uri(),
             version: req.version(),
             headers: req.headers(),
+            client,
+            tls: shared.tls.is_some(),
+            id,
+        }
+    }
+
+    /// The head of a request taken apart (its body read on its own).
+    fn of_parts(
+        parts: &'a http::request::Parts,
+        client: &'a str,
+        shared: &Shared,
+        id: &'a RequestId,
+    ) -> Head<'a> {
+        Head {
+            method: &parts.method,
+            uri: &parts.uri,
+            version: parts.version,
+            headers: &parts.headers,
             client,
             tls: shared.tls.is_some(),
             id,
@@ -378,7 +397,7 @@ async fn call_plugin(
     match calls {
         Calls::Async => {
             let call = start_async(shared, head, body);
-            wait_async(shared, head, call).await
+            wait_async(shared, head, call, Duration::ZERO).await
         }
         Calls::Blocking => {
             // The pool's thread outlives the borrows: the head goes to it copied.
@@ -435,17 +454,18 @@ fn poll_async(
     Pin::new(call).poll(cx)
 }
 
-/// An async handler's answer, or a 503's error past `handler_timeout` (dropping the call
-/// cancels the handler).
+/// An async handler's answer, or a 503's error once it has run past `handler_timeout` (`spent`
+/// of which went before this; dropping the call cancels the handler).
 async fn wait_async(
     shared: &Shared,
     head: &Head<'_>,
     mut call: FfiFuture<RResult<FfiResponse, RString>>,
+    spent: Duration,
 ) -> Result<FfiResponse, String> {
     let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
     let call = std::future::poll_fn(move |cx| poll_async(&mut call, cx));
-    match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result.into_result().map_err(String::from),
+    match tokio::time::timeout(timeout.saturating_sub(spent), call).await {
+        Ok(result) => outcome(result),
         Err(_) => {
             in_worker_span(|| {
                 tracing::warn!(
@@ -460,6 +480,11 @@ async fn wait_async(
             Err(TIMED_OUT.to_string())
         }
     }
+}
+
+/// An async handler's result as the sync ones' are.
+fn outcome(result: RResult<FfiResponse, RString>) -> Result<FfiResponse, String> {
+    result.into_result().map_err(String::from)
 }
 
 /// Calls a handler that never blocks right here, on the async thread, and says so (once per
