@@ -72,6 +72,12 @@ const CEILING_H1_INLINE_LOG_COMBINED: f64 = 11.0;
 /// first poll, which the host makes within hyper's call of the service, so the response needs
 /// no boxed future of its own and hyper reuses its read buffer in place, as for the inline case.
 const CEILING_H1_ASYNC: f64 = 10.0;
+/// The same with a handler that is not done at its first poll (it yields once): 4 more. The
+/// response is a boxed future of the host's (`exchange::Exchange::Later`), polled again at
+/// once with its task's waker; hyper reserves its read buffer again (2) while the request
+/// lives on in that future; and the waker the handler keeps to be woken is a clone across the
+/// boundary (async-ffi boxes it).
+const CEILING_H1_ASYNC_WAITING: f64 = 14.0;
 
 // ---------------------------------------------------------------------------------------------
 // The counting allocator.
@@ -181,6 +187,10 @@ impl AsyncPlugin for Hello {
     }
 
     async fn handle(&self, req: Request) -> Response {
+        if req.path() == WAIT_PATH {
+            // Pending once (its wake-up goes to the first poll's waker), ready at the next poll.
+            tokio::task::yield_now().await;
+        }
         plugin_api::Plugin::handle(self, &req)
     }
 }
@@ -189,6 +199,8 @@ impl AsyncPlugin for Hello {
 enum Handler {
     Inline,
     Async,
+    /// Async, on a path where the handler is not done at its first poll.
+    AsyncWaiting,
 }
 
 fn plugin(handler: Handler) -> Plugin {
@@ -211,7 +223,7 @@ fn plugin(handler: Handler) -> Plugin {
     });
     Plugin::Current(match handler {
         Handler::Inline => inline,
-        Handler::Async => asynchronous,
+        Handler::Async | Handler::AsyncWaiting => asynchronous,
     })
 }
 
@@ -277,6 +289,8 @@ fn shared(handler: Handler, access_log: Option<AccessLogFormat>) -> Arc<Shared> 
 // The clients: raw bytes on one keep-alive connection, read into a buffer on the stack.
 
 const PATH: &str = "/alloc-count";
+/// Where the async handler waits once (HTTP/1.1 only).
+const WAIT_PATH: &str = "/alloc-count-wait";
 const BODY: &[u8] = b"Hello from hello v1\n";
 
 struct Client {
@@ -284,12 +298,14 @@ struct Client {
     buf: [u8; 32 * 1024],
     filled: usize,
     h2: bool,
+    /// HTTP/1.1 to [`WAIT_PATH`] rather than [`PATH`].
+    wait: bool,
     /// The next HTTP/2 stream id.
     next_stream: u32,
 }
 
 impl Client {
-    async fn connect(addr: SocketAddr, h2: bool) -> Client {
+    async fn connect(addr: SocketAddr, h2: bool, wait: bool) -> Client {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
         let mut client = Client {
@@ -297,6 +313,7 @@ impl Client {
             buf: [0; 32 * 1024],
             filled: 0,
             h2,
+            wait,
             next_stream: 1,
         };
         if h2 {
@@ -321,8 +338,14 @@ impl Client {
     }
 
     async fn get_h1(&mut self) {
-        let request = b"GET /alloc-count HTTP/1.1\r\nhost: localhost\r\n\
-                        user-agent: alloc-count\r\naccept: */*\r\n\r\n";
+        // Each in one write, as a client sends a small request.
+        let request: &[u8] = if self.wait {
+            b"GET /alloc-count-wait HTTP/1.1\r\nhost: localhost\r\n\
+              user-agent: alloc-count\r\naccept: */*\r\n\r\n"
+        } else {
+            b"GET /alloc-count HTTP/1.1\r\nhost: localhost\r\n\
+              user-agent: alloc-count\r\naccept: */*\r\n\r\n"
+        };
         self.stream.write_all(request).await.expect("write");
         loop {
             self.read().await;
@@ -491,7 +514,8 @@ fn measure(case: &Case) -> Counted {
         let addr = listener.local_addr().expect("local_addr");
         let (stopped_tx, _stopped_rx) = oneshot::channel();
         tokio::spawn(http::serve(vec![listener], shared.clone(), stopped_tx));
-        let mut client = Client::connect(addr, case.h2).await;
+        let wait = matches!(case.handler, Handler::AsyncWaiting);
+        let mut client = Client::connect(addr, case.h2, wait).await;
         for _ in 1..WARM_UP {
             client.get().await;
         }
@@ -625,6 +649,17 @@ fn allocations_per_request_http1_inline_access_log_combined() {
         h2: false,
         access_log: Some(AccessLogFormat::Combined),
         ceiling: CEILING_H1_INLINE_LOG_COMBINED,
+    })
+}
+
+#[test]
+fn allocations_per_request_http1_async_waiting() {
+    check(Case {
+        name: "HTTP/1.1, async handler that waits",
+        handler: Handler::AsyncWaiting,
+        h2: false,
+        access_log: None,
+        ceiling: CEILING_H1_ASYNC_WAITING,
     })
 }
 
