@@ -309,13 +309,12 @@ pub fn build_at(rev: &str, plugin: &str) -> (String, PathBuf, PathBuf) {
         &[("HELLO_VERSION", "v1")],
     );
     let library = format!("release/lib{}.so", plugin.replace('-', "_"));
-    let (host, plugin_file) = (target.join("release/host"), target.join(library));
+    let (host, library) = (target.join("release/host"), target.join(library));
     assert!(
-        host.is_file() && plugin_file.is_file(),
+        host.is_file() && library.is_file(),
         "the build of {commit} made no host or {plugin}"
     );
-    let plugin = plugin_file;
-    (short, host, plugin)
+    (short, host, library)
 }
 
 /// `cargo ARGS [--target-dir DIR]` with the build-time variables the plugins read

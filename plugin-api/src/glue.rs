@@ -394,14 +394,21 @@ mod tests {
         })
     }
 
+    /// One poll, as the host makes it (a waker that does nothing: nothing here wakes it).
+    fn poll_once(
+        handler: &mut Pin<Box<InContext<Handler>>>,
+    ) -> Poll<RResult<FfiResponse, RString>> {
+        let waker = Waker::from(Arc::new(Noop));
+        handler
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker))
+    }
+
     #[test]
     fn a_handler_future_whose_drop_panics_is_dropped_once_when_it_answers() {
         let drops = Arc::new(AtomicUsize::new(0));
         let mut handler = in_context(true, &drops);
-        let waker = Waker::from(Arc::new(Noop));
-        let polled = handler
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(&waker));
+        let polled = poll_once(&mut handler);
         let Poll::Ready(ROk(response)) = polled else {
             panic!("the handler's answer was lost");
         };
@@ -415,10 +422,7 @@ mod tests {
     fn a_handler_future_whose_drop_panics_is_dropped_once_when_cancelled() {
         let drops = Arc::new(AtomicUsize::new(0));
         let mut handler = in_context(false, &drops);
-        let waker = Waker::from(Arc::new(Noop));
-        let polled = handler
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(&waker));
+        let polled = poll_once(&mut handler);
         assert!(polled.is_pending());
         assert_eq!(drops.load(Ordering::SeqCst), 0);
         drop(handler); // the host cancels it: the panic stays inside

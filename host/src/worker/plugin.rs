@@ -33,6 +33,9 @@ use plugin_api::{
 };
 
 use super::plugin_v01::V01;
+
+/// An async handler's call as the plugin hands it over: its answer, or why it failed.
+pub type AsyncCallFuture = FfiFuture<RResult<FfiResponse, RString>>;
 use crate::protocol::WorkerSpec;
 
 /// How the host calls a plugin's handler.
@@ -147,11 +150,7 @@ impl Plugin {
     }
 
     /// Starts an async handler call (a 0.1 plugin has none: this calls it in place).
-    pub fn handle_async(
-        &self,
-        req: &FfiRequestRef<'_>,
-        body: FfiBody,
-    ) -> FfiFuture<RResult<FfiResponse, RString>> {
+    pub fn handle_async(&self, req: &FfiRequestRef<'_>, body: FfiBody) -> AsyncCallFuture {
         match self {
             Plugin::Current(m) => match m.handle_async_ref() {
                 Some(handle) => handle(req, body),

@@ -21,7 +21,6 @@ use std::{
 };
 
 use abi_stable::std_types::{RResult, RStr, RString};
-use async_ffi::FfiFuture;
 use bytes::{Bytes, BytesMut};
 use futures_util::task::noop_waker_ref;
 use http::{header, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -34,7 +33,7 @@ use super::{
     http::{Response, Shared},
     in_worker_span,
     liveness::{ask_for_replacement, INLINE_CALLS},
-    plugin::Calls,
+    plugin::{AsyncCallFuture, Calls},
     request_id::{self, RequestId},
 };
 
@@ -61,7 +60,7 @@ pub enum Now {
 /// An async handler's call under way, the id its request was given, and how long its first
 /// poll took (of its `handler_timeout`).
 pub struct AsyncCall {
-    call: FfiFuture<RResult<FfiResponse, RString>>,
+    call: AsyncCallFuture,
     id: RequestId,
     spent: Duration,
 }
@@ -435,11 +434,7 @@ async fn call_plugin(
 
 /// Starts an async handler's call. The plugin copies the head before this returns; the future
 /// borrows none of it.
-fn start_async(
-    shared: &Shared,
-    head: &Head<'_>,
-    body: FfiBody,
-) -> FfiFuture<RResult<FfiResponse, RString>> {
+fn start_async(shared: &Shared, head: &Head<'_>, body: FfiBody) -> AsyncCallFuture {
     head.with_ffi(|request| shared.plugin.handle_async(request, body))
 }
 
@@ -447,7 +442,7 @@ fn start_async(
 /// (plugin-api's glue), on this thread: a poll that blocks is an inline call that never ends,
 /// and the heartbeat reports it as one.
 fn poll_async(
-    call: &mut FfiFuture<RResult<FfiResponse, RString>>,
+    call: &mut AsyncCallFuture,
     cx: &mut Context<'_>,
 ) -> Poll<RResult<FfiResponse, RString>> {
     let _call = INLINE_CALLS.begin();
@@ -459,7 +454,7 @@ fn poll_async(
 async fn wait_async(
     shared: &Shared,
     head: &Head<'_>,
-    mut call: FfiFuture<RResult<FfiResponse, RString>>,
+    mut call: AsyncCallFuture,
     spent: Duration,
 ) -> Result<FfiResponse, String> {
     let timeout = Duration::from_millis(shared.spec.handler_timeout_ms);
