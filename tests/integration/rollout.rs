@@ -237,6 +237,48 @@ fn a_crash_loop_after_probation_goes_back_to_the_last_healthy_version() {
     });
 }
 
+/// An operator's rollback leaves a version the operator rejected: neither a crash of the version
+/// rolled back to during its probation nor its crash loop after brings that one back.
+#[test]
+fn a_crash_after_an_operators_rollback_never_brings_back_the_version_rolled_back_from() {
+    // fault-exit exits 2 s after each start, within its 3 s probation; versioned never does.
+    let host = start(
+        "fault-exit",
+        1,
+        "canary_probation = \"0s\"\nprobation = \"3s\"\ncrash_loop_crashes = 2\n\
+         [service.config]\nexit_after_ms = \"2000\"",
+    );
+    let faulty = live_version(&host);
+    host.replace_plugin("versioned");
+    host.reload_ok();
+    let good = live_version(&host);
+    assert_ne!(good, faulty);
+    host.wait_for_log(&format!("{good} passed its probation: healthy"));
+    let loops_before = host.logs().matches("is in a crash loop").count();
+
+    let out = host.cli(&["rollback"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "on probation for 3s without a fallback ({good} is the version rolled back from"
+        )),
+        "{text}"
+    );
+    // Its first exit falls within its probation, its second makes a crash loop; the healthy
+    // version before it is the one the operator left.
+    wait_until("the version rolled back to is in a crash loop", || {
+        host.logs().matches("is in a crash loop").count() > loops_before
+    });
+    let logs = host.logs();
+    assert!(
+        logs.contains("no earlier healthy version to roll back to"),
+        "{logs}"
+    );
+    assert!(!logs.contains(&format!("rolling back to {good}")), "{logs}");
+    assert_eq!(live_version(&host), faulty);
+}
+
 #[test]
 fn a_burst_of_reload_requests_is_merged_into_one_follow_up() {
     let host = start(

@@ -23,7 +23,7 @@ use std::{sync::Arc, time::Instant};
 use super::{
     jobs::{summary, Progress},
     listeners,
-    rollout::Outcome,
+    rollout::{Kind, Outcome},
     service::{Release, Service},
     Master,
 };
@@ -320,7 +320,7 @@ impl Master {
                         version,
                         config: Arc::new(config.clone()),
                     };
-                    self.roll_out(svc, release, "reload", progress).await
+                    self.roll_out(svc, release, Kind::Reload, progress).await
                 }
                 Err(e) => Outcome::Failed(format!(
                     "{name}: reload failed: {e}\n{name}: nothing changed; still serving {}",

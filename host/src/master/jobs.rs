@@ -19,7 +19,7 @@ use std::{
 use tokio::sync::{mpsc, Notify};
 
 use super::{
-    rollout::Outcome,
+    rollout::{Kind, Outcome},
     service::{Release, Service},
     Master,
 };
@@ -268,7 +268,7 @@ impl Master {
                         version,
                         config: svc.config(),
                     },
-                    "rollback",
+                    Kind::Rollback,
                     progress,
                 )
                 .await

@@ -22,7 +22,13 @@
 //! by the same surge-and-drain path. During steps 1-3 the rollout task does this itself and
 //! reports it to whoever asked for the reload; during probation a task is started for it.
 //! Outside a trial, `crash_loop_crashes` crashes within `crash_loop_window` roll the service back
-//! to the last version that proved healthy, if there is one.
+//! to the last version that proved healthy, if there is one and an operator did not roll back
+//! from it.
+//!
+//! An operator's rollback is a rollout too, but its probation has no fallback: the version it
+//! leaves is the one the operator rejected, so a crash of the version rolled back to never
+//! brings that one back (it restarts with backoff; a crash loop goes to an earlier healthy
+//! version). It becomes healthy if it does not crash within its probation.
 
 use std::{
     sync::Arc,
@@ -35,6 +41,26 @@ use super::{
     Master,
 };
 use crate::protocol::{epoch_secs, RolloutEvent};
+
+/// What a rollout is for: it names the rollout in the history, and says what a failure after it
+/// falls back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A new version or configuration (`host reload`, a config reload, `--watch`): on trial
+    /// until its probation ends, and a crash meanwhile goes back to the version before.
+    Reload,
+    /// An operator's `host rollback`: the version it leaves is not a fallback.
+    Rollback,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Reload => "reload",
+            Kind::Rollback => "rollback",
+        }
+    }
+}
 
 /// How a rollout ended.
 pub enum Outcome {
@@ -49,13 +75,12 @@ pub enum Outcome {
 }
 
 impl Master {
-    /// Rolls `svc` out to `new`; the caller holds the service's lock. `kind` names the rollout
-    /// in the history (`reload`, `rollback`).
+    /// Rolls `svc` out to `new`; the caller holds the service's lock.
     pub async fn roll_out(
         self: &Arc<Self>,
         svc: &Arc<Service>,
         new: Release,
-        kind: &str,
+        kind: Kind,
         progress: &Progress,
     ) -> Outcome {
         if *self.stopping.borrow() {
@@ -106,7 +131,15 @@ impl Master {
                      {name}: nothing changed; still serving {old} with all {}",
                     super::workers(old.config.workers)
                 );
-                self.record_event(svc, kind, &old, &new, "rejected", started, Some(&reason));
+                self.record_event(
+                    svc,
+                    kind.as_str(),
+                    &old,
+                    &new,
+                    "rejected",
+                    started,
+                    Some(&reason),
+                );
                 return Outcome::Rejected(text);
             }
         };
@@ -137,7 +170,7 @@ impl Master {
         if on_trial {
             if let Some(failure) = self.trial_wait(svc, canary_probation).await {
                 return self
-                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                    .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
                     .await;
             }
         }
@@ -146,7 +179,7 @@ impl Master {
         for slot in 1..workers {
             if let Some(failure) = self.trial_failure(svc) {
                 return self
-                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                    .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
                     .await;
             }
             if slot == workers - 1 {
@@ -156,7 +189,7 @@ impl Master {
             let mut change = self.replace_slot(svc, slot, &new).await;
             if let (Err(_), Some(failure)) = (&change, self.trial_failure(svc)) {
                 return self
-                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                    .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
                     .await;
             }
             if let Err(reason) = &change {
@@ -171,12 +204,20 @@ impl Master {
                     let failure = format!("worker {slot} failed to start twice: {reason}");
                     self.note_trial_failure(svc, &new, &failure);
                     return self
-                        .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                        .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
                         .await;
                 }
                 Err(reason) => {
                     let text = format!("{name}: restart stopped at worker {slot}: {reason}");
-                    self.record_event(svc, kind, &old, &new, "failed", started, Some(&reason));
+                    self.record_event(
+                        svc,
+                        kind.as_str(),
+                        &old,
+                        &new,
+                        "failed",
+                        started,
+                        Some(&reason),
+                    );
                     return Outcome::Failed(text);
                 }
             }
@@ -192,6 +233,12 @@ impl Master {
             match st.trial.as_mut() {
                 Some(t) if t.to.same_as(&new) => match (&t.failure, t.phase) {
                     (Some(failure), _) => Err(failure.clone()),
+                    // An operator's rollback: the trial ends here, its fallback is the version
+                    // the operator rejected.
+                    (None, _) if on_trial && kind == Kind::Rollback => {
+                        st.trial = None;
+                        Ok(Probation::Unguarded)
+                    }
                     (None, _) if on_trial => {
                         t.phase = TrialPhase::Probation { until };
                         Ok(Probation::New(t.id))
@@ -212,7 +259,7 @@ impl Master {
             Ok(id) => id,
             Err(failure) => {
                 return self
-                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
+                    .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
                     .await
             }
         };
@@ -230,6 +277,16 @@ impl Master {
                 );
             }
             Probation::New(_) => self.pass_probation(svc, &new),
+            Probation::Unguarded if probation.is_zero() => self.pass_probation(svc, &new),
+            Probation::Unguarded if svc.state().healthy.contains(&new.version.hash) => {}
+            Probation::Unguarded => {
+                self.watch_unguarded(svc, &new);
+                done += &format!(
+                    "; on probation for {} without a fallback ({from} is the version rolled \
+                     back from: a crash restarts {new} with backoff)",
+                    humantime::format_duration(probation)
+                );
+            }
             Probation::Ongoing(left, back) => {
                 done += &format!(
                     "; its probation goes on: {} more (a crash rolls back to {back})",
@@ -239,7 +296,7 @@ impl Master {
             Probation::None => {}
         }
         progress.line(done + " (old workers drain in the background)");
-        self.record_event(svc, kind, &old, &new, "done", started, None);
+        self.record_event(svc, kind.as_str(), &old, &new, "done", started, None);
         Outcome::Done
     }
 
@@ -358,7 +415,8 @@ impl Master {
                 tracing::error!(
                     service = %svc.name(),
                     "{release} is in a crash loop ({crashes} crashes within {window}) and there \
-                     is no earlier healthy version to roll back to; restarting with backoff"
+                     is no earlier healthy version to roll back to (an operator's rollback sets \
+                     aside the version it left); restarting with backoff"
                 );
             }
         }
@@ -534,6 +592,23 @@ impl Master {
         self.prune_store();
     }
 
+    /// A probation with nothing to roll back to: `release` becomes healthy if it is still live
+    /// and none of its workers crashed when its probation ends.
+    fn watch_unguarded(self: &Arc<Self>, svc: &Arc<Service>, release: &Release) {
+        let (master, svc, release) = (self.clone(), svc.clone(), release.clone());
+        let probation = release.config.probation;
+        tokio::spawn(async move {
+            tokio::time::sleep(probation).await;
+            let calm = {
+                let st = svc.state();
+                st.live.hash == release.version.hash && st.crashes_within(probation) == 0
+            };
+            if calm {
+                master.pass_probation(&svc, &release);
+            }
+        });
+    }
+
     /// Starts the probation of the release a service started with. When the history says
     /// another version was live before, it is a trial (a crash rolls back to that version, so
     /// a restart onto a bad build can fall back); otherwise the version becomes healthy if it
@@ -550,17 +625,7 @@ impl Master {
         }
         let Some(before) = before.filter(|b| b.hash != live.version.hash && !probation.is_zero())
         else {
-            let (master, svc) = (self.clone(), svc.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(probation).await;
-                let calm = {
-                    let st = svc.state();
-                    st.live.hash == live.version.hash && st.crashes_within(probation) == 0
-                };
-                if calm {
-                    master.pass_probation(&svc, &live);
-                }
-            });
+            self.watch_unguarded(svc, &live);
             return;
         };
         let before = Release {
@@ -635,9 +700,11 @@ fn slot_line(
 }
 
 /// What a rollout's last step leaves: a new probation (its trial's id), the one already under
-/// way for the same release (time left, what it rolls back to), or none.
+/// way for the same release (time left, what it rolls back to), a probation without a trial
+/// (an operator's rollback), or none.
 enum Probation {
     New(u64),
     Ongoing(Duration, Release),
+    Unguarded,
     None,
 }

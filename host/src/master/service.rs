@@ -456,7 +456,7 @@ impl ServiceState {
     }
 
     /// The newest previous version that served healthily, to leave a crash-looping live
-    /// version for.
+    /// version for: not one that failed since, nor one an operator rolled back from.
     pub fn last_healthy(&self) -> Option<PluginVersion> {
         self.previous
             .iter()
@@ -464,6 +464,7 @@ impl ServiceState {
             .find(|v| {
                 self.healthy.contains(&v.hash)
                     && !self.failed.contains_key(&v.hash)
+                    && !self.set_aside.contains_key(&v.hash)
                     && v.hash != self.live.hash
             })
             .cloned()
