@@ -1,5 +1,7 @@
 //! [`Response`]: what a handler returns, whole or streamed.
 
+use std::cell::Cell;
+
 use abi_stable::std_types::ROption;
 
 use crate::{
@@ -27,12 +29,24 @@ impl std::fmt::Debug for Response {
     }
 }
 
+/// A header list longer than this is not kept for the next response (its memory is freed).
+const SPARE_MAX_HEADERS: usize = 16;
+
+std::thread_local! {
+    /// The header list of the last response this thread handed to the host, emptied, for the
+    /// next response it builds: the host takes a response's headers as another list (FFI
+    /// types), and the one the handler filled would otherwise be freed after every request and
+    /// allocated again by the next one's first header.
+    static SPARE_HEADERS: Cell<Vec<(String, Vec<u8>)>> = const { Cell::new(Vec::new()) };
+}
+
 impl Response {
     /// An empty response with this status code.
     pub fn new(status: u16) -> Response {
         Response {
             status,
-            headers: Vec::new(),
+            // `try_with`: a response may be made while the thread's locals are being destroyed.
+            headers: SPARE_HEADERS.try_with(Cell::take).unwrap_or_default(),
             body: Vec::new(),
             stream: None,
         }
@@ -127,20 +141,49 @@ impl Response {
     }
 
     pub(crate) fn into_ffi(self) -> FfiResponse {
+        let mut headers = self.headers;
+        let ffi_headers = headers
+            .drain(..)
+            .map(|(name, value)| FfiHeader {
+                name: name.into(),
+                value: value.into(),
+            })
+            .collect();
+        if headers.capacity() <= SPARE_MAX_HEADERS {
+            let _ = SPARE_HEADERS.try_with(|spare| spare.set(headers));
+        }
         FfiResponse {
             status: self.status,
-            headers: self
-                .headers
-                .into_iter()
-                .map(|(name, value)| FfiHeader {
-                    name: name.into(),
-                    value: value.into(),
-                })
-                .collect(),
+            headers: ffi_headers,
             body: FfiBody {
                 bytes: self.body.into(),
                 rest: ROption::from(self.stream),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_response_reuses_the_header_list_handed_over_emptied() {
+        let ffi = Response::text(200, "a").with_header("x-a", "1").into_ffi();
+        assert_eq!(ffi.headers.len(), 2);
+        assert_eq!(ffi.headers[1].name.as_str(), "x-a");
+        let next = Response::new(204);
+        assert!(next.headers().is_empty());
+        assert!(next.headers.capacity() >= 2);
+    }
+
+    #[test]
+    fn a_long_header_list_is_freed_not_kept() {
+        let mut response = Response::new(200);
+        for i in 0..=SPARE_MAX_HEADERS {
+            response = response.with_header(&format!("x-{i}"), "v");
+        }
+        assert_eq!(response.into_ffi().headers.len(), SPARE_MAX_HEADERS + 1);
+        assert_eq!(Response::new(200).headers.capacity(), 0);
     }
 }
