@@ -24,7 +24,7 @@ use crate::{
         calls, FfiBody, FfiContextRef, FfiRequest, FfiRequestRef, FfiResponse, PluginMod,
         PluginModRef,
     },
-    log::{REQUEST_ID, SYNC_REQUEST_ID},
+    log::InRequest,
     runtime, AsyncPlugin, Context, Plugin, Request,
 };
 
@@ -150,19 +150,12 @@ extern "C" fn handle_ref<P: Plugin>(
         // SAFETY: `req` is dropped at the end of this closure, within the host's call, and the
         // handler is only lent it (`&Request`).
         let req = unsafe { Request::lent(req, body, limits()) };
-        SYNC_REQUEST_ID.with(|id| {
-            let mut id = id.borrow_mut();
-            id.clear();
-            id.push_str(req.id());
-        });
-        let response = plugin.handle(&req);
-        SYNC_REQUEST_ID.with(|id| id.borrow_mut().clear());
-        response.into_ffi()
+        let _in_request = InRequest::enter(req.id());
+        plugin.handle(&req).into_ffi()
     };
     match catch_unwind(AssertUnwindSafe(call)) {
         Ok(response) => ROk(response),
         Err(panic) => {
-            SYNC_REQUEST_ID.with(|id| id.borrow_mut().clear());
             let message = format!("handler panicked: {}", panic_message(&*panic));
             // Its payload's drop is plugin code too, and must not unwind into the host.
             let _ = catch_unwind(AssertUnwindSafe(|| drop(panic)));
@@ -179,15 +172,50 @@ pin_project_lite::pin_project! {
     struct InContext<F: Future> {
         #[pin]
         future: Option<F>,
+        // The request's, for the handler's log lines while it runs (the request itself is
+        // the handler's).
+        id: Id,
     }
 
     impl<F: Future> PinnedDrop for InContext<F> {
         fn drop(this: Pin<&mut Self>) {
-            let future = this.project().future;
-            if future.is_some() {
+            let this = this.project();
+            if this.future.is_some() {
                 let _context = runtime::handle().enter();
-                end(future);
+                let _in_request = InRequest::enter(this.id.as_str());
+                end(this.future);
             }
+        }
+    }
+}
+
+/// A request id held in place when it fits (the host's are at most 64 bytes), so that an async
+/// call allocates nothing for it.
+enum Id {
+    Inline { bytes: [u8; 64], len: u8 },
+    Long(String),
+}
+
+impl Id {
+    fn new(id: &str) -> Id {
+        let mut bytes = [0; 64];
+        match bytes.get_mut(..id.len()) {
+            Some(place) => {
+                place.copy_from_slice(id.as_bytes());
+                Id::Inline {
+                    bytes,
+                    len: id.len() as u8,
+                }
+            }
+            None => Id::Long(id.to_string()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // A whole `str`'s bytes: always UTF-8.
+            Id::Inline { bytes, len } => std::str::from_utf8(&bytes[..*len as usize]).unwrap_or(""),
+            Id::Long(id) => id,
         }
     }
 }
@@ -196,11 +224,13 @@ impl<F: Future<Output = FfiResponse>> Future for InContext<F> {
     type Output = RResult<FfiResponse, RString>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let mut future = self.project().future;
+        let this = self.project();
+        let mut future = this.future;
         let Some(running) = future.as_mut().as_pin_mut() else {
             return Poll::Ready(RErr("polled after it ended".into()));
         };
         let _context = runtime::handle().enter();
+        let _in_request = InRequest::enter(this.id.as_str());
         let output = match catch_unwind(AssertUnwindSafe(|| running.poll(cx))) {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(response)) => ROk(response),
@@ -249,7 +279,7 @@ extern "C" fn handle_async_ref<P: AsyncPlugin>(
             return std::future::ready(RErr(message.into())).into_ffi();
         }
     };
-    let id = req.id().to_string();
+    let id = Id::new(req.id());
     // The handler's future is polled right here, on the host's thread that polls this one,
     // inside the plugin runtime's context (so its timers, sockets and `tokio::spawn` belong to
     // that runtime, whose threads drive them and wake the host). Spawning it onto the plugin's
@@ -257,7 +287,8 @@ extern "C" fn handle_async_ref<P: AsyncPlugin>(
     // A handler that blocks in a poll holds the host's thread, as an inline sync handler does:
     // the host times every poll against handler_timeout.
     let handler = InContext {
-        future: Some(REQUEST_ID.scope(id, async move { plugin.handle(req).await.into_ffi() })),
+        future: Some(async move { plugin.handle(req).await.into_ffi() }),
+        id,
     };
     handler.into_ffi()
 }
@@ -391,7 +422,17 @@ mod tests {
                 answer,
                 _guard: PanicsOnDrop(drops.clone()),
             }),
+            id: Id::new("test"),
         })
+    }
+
+    #[test]
+    fn a_request_id_reads_as_it_was_given_in_place_or_not() {
+        for id in ["", "a", &"x".repeat(64), &"y".repeat(65), "é-ü"] {
+            assert_eq!(Id::new(id).as_str(), id);
+        }
+        assert!(matches!(Id::new(&"x".repeat(64)), Id::Inline { .. }));
+        assert!(matches!(Id::new(&"x".repeat(65)), Id::Long(_)));
     }
 
     /// One poll, as the host makes it (a waker that does nothing: nothing here wakes it).

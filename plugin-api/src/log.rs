@@ -7,7 +7,7 @@
 //! length of each handler call). Before the host starts the plugin (or in unit tests) lines go
 //! to stderr.
 
-use std::{fmt, sync::OnceLock};
+use std::{cell::RefCell, fmt, sync::OnceLock};
 
 use abi_stable::std_types::RStr;
 
@@ -41,16 +41,34 @@ impl Level {
 
 static HOST_LOG: OnceLock<HostApiRef> = OnceLock::new();
 
-tokio::task_local! {
-    /// The id of the request whose handler is running (async handlers).
-    pub(crate) static REQUEST_ID: String;
+std::thread_local! {
+    /// The id of the request whose handler runs on this thread (empty: none): set for the
+    /// length of a sync handler's call, and of each poll (and the drop) of an async handler's
+    /// future, which is where its code runs. Kept from call to call, so that setting it
+    /// allocates only when an id is longer than any before.
+    static REQUEST_ID: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-std::thread_local! {
-    /// The id of the request whose sync handler runs on this thread (empty: none). Kept from
-    /// call to call, so that setting it allocates only when an id is longer than any before.
-    pub(crate) static SYNC_REQUEST_ID: std::cell::RefCell<String> =
-        const { std::cell::RefCell::new(String::new()) };
+/// This thread's request id, set until the value is dropped (a panic unwinding through the
+/// handler clears it too).
+pub(crate) struct InRequest(());
+
+impl InRequest {
+    pub(crate) fn enter(id: &str) -> InRequest {
+        // `try_with`: a handler may run while the thread's locals are being destroyed.
+        let _ = REQUEST_ID.try_with(|current| {
+            let mut current = current.borrow_mut();
+            current.clear();
+            current.push_str(id);
+        });
+        InRequest(())
+    }
+}
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        let _ = REQUEST_ID.try_with(|current| current.borrow_mut().clear());
+    }
 }
 
 /// The host's services, once the host started the plugin.
@@ -87,10 +105,9 @@ pub fn log(level: Level, args: fmt::Arguments<'_>) {
         return eprintln!("{level:?}: {message}");
     };
     let id = REQUEST_ID
-        .try_with(|id| Some(id.clone()))
-        .unwrap_or_else(|_| {
-            SYNC_REQUEST_ID.with(|id| Some(id.borrow().clone()).filter(|id| !id.is_empty()))
-        });
+        .try_with(|id| Some(id.borrow().clone()).filter(|id| !id.is_empty()))
+        .ok()
+        .flatten();
     match id {
         Some(id) => {
             (host.log_for_request())(level as u8, RStr::from_str(&id), RStr::from_str(&message))

@@ -68,16 +68,16 @@ const CEILING_H1_INLINE_LOG_JSON: f64 = 8.0;
 const CEILING_H1_INLINE_LOG_COMBINED: f64 = 10.0;
 /// HTTP/1.1 with an async handler, which plugin-api polls on the host's thread (so its
 /// allocations count here too): the inline case's, plus the FFI future (the handler's future
-/// is held inside it) and the request id the handler logs with. The handler answers in the
+/// is held inside it, with the request id the handler logs with). The handler answers in the
 /// first poll, which the host makes within hyper's call of the service, so the response needs
 /// no boxed future of its own and hyper reuses its read buffer in place, as for the inline case.
-const CEILING_H1_ASYNC: f64 = 9.0;
+const CEILING_H1_ASYNC: f64 = 8.0;
 /// The same with a handler that is not done at its first poll (it yields once): 4 more. The
 /// response is a boxed future of the host's (`exchange::Exchange::Later`), polled again at
 /// once with its task's waker; hyper reserves its read buffer again (2) while the request
 /// lives on in that future; and the waker the handler keeps to be woken is a clone across the
 /// boundary (async-ffi boxes it).
-const CEILING_H1_ASYNC_WAITING: f64 = 13.0;
+const CEILING_H1_ASYNC_WAITING: f64 = 12.0;
 
 // ---------------------------------------------------------------------------------------------
 // The counting allocator.
