@@ -272,7 +272,10 @@ fn a_crash_after_an_operators_rollback_never_brings_back_the_version_rolled_back
     });
     let logs = host.logs();
     assert!(
-        logs.contains("no earlier healthy version to roll back to"),
+        logs.contains(&format!(
+            "no earlier healthy version to roll back to ({good} served healthily, but an \
+             operator rolled back from it: `host rollback --to {good}` goes to it on purpose)"
+        )),
         "{logs}"
     );
     assert!(!logs.contains(&format!("rolling back to {good}")), "{logs}");

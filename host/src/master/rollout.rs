@@ -411,12 +411,27 @@ impl Master {
                 self.spawn_roll_back(svc, release.clone(), target, reason);
             }
             None => {
+                // A healthy version an operator rolled back from is no fallback, but it is
+                // there: say so, and how to go to it on purpose.
+                let set_aside = st
+                    .previous
+                    .iter()
+                    .rev()
+                    .find(|v| st.healthy.contains(&v.hash) && st.set_aside.contains_key(&v.hash))
+                    .map(|v| {
+                        format!(
+                            " ({v} served healthily, but an operator rolled back from it: \
+                             `host rollback --to {}` goes to it on purpose)",
+                            v.short()
+                        )
+                    })
+                    .unwrap_or_default();
                 drop(st);
                 tracing::error!(
                     service = %svc.name(),
                     "{release} is in a crash loop ({crashes} crashes within {window}) and there \
-                     is no earlier healthy version to roll back to (an operator's rollback sets \
-                     aside the version it left); restarting with backoff"
+                     is no earlier healthy version to roll back to{set_aside}; restarting with \
+                     backoff"
                 );
             }
         }
