@@ -75,8 +75,9 @@ enum Command {
         #[arg(long, env = "HOST_PLUGIN_API")]
         plugin_api: Option<String>,
     },
-    /// Replace the workers of the running master, one by one, with ones that load the rebuilt
-    /// plugin; waits for the outcome.
+    /// Re-read the config file, then replace the workers of the running master, one by one,
+    /// with ones that load the rebuilt plugin (and the new config); waits for the outcome.
+    /// A config file that is not valid changes nothing.
     Reload {
         /// Services to reload (default: every service with reloadable = true).
         services: Vec<String>,
