@@ -265,12 +265,21 @@ fn a_crash_after_an_operators_rollback_never_brings_back_the_version_rolled_back
         )),
         "{text}"
     );
+    let svc = web(&host);
+    assert!(svc["probation_left_ms"].is_u64(), "{svc}");
+    assert!(svc["probation_fallback"].is_null(), "{svc}");
     // Its first exit falls within its probation, its second makes a crash loop; the healthy
     // version before it is the one the operator left.
     wait_until("the version rolled back to is in a crash loop", || {
         host.logs().matches("is in a crash loop").count() > loops_before
     });
     let logs = host.logs();
+    assert!(
+        logs.contains(&format!(
+            "; no fallback ({good} is the version an operator rolled back from): restarting it"
+        )),
+        "{logs}"
+    );
     assert!(
         logs.contains(&format!(
             "no earlier healthy version to roll back to ({good} served healthily, but an \

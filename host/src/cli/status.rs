@@ -48,6 +48,11 @@ fn render_status(r: &StatusReport) -> String {
                 "on probation for {} more (a crash rolls back to {back})",
                 ago(*left)
             ),
+            // An operator's rollback: the version it left is no fallback.
+            (Some(left), None) => format!(
+                "on probation for {} more (no fallback: rolled back to by an operator)",
+                ago(*left)
+            ),
             _ if s.version_healthy => "healthy".to_string(),
             _ => "not yet proven healthy".to_string(),
         };

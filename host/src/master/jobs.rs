@@ -230,9 +230,24 @@ impl Master {
             Err(e) => return (false, e),
         };
         let _turn = svc.lock.lock().await;
-        let rolled_from = svc.release();
         let target = {
             let st = svc.state();
+            // The live version failed its trial and the host goes back to the version before
+            // by itself (it waits for this lock): the previous version may be the one that
+            // failed.
+            if let Some(t) = st.trial.as_ref().filter(|t| t.failure.is_some()) {
+                return (
+                    false,
+                    format!(
+                        "{}: {} failed on probation and the host is rolling back to {} by \
+                         itself; run host status, and roll back once it is done if you still \
+                         want to",
+                        svc.name(),
+                        t.to,
+                        t.from
+                    ),
+                );
+            }
             match to {
                 Some(prefix) => st
                     .previous
@@ -274,20 +289,8 @@ impl Master {
                 .await
                 .problem()
             {
-                None => {
-                    // Set aside, so that a restart or an upgrade of the master, which start
-                    // from the plugin file, keep this rollback (`service::starting_version`).
-                    let from = rolled_from.version;
-                    svc.state().mark_set_aside(
-                        &from.hash,
-                        format!(
-                            "rolled back by an operator at {}",
-                            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                        ),
-                    );
-                    self.save_history();
-                    vec![]
-                }
+                // The rollout set aside the version it left.
+                None => vec![],
                 Some(problem) => {
                     progress.line(problem);
                     vec![svc.name().to_string()]

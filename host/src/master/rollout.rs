@@ -25,10 +25,11 @@
 //! to the last version that proved healthy, if there is one and an operator did not roll back
 //! from it.
 //!
-//! An operator's rollback is a rollout too, but its probation has no fallback: the version it
-//! leaves is the one the operator rejected, so a crash of the version rolled back to never
-//! brings that one back (it restarts with backoff; a crash loop goes to an earlier healthy
-//! version). It becomes healthy if it does not crash within its probation.
+//! An operator's rollback is a rollout too, and a failure in steps 1-3 goes back to what was
+//! serving; but its probation has no fallback ([`super::service::Trial::fallback`]): the
+//! version it left is the one the operator rejected (set aside as step 4 begins), so a crash
+//! of the version rolled back to ends its probation without bringing that one back (the crash
+//! counts towards a crash loop, whose fallback skips set-aside versions).
 
 use std::{
     sync::Arc,
@@ -230,17 +231,13 @@ impl Master {
         let until = Instant::now() + probation;
         let trial = {
             let mut st = svc.state();
-            match st.trial.as_mut() {
+            let trial = match st.trial.as_mut() {
                 Some(t) if t.to.same_as(&new) => match (&t.failure, t.phase) {
                     (Some(failure), _) => Err(failure.clone()),
-                    // An operator's rollback: the trial ends here, its fallback is the version
-                    // the operator rejected.
-                    (None, _) if on_trial && kind == Kind::Rollback => {
-                        st.trial = None;
-                        Ok(Probation::Unguarded)
-                    }
                     (None, _) if on_trial => {
                         t.phase = TrialPhase::Probation { until };
+                        // An operator's rollback: from here on, what it left is no fallback.
+                        t.fallback = kind != Kind::Rollback;
                         Ok(Probation::New(t.id))
                     }
                     // The same release again, while it is on probation from the reload that
@@ -253,8 +250,24 @@ impl Master {
                     (None, TrialPhase::Rolling) => Ok(Probation::None),
                 },
                 _ => Ok(Probation::None),
+            };
+            // Set aside in the same step, so that no crash loop in between can go back to it,
+            // and a restart or an upgrade of the master, which start from the plugin file,
+            // keep this rollback (`service::starting_version`).
+            if kind == Kind::Rollback && trial.is_ok() {
+                st.mark_set_aside(
+                    &old.version.hash,
+                    format!(
+                        "rolled back by an operator at {}",
+                        humantime::format_rfc3339_seconds(SystemTime::now())
+                    ),
+                );
             }
+            trial
         };
+        if kind == Kind::Rollback {
+            self.save_history();
+        }
         let trial = match trial {
             Ok(id) => id,
             Err(failure) => {
@@ -271,22 +284,19 @@ impl Master {
         match trial {
             Probation::New(id) if !probation.is_zero() => {
                 tokio::spawn(self.clone().end_probation(svc.clone(), id, probation));
-                done += &format!(
-                    "; on probation for {} (a crash rolls back to {from})",
-                    humantime::format_duration(probation)
-                );
+                done += &match kind {
+                    Kind::Reload => format!(
+                        "; on probation for {} (a crash rolls back to {from})",
+                        humantime::format_duration(probation)
+                    ),
+                    Kind::Rollback => format!(
+                        "; on probation for {} without a fallback ({from} is the version \
+                         rolled back from: a crash restarts {new} with backoff)",
+                        humantime::format_duration(probation)
+                    ),
+                };
             }
             Probation::New(_) => self.pass_probation(svc, &new),
-            Probation::Unguarded if probation.is_zero() => self.pass_probation(svc, &new),
-            Probation::Unguarded if svc.state().healthy.contains(&new.version.hash) => {}
-            Probation::Unguarded => {
-                self.watch_unguarded(svc, &new);
-                done += &format!(
-                    "; on probation for {} without a fallback ({from} is the version rolled \
-                     back from: a crash restarts {new} with backoff)",
-                    humantime::format_duration(probation)
-                );
-            }
             Probation::Ongoing(left, back) => {
                 done += &format!(
                     "; its probation goes on: {} more (a crash rolls back to {back})",
@@ -371,12 +381,23 @@ impl Master {
             return;
         }
         svc.state().note_crash();
-        let on_trial = svc
-            .state()
-            .trial
-            .as_ref()
-            .is_some_and(|t| t.to.same_as(release));
-        if on_trial {
+        let fallback = {
+            let mut st = svc.state();
+            match st.trial.as_ref().filter(|t| t.to.same_as(release)) {
+                // The probation of an operator's rollback: it failed, and there is nothing to
+                // go back to; the crash counts towards a crash loop as any other.
+                Some(t) if !t.fallback => {
+                    let left = t.from.clone();
+                    st.trial = None;
+                    drop(st);
+                    tracing::error!(service = %svc.name(), "{release} failed on probation: {what}; no fallback ({left} is the version an operator rolled back from): restarting it");
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            }
+        };
+        if fallback {
             if self.note_trial_failure(svc, release, what) {
                 let from = svc.release();
                 tracing::error!(service = %svc.name(), "{release} failed on probation: {what}; rolling back to {from}");
@@ -414,10 +435,7 @@ impl Master {
                 // A healthy version an operator rolled back from is no fallback, but it is
                 // there: say so, and how to go to it on purpose.
                 let set_aside = st
-                    .previous
-                    .iter()
-                    .rev()
-                    .find(|v| st.healthy.contains(&v.hash) && st.set_aside.contains_key(&v.hash))
+                    .last_healthy_set_aside()
                     .map(|v| {
                         format!(
                             " ({v} served healthily, but an operator rolled back from it: \
@@ -607,23 +625,6 @@ impl Master {
         self.prune_store();
     }
 
-    /// A probation with nothing to roll back to: `release` becomes healthy if it is still live
-    /// and none of its workers crashed when its probation ends.
-    fn watch_unguarded(self: &Arc<Self>, svc: &Arc<Service>, release: &Release) {
-        let (master, svc, release) = (self.clone(), svc.clone(), release.clone());
-        let probation = release.config.probation;
-        tokio::spawn(async move {
-            tokio::time::sleep(probation).await;
-            let calm = {
-                let st = svc.state();
-                st.live.hash == release.version.hash && st.crashes_within(probation) == 0
-            };
-            if calm {
-                master.pass_probation(&svc, &release);
-            }
-        });
-    }
-
     /// Starts the probation of the release a service started with. When the history says
     /// another version was live before, it is a trial (a crash rolls back to that version, so
     /// a restart onto a bad build can fall back); otherwise the version becomes healthy if it
@@ -640,7 +641,17 @@ impl Master {
         }
         let Some(before) = before.filter(|b| b.hash != live.version.hash && !probation.is_zero())
         else {
-            self.watch_unguarded(svc, &live);
+            let (master, svc) = (self.clone(), svc.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(probation).await;
+                let calm = {
+                    let st = svc.state();
+                    st.live.hash == live.version.hash && st.crashes_within(probation) == 0
+                };
+                if calm {
+                    master.pass_probation(&svc, &live);
+                }
+            });
             return;
         };
         let before = Release {
@@ -715,11 +726,9 @@ fn slot_line(
 }
 
 /// What a rollout's last step leaves: a new probation (its trial's id), the one already under
-/// way for the same release (time left, what it rolls back to), a probation without a trial
-/// (an operator's rollback), or none.
+/// way for the same release (time left, what it rolls back to), or none.
 enum Probation {
     New(u64),
     Ongoing(Duration, Release),
-    Unguarded,
     None,
 }

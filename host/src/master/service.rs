@@ -51,6 +51,9 @@ pub struct Trial {
     pub id: u64,
     /// What a failure rolls back to.
     pub from: Release,
+    /// Whether a failure rolls back to `from`: not in the probation of an operator's rollback,
+    /// whose `from` is the version the operator left.
+    pub fallback: bool,
     pub to: Release,
     pub phase: TrialPhase,
     /// The first failure, in words (which worker, what happened, when).
@@ -388,6 +391,7 @@ impl Service {
             id,
             from,
             to,
+            fallback: true,
             phase,
             failure: None,
         });
@@ -458,14 +462,24 @@ impl ServiceState {
     /// The newest previous version that served healthily, to leave a crash-looping live
     /// version for: not one that failed since, nor one an operator rolled back from.
     pub fn last_healthy(&self) -> Option<PluginVersion> {
+        self.newest_healthy(|v| !self.set_aside.contains_key(&v.hash))
+    }
+
+    /// The newest previous version that served healthily but an operator rolled back from:
+    /// no fallback, but one an operator may go back to on purpose.
+    pub fn last_healthy_set_aside(&self) -> Option<PluginVersion> {
+        self.newest_healthy(|v| self.set_aside.contains_key(&v.hash))
+    }
+
+    fn newest_healthy(&self, and: impl Fn(&PluginVersion) -> bool) -> Option<PluginVersion> {
         self.previous
             .iter()
             .rev()
             .find(|v| {
                 self.healthy.contains(&v.hash)
                     && !self.failed.contains_key(&v.hash)
-                    && !self.set_aside.contains_key(&v.hash)
                     && v.hash != self.live.hash
+                    && and(v)
             })
             .cloned()
     }

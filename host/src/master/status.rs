@@ -119,6 +119,7 @@ impl Master {
                     probation_fallback: st
                         .trial
                         .as_ref()
+                        .filter(|t| t.fallback)
                         .map(|t| t.from.version.short().to_string()),
                     crashes_last_minute: st.crashes_last_minute(),
                     held_back: st.held_back.clone(),
