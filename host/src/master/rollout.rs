@@ -171,7 +171,7 @@ impl Master {
         if on_trial {
             if let Some(failure) = self.trial_wait(svc, canary_probation).await {
                 return self
-                    .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
+                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
                     .await;
             }
         }
@@ -180,7 +180,7 @@ impl Master {
         for slot in 1..workers {
             if let Some(failure) = self.trial_failure(svc) {
                 return self
-                    .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
+                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
                     .await;
             }
             if slot == workers - 1 {
@@ -190,7 +190,7 @@ impl Master {
             let mut change = self.replace_slot(svc, slot, &new).await;
             if let (Err(_), Some(failure)) = (&change, self.trial_failure(svc)) {
                 return self
-                    .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
+                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
                     .await;
             }
             if let Err(reason) = &change {
@@ -205,7 +205,7 @@ impl Master {
                     let failure = format!("worker {slot} failed to start twice: {reason}");
                     self.note_trial_failure(svc, &new, &failure);
                     return self
-                        .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
+                        .fail_rollout(svc, kind, &from, &new, failure, started, progress)
                         .await;
                 }
                 Err(reason) => {
@@ -272,7 +272,7 @@ impl Master {
             Ok(id) => id,
             Err(failure) => {
                 return self
-                    .fail_rollout(svc, kind.as_str(), &from, &new, failure, started, progress)
+                    .fail_rollout(svc, kind, &from, &new, failure, started, progress)
                     .await
             }
         };
@@ -460,7 +460,7 @@ impl Master {
     async fn fail_rollout(
         self: &Arc<Self>,
         svc: &Arc<Service>,
-        kind: &str,
+        kind: Kind,
         from: &Release,
         new: &Release,
         failure: String,
@@ -474,7 +474,15 @@ impl Master {
         let back = self.roll_back_workers(svc, from, progress).await;
         svc.state().trial = None;
         self.save_history();
-        self.record_event(svc, kind, from, new, "rolled back", started, Some(&failure));
+        self.record_event(
+            svc,
+            kind.as_str(),
+            from,
+            new,
+            "rolled back",
+            started,
+            Some(&failure),
+        );
         let outcome = match back {
             Ok(()) => format!(
                 "rolled back to {from}: all {} run {from} again",
